@@ -1,0 +1,956 @@
+//! `sextantctl`: the operator CLI.
+//!
+//! Human tables by default, `-o json` for scripts; flags also read from
+//! `SEXTANT_*` environment variables; on failure, one line on stderr and a
+//! non-zero exit (the binary's `main` does that with the error returned here).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::cluster_service_client::ClusterServiceClient;
+use sextant_proto::v1::fleet_service_client::FleetServiceClient;
+use sextant_proto::v1::operations_service_client::OperationsServiceClient;
+use sextant_proto::v1::steering_service_client::SteeringServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::timefmt::{parse_duration_ms, rfc3339};
+
+/// Operate Sextant: apply fleets, drain and undrain fault domains, read
+/// routing and the audit log.
+#[derive(Debug, Parser)]
+#[command(name = "sextantctl", version, about)]
+pub struct Cli {
+    /// Control-plane gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "SEXTANT_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, env = "SEXTANT_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Who you are, for the audit log (default: $USER).
+    #[arg(long = "as", global = true, env = "SEXTANT_AS")]
+    pub actor: Option<String>,
+    /// Give up on a call after this many seconds.
+    #[arg(long, global = true, env = "SEXTANT_TIMEOUT", default_value_t = 30)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate and apply a fleet file (replaces the stored fleet).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Show what applying a fleet file would change, without applying it.
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List objects: edges, domains, services, groups, drains, or the fleet.
+    Get {
+        #[arg(value_enum)]
+        what: GetWhat,
+    },
+    /// Show the routing of a service (all groups, or one).
+    Routes {
+        service: String,
+        #[arg(long)]
+        group: Option<String>,
+        /// A kept older version instead of the current one.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Drain a fault domain (e.g. region/eu-west): withdraw a fraction of its capacity.
+    Drain {
+        domain: String,
+        /// Why; required.
+        #[arg(long, required = true)]
+        reason: String,
+        /// Fraction of capacity to withdraw, in (0, 1].
+        #[arg(long, default_value_t = 1.0)]
+        fraction: f64,
+        /// Team or person responsible (default: you).
+        #[arg(long, default_value = "")]
+        owner: String,
+        /// Show the routing changes it would cause; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove the drain of a fault domain.
+    Undrain {
+        domain: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the audit log.
+    Audit {
+        /// Only records newer than this: a duration (15m, 2h, 7d) or unix ms.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the newest N records.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Show the control plane's status: replicas, store, versions.
+    Status,
+    /// List the kept routing versions.
+    Versions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GetWhat {
+    Edges,
+    Domains,
+    Services,
+    Groups,
+    Drains,
+    Fleet,
+}
+
+/// Errors of the CLI, each shown as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the control plane at {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("{0}")]
+    Rpc(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        let msg = s.message().trim();
+        let msg = if msg.is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            msg.to_owned()
+        };
+        match s.code() {
+            tonic::Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {
+                CliError::Rpc(format!("control plane unavailable: {msg}"))
+            }
+            _ => CliError::Rpc(msg),
+        }
+    }
+}
+
+/// Runs one CLI command, printing its output to stdout.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let channel = connect(&cli.server, cli.timeout).await?;
+    let actor = Some(pb::Actor {
+        name: cli
+            .actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".into()),
+    });
+    let json = cli.output == Output::Json;
+    let out = match cli.command {
+        Command::Apply { file, reason } => {
+            let document = read(&file)?;
+            let r = FleetServiceClient::new(channel)
+                .apply(pb::ApplyFleetRequest {
+                    document,
+                    format: format_of(&file).into(),
+                    actor,
+                    reason,
+                    expected_generation: 0,
+                })
+                .await?
+                .into_inner();
+            if json {
+                json!({"generation": r.generation, "changed": r.changed,
+                       "routing_version_before": r.routing_version_before,
+                       "routing_version_after": r.routing_version_after})
+                .to_string()
+            } else if r.changed {
+                format!(
+                    "fleet applied: generation {}, routing version {} -> {}",
+                    r.generation, r.routing_version_before, r.routing_version_after
+                )
+            } else {
+                format!("fleet unchanged (generation {})", r.generation)
+            }
+        }
+        Command::Diff { file } => {
+            let document = read(&file)?;
+            let r = FleetServiceClient::new(channel)
+                .diff(pb::DiffFleetRequest {
+                    document,
+                    format: format_of(&file).into(),
+                })
+                .await?
+                .into_inner();
+            show_diff(&r, json)
+        }
+        Command::Get { what } => get(channel, what, json).await?,
+        Command::Routes {
+            service,
+            group,
+            version,
+        } => {
+            routes(
+                channel,
+                service,
+                group.unwrap_or_default(),
+                version.unwrap_or(0),
+                json,
+            )
+            .await?
+        }
+        Command::Drain {
+            domain,
+            reason,
+            fraction,
+            owner,
+            dry_run,
+        } => {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(CliError::Usage(format!(
+                    "--fraction must be in (0, 1], got {fraction}"
+                )));
+            }
+            let r = OperationsServiceClient::new(channel)
+                .drain(pb::DrainRequest {
+                    domain: domain.clone(),
+                    fraction,
+                    reason,
+                    actor,
+                    dry_run,
+                    owner,
+                    ..pb::DrainRequest::default()
+                })
+                .await?
+                .into_inner();
+            show_change(
+                &format!("drain {domain} (fraction {fraction})"),
+                r.dry_run,
+                r.routing_version_before,
+                r.routing_version_after,
+                &r.changes,
+                &r.shifts,
+                json,
+            )
+        }
+        Command::Undrain {
+            domain,
+            reason,
+            dry_run,
+        } => {
+            let r = OperationsServiceClient::new(channel)
+                .undrain(pb::UndrainRequest {
+                    domain: domain.clone(),
+                    reason,
+                    actor,
+                    dry_run,
+                })
+                .await?
+                .into_inner();
+            show_change(
+                &format!("undrain {domain}"),
+                r.dry_run,
+                r.routing_version_before,
+                r.routing_version_after,
+                &r.changes,
+                &[],
+                json,
+            )
+        }
+        Command::Audit { since, limit } => {
+            let since_unix_ms = match since {
+                None => 0,
+                Some(s) if s.chars().all(|c| c.is_ascii_digit()) => s
+                    .parse()
+                    .map_err(|_| CliError::Usage(format!("--since {s:?} is not a number")))?,
+                Some(s) => {
+                    let ago = parse_duration_ms(&s)
+                        .map_err(|e| CliError::Usage(format!("--since: {e}")))?;
+                    now_ms() - ago
+                }
+            };
+            let r = OperationsServiceClient::new(channel)
+                .list_audit(pb::ListAuditRequest {
+                    since_unix_ms,
+                    limit: limit.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            show_audit(&r.records, json)
+        }
+        Command::Status => {
+            let r = ClusterServiceClient::new(channel)
+                .status(pb::StatusRequest {})
+                .await?
+                .into_inner();
+            show_status(&r, json)
+        }
+        Command::Versions => {
+            let r = SteeringServiceClient::new(channel)
+                .list_versions(pb::ListVersionsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                Value::Array(
+                    r.versions
+                        .iter()
+                        .map(|v| json!({"version": v.version, "computed_at": rfc3339(v.computed_at_unix_ms),
+                                        "fleet_generation": v.fleet_generation, "cause": v.cause, "churn": v.churn}))
+                        .collect(),
+                )
+                .to_string()
+            } else {
+                let mut t = Table::new(["VERSION", "COMPUTED", "FLEET", "CHURN", "CAUSE"]);
+                for v in &r.versions {
+                    t.row([
+                        v.version.to_string(),
+                        rfc3339(v.computed_at_unix_ms),
+                        v.fleet_generation.to_string(),
+                        pct(v.churn),
+                        v.cause.clone(),
+                    ]);
+                }
+                t.render()
+            }
+        }
+    };
+    print_out(&out)
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(out: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CliError::Usage(format!("cannot write output: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn connect(server: &str, timeout: u64) -> Result<Channel, CliError> {
+    let err = |reason: String| CliError::Connect {
+        server: server.to_owned(),
+        reason,
+    };
+    Endpoint::from_shared(server.to_owned())
+        .map_err(|e| err(format!("bad address: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(timeout.max(1)))
+        .connect()
+        .await
+        .map_err(|e| {
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                reason = format!("{reason}: {s}");
+                source = s.source();
+            }
+            err(reason)
+        })
+}
+
+fn read(path: &PathBuf) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|source| CliError::Read {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn format_of(path: &std::path::Path) -> pb::DocumentFormat {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => pb::DocumentFormat::Json,
+        _ => pb::DocumentFormat::Toml,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+fn weights_str(ws: &[pb::EdgeWeight]) -> String {
+    if ws.is_empty() {
+        return "-".into();
+    }
+    ws.iter()
+        .map(|w| format!("{}={:.3}", w.edge, w.weight))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn weights_json(ws: &[pb::EdgeWeight]) -> Value {
+    Value::Array(
+        ws.iter()
+            .map(|w| json!({"edge": w.edge, "weight": w.weight}))
+            .collect(),
+    )
+}
+
+async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliError> {
+    let mut fleet = FleetServiceClient::new(channel.clone());
+    Ok(match what {
+        GetWhat::Edges => {
+            let r = fleet
+                .list_edges(pb::ListEdgesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                Value::Array(r.edges.iter().map(|e| json!({
+                    "id": e.id, "kind": e.kind, "site": e.site, "provider": e.provider,
+                    "addresses": e.addresses, "cname": e.cname, "capacity_rps": e.capacity_rps,
+                    "effective_capacity_rps": e.effective_capacity_rps, "drain_factor": e.drain_factor,
+                    "health": e.health, "predicted_load_rps": e.predicted_load_rps,
+                    "health_check": e.health_check, "cost_per_unit": e.cost_per_unit,
+                    "commit_rps": e.commit_rps, "overage_price": e.overage_price,
+                })).collect()).to_string()
+            } else {
+                let mut t = Table::new([
+                    "EDGE",
+                    "KIND",
+                    "SITE",
+                    "CAPACITY",
+                    "EFFECTIVE",
+                    "LOAD",
+                    "UTIL",
+                    "HEALTH",
+                ]);
+                for e in &r.edges {
+                    t.row([
+                        e.id.clone(),
+                        e.kind.clone(),
+                        e.site.clone(),
+                        format!("{:.0}", e.capacity_rps),
+                        format!("{:.0}", e.effective_capacity_rps),
+                        format!("{:.0}", e.predicted_load_rps),
+                        pct(e.predicted_load_rps / e.capacity_rps.max(f64::MIN_POSITIVE)),
+                        e.health.clone(),
+                    ]);
+                }
+                t.render()
+            }
+        }
+        GetWhat::Domains => {
+            let r = fleet
+                .list_domains(pb::ListDomainsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                Value::Array(r.domains.iter().map(|d| json!({
+                    "path": d.path, "kind": d.kind, "edges": d.edges, "origins": d.origins,
+                    "capacity_rps": d.capacity_rps, "drained_fraction": d.drained_fraction,
+                })).collect()).to_string()
+            } else {
+                let mut t =
+                    Table::new(["DOMAIN", "KIND", "EDGES", "ORIGINS", "CAPACITY", "DRAINED"]);
+                for d in &r.domains {
+                    t.row([
+                        d.path.clone(),
+                        d.kind.clone(),
+                        d.edges.to_string(),
+                        d.origins.to_string(),
+                        format!("{:.0}", d.capacity_rps),
+                        if d.drained_fraction > 0.0 {
+                            pct(d.drained_fraction)
+                        } else {
+                            "-".into()
+                        },
+                    ]);
+                }
+                t.render()
+            }
+        }
+        GetWhat::Services => {
+            let r = fleet
+                .list_services(pb::ListServicesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                Value::Array(r.services.iter().map(|s| json!({
+                    "id": s.id, "hostname": s.hostname, "zone": s.zone, "ttl_seconds": s.ttl_seconds,
+                    "default_group": s.default_group, "mode": s.mode,
+                })).collect()).to_string()
+            } else {
+                let mut t = Table::new([
+                    "SERVICE",
+                    "HOSTNAME",
+                    "ZONE",
+                    "TTL",
+                    "DEFAULT GROUP",
+                    "MODE",
+                ]);
+                for s in &r.services {
+                    t.row([
+                        s.id.clone(),
+                        s.hostname.clone(),
+                        s.zone.clone(),
+                        s.ttl_seconds.to_string(),
+                        s.default_group.clone(),
+                        s.mode.clone(),
+                    ]);
+                }
+                t.render()
+            }
+        }
+        GetWhat::Groups => {
+            let r = fleet
+                .list_groups(pb::ListGroupsRequest {})
+                .await?
+                .into_inner();
+            let sorted = |m: &std::collections::HashMap<String, f64>| {
+                let mut v: Vec<(String, f64)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            if json {
+                Value::Array(r.groups.iter().map(|g| json!({
+                    "id": g.id, "prefixes": g.prefixes, "countries": g.countries, "asns": g.asns,
+                    "demand_rps": sorted(&g.demand_rps).into_iter()
+                        .map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
+                    "candidate_latency_ms": sorted(&g.candidate_latency_ms).into_iter()
+                        .map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
+                })).collect()).to_string()
+            } else {
+                let mut t = Table::new(["GROUP", "PREFIXES", "COUNTRIES", "DEMAND", "CANDIDATES"]);
+                for g in &r.groups {
+                    t.row([
+                        g.id.clone(),
+                        g.prefixes.join(","),
+                        g.countries.join(","),
+                        sorted(&g.demand_rps)
+                            .iter()
+                            .map(|(s, d)| format!("{s}={d:.0}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        g.candidate_latency_ms.len().to_string(),
+                    ]);
+                }
+                t.render()
+            }
+        }
+        GetWhat::Drains => {
+            let r = OperationsServiceClient::new(channel)
+                .list_drains(pb::ListDrainsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                Value::Array(r.drains.iter().map(|d| json!({
+                    "domain": d.domain, "fraction": d.fraction, "reason": d.reason, "owner": d.owner,
+                    "created_by": d.created_by, "created_at": rfc3339(d.created_at_unix_ms),
+                })).collect()).to_string()
+            } else if r.drains.is_empty() {
+                "no active drains".into()
+            } else {
+                let mut t = Table::new(["DOMAIN", "FRACTION", "OWNER", "BY", "SINCE", "REASON"]);
+                for d in &r.drains {
+                    t.row([
+                        d.domain.clone(),
+                        pct(d.fraction),
+                        d.owner.clone(),
+                        d.created_by.clone(),
+                        rfc3339(d.created_at_unix_ms),
+                        d.reason.clone(),
+                    ]);
+                }
+                t.render()
+            }
+        }
+        GetWhat::Fleet => {
+            let r = fleet
+                .get(pb::GetFleetRequest {
+                    format: if json {
+                        pb::DocumentFormat::Json
+                    } else {
+                        pb::DocumentFormat::Toml
+                    }
+                    .into(),
+                })
+                .await?
+                .into_inner();
+            if r.generation == 0 {
+                return Err(CliError::Rpc("no fleet has been applied yet".into()));
+            }
+            r.document
+        }
+    })
+}
+
+async fn routes(
+    channel: Channel,
+    service: String,
+    group: String,
+    version: u64,
+    json: bool,
+) -> Result<String, CliError> {
+    let mut stream = SteeringServiceClient::new(channel)
+        .get_routing_table(pb::GetRoutingTableRequest {
+            service,
+            group,
+            version,
+        })
+        .await?
+        .into_inner();
+    let mut rows = Vec::new();
+    let mut header: Option<pb::RoutingTableChunk> = None;
+    while let Some(chunk) = stream.message().await? {
+        if let Some(h) = &header {
+            if h.version != chunk.version {
+                return Err(CliError::Rpc(
+                    "routing table changed while reading; retry".into(),
+                ));
+            }
+        }
+        let last = chunk.last;
+        rows.extend(chunk.groups.iter().cloned());
+        if header.is_none() {
+            header = Some(chunk);
+        }
+        if last {
+            break;
+        }
+    }
+    let version = header.as_ref().map_or(0, |h| h.version);
+    Ok(if json {
+        json!({
+            "version": version,
+            "computed_at": header.as_ref().map(|h| rfc3339(h.computed_at_unix_ms)),
+            "rows": rows.iter().map(|r| json!({
+                "service": r.service, "group": r.group, "demand_rps": r.demand_rps,
+                "weights": weights_json(&r.weights), "unserved": r.unserved,
+                "failed_open": r.failed_open, "notes": r.notes,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string()
+    } else {
+        let mut t = Table::new(["SERVICE", "GROUP", "DEMAND", "UNSERVED", "WEIGHTS"]);
+        for r in &rows {
+            t.row([
+                r.service.clone(),
+                r.group.clone(),
+                format!("{:.0}", r.demand_rps),
+                if r.unserved > 0.0 {
+                    pct(r.unserved)
+                } else {
+                    "-".into()
+                },
+                weights_str(&r.weights),
+            ]);
+        }
+        format!("routing version {version}\n{}", t.render())
+    })
+}
+
+fn show_change(
+    what: &str,
+    dry_run: bool,
+    before: u64,
+    after: u64,
+    changes: &[pb::RoutingChange],
+    shifts: &[pb::TrafficShift],
+    json: bool,
+) -> String {
+    if json {
+        return json!({
+            "dry_run": dry_run,
+            "routing_version_before": before,
+            "routing_version_after": after,
+            "changes": changes_json(changes),
+            "shifts": shifts.iter().map(|s| json!({"scope": s.scope, "rps_before": s.rps_before,
+                "rps_after": s.rps_after, "moved_share": s.moved_share})).collect::<Vec<_>>(),
+        })
+        .to_string();
+    }
+    let mut out = if dry_run {
+        format!(
+            "dry run: {what} would change {} routing rows (nothing written)\n",
+            changes.len()
+        )
+    } else {
+        format!(
+            "{what}: routing version {before} -> {after}, {} rows changed\n",
+            changes.len()
+        )
+    };
+    out.push_str(&changes_table(changes));
+    if !shifts.is_empty() {
+        let mut t = Table::new(["SCOPE", "RPS BEFORE", "RPS AFTER", "MOVED"]);
+        for s in shifts {
+            t.row([
+                s.scope.clone(),
+                format!("{:.0}", s.rps_before),
+                format!("{:.0}", s.rps_after),
+                pct(s.moved_share),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
+}
+
+fn changes_json(changes: &[pb::RoutingChange]) -> Vec<Value> {
+    changes
+        .iter()
+        .map(|c| {
+            json!({"service": c.service, "group": c.group,
+                   "before": weights_json(&c.before), "after": weights_json(&c.after),
+                   "unserved_before": c.unserved_before, "unserved_after": c.unserved_after})
+        })
+        .collect()
+}
+
+fn changes_table(changes: &[pb::RoutingChange]) -> String {
+    let mut t = Table::new(["SERVICE", "GROUP", "BEFORE", "AFTER"]);
+    for c in changes {
+        let side = |ws: &[pb::EdgeWeight], unserved: f64| {
+            let mut s = weights_str(ws);
+            if unserved > 0.0 {
+                s.push_str(&format!(" unserved={unserved:.3}"));
+            }
+            s
+        };
+        t.row([
+            c.service.clone(),
+            c.group.clone(),
+            side(&c.before, c.unserved_before),
+            side(&c.after, c.unserved_after),
+        ]);
+    }
+    t.render()
+}
+
+fn show_diff(r: &pb::DiffFleetResponse, json: bool) -> String {
+    let kind = |k: i32| match pb::fleet_change::Kind::try_from(k) {
+        Ok(pb::fleet_change::Kind::Added) => "added",
+        Ok(pb::fleet_change::Kind::Removed) => "removed",
+        Ok(pb::fleet_change::Kind::Changed) => "changed",
+        _ => "?",
+    };
+    if json {
+        return json!({
+            "changes": r.changes.iter().map(|c| json!({"kind": kind(c.kind), "object": c.object,
+                "id": c.id, "details": c.details})).collect::<Vec<_>>(),
+            "routing_changes": changes_json(&r.routing_changes),
+            "shifts": r.shifts.iter().map(|s| json!({"scope": s.scope, "rps_before": s.rps_before,
+                "rps_after": s.rps_after, "moved_share": s.moved_share})).collect::<Vec<_>>(),
+        })
+        .to_string();
+    }
+    if r.changes.is_empty() {
+        return "no changes".into();
+    }
+    let mut out = String::new();
+    for c in &r.changes {
+        out.push_str(&format!("{} {} {}\n", kind(c.kind), c.object, c.id));
+        for d in &c.details {
+            out.push_str(&format!("    {d}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "\n{} routing rows would change\n",
+        r.routing_changes.len()
+    ));
+    let mut t = Table::new(["SCOPE", "RPS BEFORE", "RPS AFTER", "MOVED"]);
+    for s in &r.shifts {
+        t.row([
+            s.scope.clone(),
+            format!("{:.0}", s.rps_before),
+            format!("{:.0}", s.rps_after),
+            pct(s.moved_share),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+fn show_audit(records: &[pb::AuditRecord], json: bool) -> String {
+    if json {
+        return Value::Array(
+            records
+                .iter()
+                .map(|r| {
+                    json!({"seq": r.seq, "at": rfc3339(r.at_unix_ms), "at_unix_ms": r.at_unix_ms,
+                           "actor": r.actor, "action": r.action, "target": r.target, "reason": r.reason,
+                           "routing_version_before": r.routing_version_before,
+                           "routing_version_after": r.routing_version_after, "details": r.details})
+                })
+                .collect(),
+        )
+        .to_string();
+    }
+    let mut t = Table::new([
+        "SEQ", "AT", "ACTOR", "ACTION", "TARGET", "VERSIONS", "REASON",
+    ]);
+    for r in records {
+        t.row([
+            r.seq.to_string(),
+            rfc3339(r.at_unix_ms),
+            r.actor.clone(),
+            r.action.clone(),
+            r.target.clone(),
+            format!(
+                "{} -> {}",
+                r.routing_version_before, r.routing_version_after
+            ),
+            r.reason.clone(),
+        ]);
+    }
+    t.render()
+}
+
+fn show_status(r: &pb::StatusResponse, json: bool) -> String {
+    if json {
+        return json!({
+            "replica": r.replica,
+            "replicas": r.replicas.iter().map(|x| json!({"id": x.id, "address": x.address,
+                "leader": x.leader, "software": x.software})).collect::<Vec<_>>(),
+            "store": {"kind": r.store_kind, "health": r.store_health, "revision": r.store_revision},
+            "routing_version": r.routing_version,
+            "fleet_generation": r.fleet_generation,
+            "active_drains": r.active_drains,
+            "subscribers": r.subscribers.iter().map(|s| json!({"node_id": s.node_id, "kind": s.kind,
+                "version_applied": s.version_applied, "stale": s.stale})).collect::<Vec<_>>(),
+            "alarms": r.alarms,
+            "software": r.software,
+            "started_at": rfc3339(r.started_at_unix_ms),
+        })
+        .to_string();
+    }
+    let mut out = format!(
+        "replica {} (sextant {}), up since {}\nstore: {} ({}), revision {}\nrouting version {}, fleet generation {}, {} active drains\n",
+        r.replica,
+        r.software,
+        rfc3339(r.started_at_unix_ms),
+        r.store_kind,
+        r.store_health,
+        r.store_revision,
+        r.routing_version,
+        r.fleet_generation,
+        r.active_drains
+    );
+    let mut t = Table::new(["REPLICA", "ADDRESS", "LEADER"]);
+    for x in &r.replicas {
+        t.row([x.id.clone(), x.address.clone(), x.leader.to_string()]);
+    }
+    out.push_str(&t.render());
+    if r.alarms.is_empty() {
+        out.push_str("\nno alarms");
+    } else {
+        for a in &r.alarms {
+            out.push_str(&format!("\nALARM: {a}"));
+        }
+    }
+    out
+}
+
+/// A plain text table with columns sized to their content.
+#[derive(Debug)]
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new<const N: usize>(headers: [&str; N]) -> Self {
+        Self {
+            rows: vec![headers.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    pub fn row<const N: usize>(&mut self, cells: [String; N]) {
+        self.rows.push(cells.to_vec());
+    }
+
+    pub fn render(&self) -> String {
+        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let line: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    if i + 1 == row.len() {
+                        cell.clone()
+                    } else {
+                        format!("{cell:<w$}", w = widths[i])
+                    }
+                })
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out.pop();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let mut t = Table::new(["A", "LONGER", "C"]);
+        t.row(["xyz".into(), "1".into(), "end".into()]);
+        assert_eq!(t.render(), "A    LONGER  C\nxyz  1       end");
+    }
+
+    #[test]
+    fn fraction_and_reason_are_checked_by_the_parser() {
+        let missing = Cli::try_parse_from(["sextantctl", "drain", "region/eu"]);
+        assert!(missing.is_err());
+        let ok = Cli::try_parse_from([
+            "sextantctl",
+            "drain",
+            "region/eu",
+            "--reason",
+            "x",
+            "-o",
+            "json",
+        ]);
+        assert!(ok.is_ok());
+    }
+}

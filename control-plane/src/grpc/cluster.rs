@@ -1,0 +1,79 @@
+//! `ClusterService`.
+
+use std::sync::Arc;
+
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::cluster_service_server::ClusterService;
+use sextant_store::Store;
+use tonic::{Request, Response, Status};
+
+use crate::control_loop::LoopHandle;
+
+/// Serves the control plane's own status.
+#[derive(Clone)]
+pub struct ClusterApi {
+    pub handle: LoopHandle,
+    pub store: Arc<dyn Store>,
+    /// This replica's id and address.
+    pub replica: String,
+    pub address: String,
+    pub started_at_ms: i64,
+}
+
+impl std::fmt::Debug for ClusterApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterApi").finish_non_exhaustive()
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let snap = self.handle.snapshot();
+        let (store_kind, store_health, store_revision) = match self.store.status().await {
+            Ok(s) => (
+                s.kind.to_owned(),
+                "ok".to_owned(),
+                u64::try_from(s.revision).unwrap_or(0),
+            ),
+            Err(e) => ("unknown".to_owned(), e.to_string(), 0),
+        };
+        let mut alarms = Vec::new();
+        if let Some(t) = &snap.table {
+            let failed_open = t.routing.rows().filter(|(_, _, r)| r.failed_open).count();
+            if failed_open > 0 {
+                alarms.push(format!("{failed_open} group rows failed open"));
+            }
+            let unserved = t
+                .routing
+                .rows()
+                .filter(|(_, _, r)| r.unserved > 0.0)
+                .count();
+            if unserved > 0 {
+                alarms.push(format!("{unserved} group rows have unserved demand"));
+            }
+        }
+        Ok(Response::new(pb::StatusResponse {
+            replica: self.replica.clone(),
+            replicas: vec![pb::Replica {
+                id: self.replica.clone(),
+                address: self.address.clone(),
+                leader: true,
+                software: env!("CARGO_PKG_VERSION").to_owned(),
+            }],
+            store_kind,
+            store_health,
+            store_revision,
+            routing_version: snap.version(),
+            fleet_generation: snap.fleet_generation,
+            subscribers: vec![],
+            active_drains: u32::try_from(snap.drains.len()).unwrap_or(u32::MAX),
+            alarms,
+            software: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at_unix_ms: self.started_at_ms,
+        }))
+    }
+}

@@ -1,0 +1,254 @@
+//! `FleetService`.
+
+use std::sync::Arc;
+
+use sextant_core::diff;
+use sextant_core::{Fleet, FleetSpec};
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::fleet_service_server::FleetService;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::control_loop::{Clock, LoopHandle, OpError};
+
+/// Serves the fleet model.
+#[derive(Clone)]
+pub struct FleetApi {
+    pub handle: LoopHandle,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for FleetApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetApi").finish_non_exhaustive()
+    }
+}
+
+fn parse(document: &str, format: i32) -> Result<FleetSpec, Status> {
+    let spec = match pb::DocumentFormat::try_from(format) {
+        Ok(pb::DocumentFormat::Json) => FleetSpec::from_json(document),
+        Ok(pb::DocumentFormat::Toml | pb::DocumentFormat::Unspecified) => {
+            FleetSpec::from_toml(document)
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "format: unknown document format {format}"
+            )))
+        }
+    };
+    spec.map_err(|e| OpError::InvalidFleet(e).into())
+}
+
+#[tonic::async_trait]
+impl FleetService for FleetApi {
+    #[instrument(skip_all, fields(actor))]
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyFleetRequest>,
+    ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
+        let req = request.into_inner();
+        let spec = parse(&req.document, req.format)?;
+        let intent = super::intent(req.actor, req.reason);
+        tracing::Span::current().record("actor", intent.actor.as_str());
+        let expected = (req.expected_generation != 0).then_some(req.expected_generation);
+        let out = self.handle.apply_fleet(spec, expected, intent).await?;
+        let (before, after) = super::versions(&out);
+        Ok(Response::new(pb::ApplyFleetResponse {
+            generation: out.fleet_generation,
+            routing_version_before: before,
+            routing_version_after: after,
+            changed: out.changed,
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetFleetRequest>,
+    ) -> Result<Response<pb::GetFleetResponse>, Status> {
+        let format = request.into_inner().format;
+        let snap = self.handle.snapshot();
+        let Some(fleet) = &snap.fleet else {
+            return Ok(Response::new(pb::GetFleetResponse::default()));
+        };
+        let (document, format) = match pb::DocumentFormat::try_from(format) {
+            Ok(pb::DocumentFormat::Json) => (
+                serde_json::to_string_pretty(fleet.spec())
+                    .map_err(|e| Status::internal(format!("cannot encode the fleet: {e}")))?,
+                pb::DocumentFormat::Json,
+            ),
+            _ => (
+                fleet
+                    .spec()
+                    .to_toml()
+                    .map_err(|e| Status::internal(e.to_string()))?,
+                pb::DocumentFormat::Toml,
+            ),
+        };
+        Ok(Response::new(pb::GetFleetResponse {
+            document,
+            format: format.into(),
+            generation: snap.fleet_generation,
+        }))
+    }
+
+    async fn diff(
+        &self,
+        request: Request<pb::DiffFleetRequest>,
+    ) -> Result<Response<pb::DiffFleetResponse>, Status> {
+        let req = request.into_inner();
+        let spec = parse(&req.document, req.format)?;
+        let fleet = Fleet::from_spec(spec).map_err(OpError::from)?;
+        let snap = self.handle.snapshot();
+        let empty = FleetSpec::default();
+        let before = snap.fleet.as_ref().map_or(&empty, |f| f.spec());
+        let changes = diff::fleet_changes(before, fleet.spec())
+            .into_iter()
+            .map(|c| pb::FleetChange {
+                kind: match c.kind {
+                    diff::ChangeKind::Added => pb::fleet_change::Kind::Added,
+                    diff::ChangeKind::Removed => pb::fleet_change::Kind::Removed,
+                    diff::ChangeKind::Changed => pb::fleet_change::Kind::Changed,
+                }
+                .into(),
+                object: c.object.to_owned(),
+                id: c.id,
+                details: c.details,
+            })
+            .collect();
+        let preview = snap.preview(&fleet, &snap.drains, self.clock.now_ms());
+        Ok(Response::new(pb::DiffFleetResponse {
+            changes,
+            routing_changes: super::row_changes(&preview.changes),
+            shifts: super::shifts(&preview.shifts),
+        }))
+    }
+
+    async fn list_edges(
+        &self,
+        _: Request<pb::ListEdgesRequest>,
+    ) -> Result<Response<pb::ListEdgesResponse>, Status> {
+        let snap = self.handle.snapshot();
+        let Some(fleet) = &snap.fleet else {
+            return Ok(Response::new(pb::ListEdgesResponse::default()));
+        };
+        let edges = fleet
+            .edges
+            .values()
+            .map(|e| {
+                let factor = snap.drains.factor(e.domains());
+                let load = snap
+                    .table
+                    .as_ref()
+                    .and_then(|t| t.routing.edges.get(&e.id))
+                    .map_or(0.0, |l| l.predicted_load_rps);
+                let (addresses, cname) = match &e.target {
+                    sextant_core::fleet::EdgeTarget::SelfBuilt { addresses } => (
+                        addresses.iter().map(|a| a.to_string()).collect(),
+                        String::new(),
+                    ),
+                    sextant_core::fleet::EdgeTarget::ThirdParty { cname } => {
+                        (vec![], cname.clone())
+                    }
+                };
+                pb::Edge {
+                    id: e.id.to_string(),
+                    kind: e.kind_str().to_owned(),
+                    site: e.site.to_string(),
+                    provider: e
+                        .provider
+                        .as_ref()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    addresses,
+                    cname,
+                    capacity_rps: e.capacity_rps,
+                    effective_capacity_rps: e.capacity_rps * factor,
+                    drain_factor: factor,
+                    health: snap.signals.health(&e.id).as_str().to_owned(),
+                    predicted_load_rps: load,
+                    health_check: e.health_check.clone(),
+                    cost_per_unit: e.cost_per_unit,
+                    commit_rps: e.commit_rps,
+                    overage_price: e.overage_price,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListEdgesResponse {
+            edges,
+            routing_version: snap.version(),
+        }))
+    }
+
+    async fn list_domains(
+        &self,
+        _: Request<pb::ListDomainsRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let snap = self.handle.snapshot();
+        let Some(fleet) = &snap.fleet else {
+            return Ok(Response::new(pb::ListDomainsResponse::default()));
+        };
+        let domains = fleet
+            .domains
+            .iter()
+            .map(|(path, info)| pb::Domain {
+                path: path.to_string(),
+                kind: path.kind().as_str().to_owned(),
+                edges: u32::try_from(info.edges.len()).unwrap_or(u32::MAX),
+                origins: u32::try_from(info.origins.len()).unwrap_or(u32::MAX),
+                capacity_rps: info.capacity_rps,
+                drained_fraction: snap.drains.get(path).map_or(0.0, |d| d.fraction),
+            })
+            .collect();
+        Ok(Response::new(pb::ListDomainsResponse { domains }))
+    }
+
+    async fn list_services(
+        &self,
+        _: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let snap = self.handle.snapshot();
+        let services = snap
+            .fleet
+            .iter()
+            .flat_map(|f| f.services.values())
+            .map(|s| pb::Service {
+                id: s.id.to_string(),
+                hostname: s.hostname.clone(),
+                zone: s.zone.clone(),
+                ttl_seconds: s.ttl_seconds,
+                default_group: s.default_group.to_string(),
+                mode: s.mode.as_str().to_owned(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let snap = self.handle.snapshot();
+        let groups = snap
+            .fleet
+            .iter()
+            .flat_map(|f| f.groups.values())
+            .map(|g| pb::ClientGroup {
+                id: g.id.to_string(),
+                prefixes: g.prefixes.iter().map(|p| p.to_string()).collect(),
+                countries: g.countries.clone(),
+                asns: g.asns.clone(),
+                demand_rps: g
+                    .demand_rps
+                    .iter()
+                    .map(|(s, d)| (s.to_string(), *d))
+                    .collect(),
+                candidate_latency_ms: g
+                    .candidates
+                    .iter()
+                    .map(|c| (c.edge.to_string(), c.latency_ms))
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+}

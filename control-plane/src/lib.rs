@@ -1,0 +1,18 @@
+//! The Sextant control plane: the server (`sextant-cp`) and the operator
+//! CLI (`sextantctl`) as a library; the binaries only parse arguments and
+//! call [`server::run`] or [`cli::run`].
+//!
+//! Layout: [`state`] is how state sits in the store; [`control_loop`] is the
+//! one owner of change; [`grpc`] converts between the wire contract and the
+//! model; [`metrics`] exposes Prometheus text.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod cli;
+pub mod control_loop;
+pub mod grpc;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod timefmt;

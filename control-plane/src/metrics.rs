@@ -1,0 +1,181 @@
+//! Prometheus metrics of the control plane, served as text on `--metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::control_loop::Snapshot;
+
+type Labels = Vec<(String, String)>;
+
+/// The control plane's metrics, registered up front.
+#[derive(Debug)]
+pub struct Metrics {
+    routing_version: Gauge,
+    fleet_generation: Gauge,
+    drains_active: Gauge,
+    unserved_rows: Gauge,
+    failed_open_rows: Gauge,
+    routing_churn: Gauge<f64, AtomicU64>,
+    edge_utilization: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            routing_version: Gauge::default(),
+            fleet_generation: Gauge::default(),
+            drains_active: Gauge::default(),
+            unserved_rows: Gauge::default(),
+            failed_open_rows: Gauge::default(),
+            routing_churn: Gauge::default(),
+            edge_utilization: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("sextant");
+        r.register(
+            "routing_version",
+            "Version of the current routing table",
+            m.routing_version.clone(),
+        );
+        r.register(
+            "fleet_generation",
+            "Generation of the stored fleet",
+            m.fleet_generation.clone(),
+        );
+        r.register("drains_active", "Active drains", m.drains_active.clone());
+        r.register(
+            "routing_unserved_rows",
+            "(service, group) rows with unserved demand",
+            m.unserved_rows.clone(),
+        );
+        r.register(
+            "routing_failed_open_rows",
+            "(service, group) rows failed open (every candidate unhealthy)",
+            m.failed_open_rows.clone(),
+        );
+        r.register(
+            "routing_churn_ratio",
+            "Share of demand that changed edge in the latest routing version",
+            m.routing_churn.clone(),
+        );
+        r.register(
+            "edge_predicted_utilization_ratio",
+            "Predicted load over declared capacity, per edge",
+            m.edge_utilization.clone(),
+        );
+        m
+    }
+
+    /// Updates the gauges from a snapshot.
+    pub fn observe(&self, snap: &Snapshot) {
+        self.routing_version
+            .set(i64::try_from(snap.version()).unwrap_or(i64::MAX));
+        self.fleet_generation
+            .set(i64::try_from(snap.fleet_generation).unwrap_or(i64::MAX));
+        self.drains_active
+            .set(i64::try_from(snap.drains.len()).unwrap_or(i64::MAX));
+        if let Some(t) = &snap.table {
+            let rows = || t.routing.rows().map(|(_, _, r)| r);
+            self.unserved_rows
+                .set(rows().filter(|r| r.unserved > 0.0).count() as i64);
+            self.failed_open_rows
+                .set(rows().filter(|r| r.failed_open).count() as i64);
+            self.routing_churn.set(t.meta.churn);
+            self.edge_utilization.clear();
+            for (edge, load) in &t.routing.edges {
+                self.edge_utilization
+                    .get_or_create(&vec![("edge".to_owned(), edge.to_string())])
+                    .set(load.utilization);
+            }
+        }
+    }
+}
+
+/// Keeps `metrics` in step with the published snapshots until the channel
+/// closes.
+pub async fn follow(metrics: Arc<Metrics>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        metrics.observe(&snap);
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves `/metrics` (Prometheus text) and `/healthz` on `listener`.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &registry)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+fn respond<B>(req: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, content_type: &'static str, body: String| {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        if let Ok(v) = content_type.parse() {
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        resp
+    };
+    match req.uri().path() {
+        "/metrics" => {
+            let mut body = String::new();
+            match encode(&mut body, registry) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("cannot encode metrics: {e}\n"),
+                ),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Binds the metrics listener and logs its address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    info!("listening for metrics on {}", listener.local_addr()?);
+    Ok(listener)
+}

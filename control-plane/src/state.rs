@@ -1,0 +1,360 @@
+//! How Sextant's state is laid out in the store, and how it is read and
+//! committed.
+//!
+//! Layout (every key carries the schema version `v1`):
+//!
+//! ```text
+//! /sextant/v1/fleet/current               {generation, chunks}
+//! /sextant/v1/fleet/g/<gen:020>/<i:06>    chunk i of the fleet spec (JSON)
+//! /sextant/v1/drains/<domain path>        one drain (JSON)
+//! /sextant/v1/routing/current             {meta, chunks} of the current table
+//! /sextant/v1/routing/meta/<ver:020>      meta of each kept version
+//! /sextant/v1/routing/v/<ver:020>/<i:06>  chunk i of a kept version (JSON)
+//! /sextant/v1/audit/seq                   the last audit sequence number
+//! /sextant/v1/audit/r/<seq:020>           one audit record (JSON)
+//! ```
+//!
+//! Large values (a fleet or routing table of 10,000 groups is several MB)
+//! are split into chunks of at most [`CHUNK_BYTES`], each written in its own
+//! transaction under a key no reader looks at yet; then one final
+//! transaction flips the pointers, writes drains and audit records, and
+//! deletes versions that fell out of the kept window. This keeps every
+//! request under etcd's 1.5 MiB limit and every transaction far below its
+//! 128 operations, and makes the commit atomic: readers see the old state or
+//! the new one. The final transaction compares the routing pointer's
+//! `mod_revision`, so a writer that lost track of the store (another leader)
+//! fails instead of overwriting.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sextant_core::drain::Drain;
+use sextant_core::routing::{Routing, RoutingMeta, RoutingTable};
+use sextant_core::{ConfigVersion, DomainPath, DrainSet, Fleet, FleetSpec};
+use sextant_store::{Compare, Revision, Store, StoreError, Txn, TxnOp};
+
+use crate::audit::AuditRecord;
+
+/// Root of every key.
+pub const ROOT: &str = "/sextant/v1/";
+/// Largest chunk written in one request.
+pub const CHUNK_BYTES: usize = 512 * 1024;
+/// Routing versions kept (for `routes --version`, rollback and deltas).
+pub const KEEP_VERSIONS: u64 = 20;
+/// Fleet generations kept.
+pub const KEEP_GENERATIONS: u64 = 5;
+
+const FLEET_CURRENT: &str = "/sextant/v1/fleet/current";
+const ROUTING_CURRENT: &str = "/sextant/v1/routing/current";
+const AUDIT_SEQ: &str = "/sextant/v1/audit/seq";
+const DRAINS: &str = "/sextant/v1/drains/";
+const ROUTING_META: &str = "/sextant/v1/routing/meta/";
+const AUDIT_RECORDS: &str = "/sextant/v1/audit/r/";
+
+fn fleet_chunks(generation: u64) -> String {
+    format!("/sextant/v1/fleet/g/{generation:020}/")
+}
+
+fn routing_chunks(version: u64) -> String {
+    format!("/sextant/v1/routing/v/{version:020}/")
+}
+
+fn routing_meta(version: u64) -> String {
+    format!("{ROUTING_META}{version:020}")
+}
+
+/// Errors reading or writing state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored value at {key} cannot be read: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "stored {what} is incomplete: expected {expected} chunks under {prefix}, found {found}"
+    )]
+    MissingChunks {
+        what: &'static str,
+        prefix: String,
+        expected: usize,
+        found: usize,
+    },
+    #[error("stored fleet generation {generation} is no longer valid: {source}")]
+    InvalidStoredFleet {
+        generation: u64,
+        #[source]
+        source: sextant_core::fleet::FleetError,
+    },
+    #[error("the store was changed by another writer (expected routing pointer at revision {expected}); re-read and retry")]
+    Conflict { expected: Revision },
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FleetPointer {
+    generation: u64,
+    chunks: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RoutingPointer {
+    meta: RoutingMeta,
+    chunks: usize,
+}
+
+/// Everything the control loop owns, as last committed.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    pub fleet: Option<Arc<Fleet>>,
+    pub fleet_generation: u64,
+    pub drains: DrainSet,
+    pub table: Option<Arc<RoutingTable>>,
+    /// The latest routing version (0: none yet).
+    pub version: ConfigVersion,
+    /// Last audit sequence number written.
+    pub audit_seq: u64,
+    /// mod_revision of the routing pointer (0: absent); the commit guard.
+    pub routing_rev: Revision,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|source| StateError::Decode {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(value).map_err(|source| StateError::Encode { what, source })
+}
+
+async fn read_chunks(
+    store: &dyn Store,
+    what: &'static str,
+    prefix: &str,
+    expected: usize,
+) -> Result<Vec<u8>, StateError> {
+    let resp = store.get_prefix(prefix).await?;
+    if resp.kvs.len() != expected {
+        return Err(StateError::MissingChunks {
+            what,
+            prefix: prefix.to_owned(),
+            expected,
+            found: resp.kvs.len(),
+        });
+    }
+    Ok(resp.kvs.into_iter().flat_map(|kv| kv.value).collect())
+}
+
+async fn write_chunks(store: &dyn Store, prefix: &str, bytes: &[u8]) -> Result<usize, StateError> {
+    // Clear what a crashed earlier attempt may have left under this prefix.
+    store
+        .txn(Txn::new().and_then([TxnOp::DeletePrefix {
+            prefix: prefix.to_owned(),
+        }]))
+        .await?;
+    let mut n = 0;
+    for chunk in bytes.chunks(CHUNK_BYTES) {
+        store
+            .put(&format!("{prefix}{n:06}"), chunk.to_vec())
+            .await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Reads the committed state.
+pub async fn load(store: &dyn Store) -> Result<State, StateError> {
+    let mut state = State::default();
+
+    if let Some(kv) = store.get(FLEET_CURRENT).await?.kvs.into_iter().next() {
+        let ptr: FleetPointer = decode(FLEET_CURRENT, &kv.value)?;
+        let prefix = fleet_chunks(ptr.generation);
+        let bytes = read_chunks(store, "fleet", &prefix, ptr.chunks).await?;
+        let spec: FleetSpec = decode(&prefix, &bytes)?;
+        let fleet = Fleet::from_spec(spec).map_err(|source| StateError::InvalidStoredFleet {
+            generation: ptr.generation,
+            source,
+        })?;
+        state.fleet = Some(Arc::new(fleet));
+        state.fleet_generation = ptr.generation;
+    }
+
+    for kv in store.get_prefix(DRAINS).await?.kvs {
+        let drain: Drain = decode(&kv.key, &kv.value)?;
+        state.drains.insert(drain);
+    }
+
+    if let Some(kv) = store.get(ROUTING_CURRENT).await?.kvs.into_iter().next() {
+        let ptr: RoutingPointer = decode(ROUTING_CURRENT, &kv.value)?;
+        let routing = read_routing(store, ptr.meta.version.0, ptr.chunks).await?;
+        state.version = ptr.meta.version;
+        state.routing_rev = kv.mod_revision;
+        state.table = Some(Arc::new(RoutingTable {
+            meta: ptr.meta,
+            routing,
+        }));
+    }
+
+    if let Some(kv) = store.get(AUDIT_SEQ).await?.kvs.into_iter().next() {
+        state.audit_seq = decode(AUDIT_SEQ, &kv.value)?;
+    }
+    Ok(state)
+}
+
+async fn read_routing(
+    store: &dyn Store,
+    version: u64,
+    chunks: usize,
+) -> Result<Routing, StateError> {
+    let prefix = routing_chunks(version);
+    let bytes = read_chunks(store, "routing table", &prefix, chunks).await?;
+    decode(&prefix, &bytes)
+}
+
+/// Reads a kept routing version, if it is still kept.
+pub async fn load_version(
+    store: &dyn Store,
+    version: u64,
+) -> Result<Option<RoutingTable>, StateError> {
+    let key = routing_meta(version);
+    let Some(kv) = store.get(&key).await?.kvs.into_iter().next() else {
+        return Ok(None);
+    };
+    let ptr: RoutingPointer = decode(&key, &kv.value)?;
+    let routing = read_routing(store, version, ptr.chunks).await?;
+    Ok(Some(RoutingTable {
+        meta: ptr.meta,
+        routing,
+    }))
+}
+
+/// Metas of the kept routing versions, newest first.
+pub async fn list_versions(store: &dyn Store) -> Result<Vec<RoutingMeta>, StateError> {
+    let mut out = Vec::new();
+    for kv in store.get_prefix(ROUTING_META).await?.kvs {
+        let ptr: RoutingPointer = decode(&kv.key, &kv.value)?;
+        out.push(ptr.meta);
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Reads the audit log, oldest first.
+pub async fn load_audit(store: &dyn Store) -> Result<Vec<AuditRecord>, StateError> {
+    store
+        .get_prefix(AUDIT_RECORDS)
+        .await?
+        .kvs
+        .into_iter()
+        .map(|kv| decode(&kv.key, &kv.value))
+        .collect()
+}
+
+/// One change of state, committed atomically.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// A new fleet spec and its generation.
+    pub fleet: Option<(FleetSpec, u64)>,
+    pub put_drains: Vec<Drain>,
+    pub delete_drains: Vec<DomainPath>,
+    /// The new routing table (its version must be the next one).
+    pub table: Option<RoutingTable>,
+    /// Audit records (their seq numbers must follow the state's).
+    pub audit: Vec<AuditRecord>,
+}
+
+/// Writes a commit on top of `state`; returns the new pointer revision.
+/// Fails with [`StateError::Conflict`] if someone else wrote the routing
+/// pointer since `state` was read; nothing visible changes then.
+pub async fn commit(store: &dyn Store, state: &State, c: &Commit) -> Result<Revision, StateError> {
+    let mut ops = Vec::new();
+    if let Some((spec, generation)) = &c.fleet {
+        let prefix = fleet_chunks(*generation);
+        let chunks = write_chunks(store, &prefix, &encode("fleet", spec)?).await?;
+        ops.push(TxnOp::put(
+            FLEET_CURRENT,
+            encode(
+                "fleet pointer",
+                &FleetPointer {
+                    generation: *generation,
+                    chunks,
+                },
+            )?,
+        ));
+        if *generation > KEEP_GENERATIONS {
+            ops.push(TxnOp::DeletePrefix {
+                prefix: fleet_chunks(generation - KEEP_GENERATIONS),
+            });
+        }
+    }
+    if let Some(table) = &c.table {
+        let version = table.meta.version.0;
+        let prefix = routing_chunks(version);
+        let chunks =
+            write_chunks(store, &prefix, &encode("routing table", &table.routing)?).await?;
+        let ptr = encode(
+            "routing pointer",
+            &RoutingPointer {
+                meta: table.meta.clone(),
+                chunks,
+            },
+        )?;
+        ops.push(TxnOp::put(ROUTING_CURRENT, ptr.clone()));
+        ops.push(TxnOp::put(routing_meta(version), ptr));
+        if version > KEEP_VERSIONS {
+            let old = version - KEEP_VERSIONS;
+            ops.push(TxnOp::delete(routing_meta(old)));
+            ops.push(TxnOp::DeletePrefix {
+                prefix: routing_chunks(old),
+            });
+        }
+    }
+    for d in &c.put_drains {
+        ops.push(TxnOp::put(
+            format!("{DRAINS}{}", d.domain),
+            encode("drain", d)?,
+        ));
+    }
+    for d in &c.delete_drains {
+        ops.push(TxnOp::delete(format!("{DRAINS}{d}")));
+    }
+    if let Some(last) = c.audit.last() {
+        for r in &c.audit {
+            ops.push(TxnOp::put(
+                format!("{AUDIT_RECORDS}{:020}", r.seq),
+                encode("audit record", r)?,
+            ));
+        }
+        ops.push(TxnOp::put(AUDIT_SEQ, encode("audit seq", &last.seq)?));
+    }
+    let resp = store
+        .txn(
+            Txn::new()
+                .when([Compare::mod_revision(ROUTING_CURRENT, state.routing_rev)])
+                .and_then(ops)
+                .or_else([TxnOp::Get {
+                    key: ROUTING_CURRENT.to_owned(),
+                }]),
+        )
+        .await?;
+    if !resp.succeeded {
+        return Err(StateError::Conflict {
+            expected: state.routing_rev,
+        });
+    }
+    if c.table.is_some() {
+        Ok(resp.revision)
+    } else {
+        Ok(state.routing_rev)
+    }
+}

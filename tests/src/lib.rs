@@ -1,0 +1,253 @@
+//! A small harness for end-to-end tests: start the real binaries on
+//! loopback with port 0, read their bound address from their log, run
+//! `sextantctl`, and wait for conditions with a deadline.
+//!
+//! The binaries are found next to the test executable's target directory;
+//! `scripts/test` builds them first (`cargo build --workspace --bins`).
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The example fleet shipped in `deploy/examples/`.
+pub fn example_fleet() -> PathBuf {
+    root().join("deploy/examples/fleet.toml")
+}
+
+/// Path of a workspace binary, built in the same profile as this test.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the test executable")?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the binaries first (cargo build --workspace --bins; scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Waits until `check` returns `Some`, polling, or fails after `timeout`.
+pub fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = check() {
+            return Ok(t);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process whose stderr is collected and scanned for its listening line.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts `cmd` and waits for a log line `listening for <what> on ADDR`.
+    pub fn start(mut cmd: Command, what: &str) -> Result<Self> {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no stderr pipe"))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let needle = format!("listening for {what} on ");
+        let sink = log.clone();
+        let pattern = needle.clone();
+        std::thread::spawn(move || {
+            let needle = pattern;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find(&needle) {
+                    let rest = &line[i + needle.len()..];
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    let _ = tx.send(addr.to_owned());
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+                bail!("process did not log `{needle}ADDR` within 30 s; its log:\n{log}");
+            }
+        };
+        let addr = addr
+            .parse()
+            .with_context(|| format!("bad listening address {addr:?}"))?;
+        Ok(Self { child, log, addr })
+    }
+
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Kills the process (SIGKILL: no chance to clean up) and waits for it.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill().context("kill")?;
+        self.child.wait().context("wait")?;
+        Ok(())
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                bail!("process did not stop within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `sextant-cp` on loopback with its own data directory.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub process: Process,
+}
+
+impl ControlPlane {
+    /// Starts `sextant-cp --listen 127.0.0.1:0 --data-dir DIR [--fleet FILE]`.
+    pub fn start(data_dir: &Path, fleet: Option<&Path>) -> Result<Self> {
+        let mut cmd = Command::new(bin("sextant-cp")?);
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("SEXTANT_LOG", "info");
+        if let Some(f) = fleet {
+            cmd.arg("--fleet").arg(f);
+        }
+        Ok(Self {
+            process: Process::start(cmd, "grpc")?,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.process.addr)
+    }
+
+    /// A `sextantctl` bound to this control plane.
+    pub fn ctl(&self) -> Ctl {
+        Ctl { url: self.url() }
+    }
+}
+
+/// The result of one `sextantctl` run.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("stdout is not JSON: {}", self.stdout))
+    }
+
+    /// Fails unless the command succeeded.
+    pub fn ok(self) -> Result<Self> {
+        if self.success {
+            Ok(self)
+        } else {
+            bail!("sextantctl failed: {}", self.stderr)
+        }
+    }
+}
+
+/// Runs `sextantctl` against one server.
+#[derive(Debug, Clone)]
+pub struct Ctl {
+    pub url: String,
+}
+
+impl Ctl {
+    pub fn run<I, S>(&self, args: I) -> Result<CtlOutput>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let out = Command::new(bin("sextantctl")?)
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .env("SEXTANT_AS", "e2e-test")
+            .output()
+            .context("cannot run sextantctl")?;
+        Ok(CtlOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs a read command with `-o json` and parses its output.
+    pub fn json<I, S>(&self, args: I) -> Result<Value>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut all: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        all.push("-o".into());
+        all.push("json".into());
+        self.run(all)?.ok()?.json()
+    }
+}
