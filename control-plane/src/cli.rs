@@ -16,6 +16,7 @@ use sextant_proto::v1::operations_service_client::OperationsServiceClient;
 use sextant_proto::v1::steering_service_client::SteeringServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::grpc::split_document;
 use crate::timefmt::{parse_duration_ms, rfc3339};
 
 /// Operate Sextant: apply fleets, drain and undrain fault domains, read
@@ -177,14 +178,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let out = match cli.command {
         Command::Apply { file, reason } => {
             let document = read(&file)?;
-            let r = FleetServiceClient::new(channel)
-                .apply(pb::ApplyFleetRequest {
+            let format = format_of(&file);
+            let mut first = Some(pb::ApplyFleetRequest {
+                format: format.into(),
+                actor,
+                reason,
+                ..pb::ApplyFleetRequest::default()
+            });
+            let messages: Vec<pb::ApplyFleetRequest> = split_document(&document)
+                .into_iter()
+                .map(|document| pb::ApplyFleetRequest {
                     document,
-                    format: format_of(&file).into(),
-                    actor,
-                    reason,
-                    expected_generation: 0,
+                    ..first.take().unwrap_or_default()
                 })
+                .collect();
+            let r = FleetServiceClient::new(channel)
+                .apply(futures::stream::iter(messages))
                 .await?
                 .into_inner();
             if json {
@@ -203,11 +212,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Diff { file } => {
             let document = read(&file)?;
+            let format = format_of(&file).into();
+            let messages: Vec<pb::DiffFleetRequest> = split_document(&document)
+                .into_iter()
+                .map(|document| pb::DiffFleetRequest { document, format })
+                .collect();
             let r = FleetServiceClient::new(channel)
-                .diff(pb::DiffFleetRequest {
-                    document,
-                    format: format_of(&file).into(),
-                })
+                .diff(futures::stream::iter(messages))
                 .await?
                 .into_inner();
             show_diff(&r, json)
@@ -253,11 +264,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .into_inner();
             show_change(
                 &format!("drain {domain} (fraction {fraction})"),
-                r.dry_run,
-                r.routing_version_before,
-                r.routing_version_after,
-                &r.changes,
-                &r.shifts,
+                Change {
+                    dry_run: r.dry_run,
+                    before: r.routing_version_before,
+                    after: r.routing_version_after,
+                    changes: &r.changes,
+                    total: r.changes_total,
+                    shifts: &r.shifts,
+                },
                 json,
             )
         }
@@ -277,11 +291,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .into_inner();
             show_change(
                 &format!("undrain {domain}"),
-                r.dry_run,
-                r.routing_version_before,
-                r.routing_version_after,
-                &r.changes,
-                &[],
+                Change {
+                    dry_run: r.dry_run,
+                    before: r.routing_version_before,
+                    after: r.routing_version_after,
+                    changes: &r.changes,
+                    total: r.changes_total,
+                    shifts: &r.shifts,
+                },
                 json,
             )
         }
@@ -297,14 +314,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     now_ms() - ago
                 }
             };
-            let r = OperationsServiceClient::new(channel)
-                .list_audit(pb::ListAuditRequest {
-                    since_unix_ms,
-                    limit: limit.unwrap_or(0),
-                })
-                .await?
-                .into_inner();
-            show_audit(&r.records, json)
+            let client = OperationsServiceClient::new(channel);
+            let limit = limit.unwrap_or(0);
+            let records = all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let r = client
+                        .list_audit(pb::ListAuditRequest {
+                            since_unix_ms,
+                            limit,
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.records, r.next_page_token))
+                }
+            })
+            .await?;
+            show_audit(&records, json)
         }
         Command::Status => {
             let r = ClusterServiceClient::new(channel)
@@ -421,16 +449,44 @@ fn weights_json(ws: &[pb::EdgeWeight]) -> Value {
     )
 }
 
+/// Calls a paged List RPC until the last page.
+async fn all_pages<T, F, Fut>(mut call: F) -> Result<Vec<T>, CliError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = call(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
+
 async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliError> {
     let mut fleet = FleetServiceClient::new(channel.clone());
     Ok(match what {
         GetWhat::Edges => {
-            let r = fleet
-                .list_edges(pb::ListEdgesRequest {})
-                .await?
-                .into_inner();
+            let edges = all_pages(|page_token| {
+                let mut fleet = fleet.clone();
+                async move {
+                    let r = fleet
+                        .list_edges(pb::ListEdgesRequest {
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.edges, r.next_page_token))
+                }
+            })
+            .await?;
             if json {
-                Value::Array(r.edges.iter().map(|e| json!({
+                Value::Array(edges.iter().map(|e| json!({
                     "id": e.id, "kind": e.kind, "site": e.site, "provider": e.provider,
                     "addresses": e.addresses, "cname": e.cname, "capacity_rps": e.capacity_rps,
                     "effective_capacity_rps": e.effective_capacity_rps, "drain_factor": e.drain_factor,
@@ -449,7 +505,7 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                     "UTIL",
                     "HEALTH",
                 ]);
-                for e in &r.edges {
+                for e in &edges {
                     t.row([
                         e.id.clone(),
                         e.kind.clone(),
@@ -527,17 +583,27 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
             }
         }
         GetWhat::Groups => {
-            let r = fleet
-                .list_groups(pb::ListGroupsRequest {})
-                .await?
-                .into_inner();
+            let groups = all_pages(|page_token| {
+                let mut fleet = fleet.clone();
+                async move {
+                    let r = fleet
+                        .list_groups(pb::ListGroupsRequest {
+                            page_size: 0,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((r.groups, r.next_page_token))
+                }
+            })
+            .await?;
             let sorted = |m: &std::collections::HashMap<String, f64>| {
                 let mut v: Vec<(String, f64)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 v
             };
             if json {
-                Value::Array(r.groups.iter().map(|g| json!({
+                Value::Array(groups.iter().map(|g| json!({
                     "id": g.id, "prefixes": g.prefixes, "countries": g.countries, "asns": g.asns,
                     "demand_rps": sorted(&g.demand_rps).into_iter()
                         .map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
@@ -546,7 +612,7 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                 })).collect()).to_string()
             } else {
                 let mut t = Table::new(["GROUP", "PREFIXES", "COUNTRIES", "DEMAND", "CANDIDATES"]);
-                for g in &r.groups {
+                for g in &groups {
                     t.row([
                         g.id.clone(),
                         g.prefixes.join(","),
@@ -590,7 +656,7 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
             }
         }
         GetWhat::Fleet => {
-            let r = fleet
+            let mut stream = fleet
                 .get(pb::GetFleetRequest {
                     format: if json {
                         pb::DocumentFormat::Json
@@ -601,10 +667,16 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                 })
                 .await?
                 .into_inner();
-            if r.generation == 0 {
+            let mut document = String::new();
+            let mut generation = 0;
+            while let Some(piece) = stream.message().await? {
+                generation = piece.generation;
+                document.push_str(&piece.document);
+            }
+            if generation == 0 {
                 return Err(CliError::Rpc("no fleet has been applied yet".into()));
             }
-            r.document
+            document
         }
     })
 }
@@ -674,21 +746,33 @@ async fn routes(
     })
 }
 
-fn show_change(
-    what: &str,
+/// The effect of a drain or undrain, as the server reported it.
+struct Change<'a> {
     dry_run: bool,
     before: u64,
     after: u64,
-    changes: &[pb::RoutingChange],
-    shifts: &[pb::TrafficShift],
-    json: bool,
-) -> String {
+    changes: &'a [pb::RoutingChange],
+    /// Rows that change (the server sends at most 1,000).
+    total: u32,
+    shifts: &'a [pb::TrafficShift],
+}
+
+fn show_change(what: &str, c: Change<'_>, json: bool) -> String {
+    let Change {
+        dry_run,
+        before,
+        after,
+        changes,
+        total,
+        shifts,
+    } = c;
     if json {
         return json!({
             "dry_run": dry_run,
             "routing_version_before": before,
             "routing_version_after": after,
             "changes": changes_json(changes),
+            "changes_total": total,
             "shifts": shifts.iter().map(|s| json!({"scope": s.scope, "rps_before": s.rps_before,
                 "rps_after": s.rps_after, "moved_share": s.moved_share})).collect::<Vec<_>>(),
         })
@@ -765,6 +849,7 @@ fn show_diff(r: &pb::DiffFleetResponse, json: bool) -> String {
             "changes": r.changes.iter().map(|c| json!({"kind": kind(c.kind), "object": c.object,
                 "id": c.id, "details": c.details})).collect::<Vec<_>>(),
             "routing_changes": changes_json(&r.routing_changes),
+            "routing_changes_total": r.routing_changes_total,
             "shifts": r.shifts.iter().map(|s| json!({"scope": s.scope, "rps_before": s.rps_before,
                 "rps_after": s.rps_after, "moved_share": s.moved_share})).collect::<Vec<_>>(),
         })

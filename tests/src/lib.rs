@@ -165,9 +165,15 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts `sextant-cp --listen 127.0.0.1:0 --data-dir DIR [--fleet FILE]`.
     pub fn start(data_dir: &Path, fleet: Option<&Path>) -> Result<Self> {
+        Self::start_with(data_dir, fleet, &[])
+    }
+
+    /// Like [`ControlPlane::start`], with extra arguments.
+    pub fn start_with(data_dir: &Path, fleet: Option<&Path>, extra: &[&str]) -> Result<Self> {
         let mut cmd = Command::new(bin("sextant-cp")?);
         cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .env("SEXTANT_LOG", "info");
         if let Some(f) = fleet {
             cmd.arg("--fleet").arg(f);
@@ -175,6 +181,19 @@ impl ControlPlane {
         Ok(Self {
             process: Process::start(cmd, "grpc")?,
         })
+    }
+
+    /// The address a `listening for <what> on ADDR` line of its log names.
+    pub fn logged_addr(&self, what: &str) -> Result<SocketAddr> {
+        let needle = format!("listening for {what} on ");
+        let log = self.process.log();
+        let line = log
+            .lines()
+            .find_map(|l| l.find(&needle).map(|i| &l[i + needle.len()..]))
+            .ok_or_else(|| anyhow!("no `{needle}` line in the log:\n{log}"))?;
+        let addr = line.split_whitespace().next().unwrap_or_default();
+        addr.parse()
+            .with_context(|| format!("bad address {addr:?}"))
     }
 
     pub fn url(&self) -> String {
@@ -185,6 +204,28 @@ impl ControlPlane {
     pub fn ctl(&self) -> Ctl {
         Ctl { url: self.url() }
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP header end in {response:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// The result of one `sextantctl` run.

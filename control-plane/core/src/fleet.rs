@@ -818,11 +818,11 @@ impl Validator {
         out
     }
 
-    fn groups(
+    fn groups<'a>(
         &mut self,
         spec: &FleetSpec,
-        edges: &BTreeMap<EdgeId, Edge>,
-        domains: &BTreeMap<DomainPath, DomainInfo>,
+        edges: &'a BTreeMap<EdgeId, Edge>,
+        domains: &'a BTreeMap<DomainPath, DomainInfo>,
         service_ids: &BTreeSet<&str>,
     ) -> BTreeMap<GroupId, ClientGroup> {
         let mut seen = BTreeSet::new();
@@ -877,28 +877,46 @@ impl Validator {
                 ok &= self.check(&here, check_amount(*d, false)).is_some();
                 demand_rps.insert(ServiceId::new(svc), *d);
             }
-            // Resolve latency keys, then pick the most specific entry per edge.
-            let mut by_edge: BTreeMap<&str, f64> = BTreeMap::new();
-            let mut by_domain: BTreeMap<DomainPath, f64> = BTreeMap::new();
+            // Resolve latency keys, keeping the most specific entry per edge:
+            // edge id, then site, metro, region, then provider. Each key is
+            // resolved through the domain index, so the cost is the number of
+            // edges the keys cover, not groups × edges.
+            let mut best: BTreeMap<&EdgeId, (u8, f64)> = BTreeMap::new();
+            let mut offer = |edge: &'a EdgeId, rank: u8, ms: f64| {
+                let entry = best.entry(edge).or_insert((rank, ms));
+                if rank < entry.0 {
+                    *entry = (rank, ms);
+                }
+            };
             for (key, ms) in &g.latency_ms {
                 let here = format!("{at}.latency_ms.{key:?}");
                 ok &= self.check(&here, check_amount(*ms, false)).is_some();
-                if edges.contains_key(key.as_str()) {
-                    by_edge.insert(key, *ms);
+                if let Some((id, _)) = edges.get_key_value(key.as_str()) {
+                    offer(id, 0, *ms);
                     continue;
                 }
                 match DomainPath::parse(key) {
-                    Ok(d) if domains.contains_key(&d) => {
-                        by_domain.insert(d, *ms);
-                    }
                     Ok(d) if d.kind() == DomainKind::Origin => {
                         self.problem(here, "latency is to edges; origins are not candidates");
                         ok = false;
                     }
-                    Ok(d) => {
-                        self.problem(here, format!("no edge is in {d}"));
-                        ok = false;
-                    }
+                    Ok(d) => match domains.get(&d) {
+                        Some(info) if !info.edges.is_empty() => {
+                            let rank = match d.kind() {
+                                DomainKind::Site => 1,
+                                DomainKind::Metro => 2,
+                                DomainKind::Region => 3,
+                                DomainKind::Provider | DomainKind::Origin => 4,
+                            };
+                            for e in &info.edges {
+                                offer(e, rank, *ms);
+                            }
+                        }
+                        _ => {
+                            self.problem(here, format!("no edge is in {d}"));
+                            ok = false;
+                        }
+                    },
                     Err(_) => {
                         self.problem(
                             here,
@@ -908,21 +926,13 @@ impl Validator {
                     }
                 }
             }
-            let mut candidates = Vec::new();
-            for e in edges.values() {
-                let latency = by_edge.get(e.id.as_str()).copied().or_else(|| {
-                    e.site
-                        .ancestors()
-                        .find_map(|d| by_domain.get(&d).copied())
-                        .or_else(|| e.provider.as_ref().and_then(|p| by_domain.get(p).copied()))
-                });
-                if let Some(latency_ms) = latency {
-                    candidates.push(Candidate {
-                        edge: e.id.clone(),
-                        latency_ms,
-                    });
-                }
-            }
+            let candidates: Vec<Candidate> = best
+                .into_iter()
+                .map(|(edge, (_, latency_ms))| Candidate {
+                    edge: edge.clone(),
+                    latency_ms,
+                })
+                .collect();
             if candidates.is_empty() && !g.latency_ms.is_empty() && ok {
                 self.problem(
                     format!("{at}.latency_ms"),

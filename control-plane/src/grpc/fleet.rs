@@ -1,12 +1,15 @@
 //! `FleetService`.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::Stream;
 
 use sextant_core::diff;
 use sextant_core::{Fleet, FleetSpec};
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::fleet_service_server::FleetService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::control_loop::{Clock, LoopHandle, OpError};
@@ -44,31 +47,37 @@ impl FleetService for FleetApi {
     #[instrument(skip_all, fields(actor))]
     async fn apply(
         &self,
-        request: Request<pb::ApplyFleetRequest>,
+        request: Request<Streaming<pb::ApplyFleetRequest>>,
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
-        let req = request.into_inner();
-        let spec = parse(&req.document, req.format)?;
+        let (req, document) =
+            super::collect_document(request.into_inner(), |m: &mut pb::ApplyFleetRequest| {
+                std::mem::take(&mut m.document)
+            })
+            .await?;
+        let spec = parse(&document, req.format)?;
         let intent = super::intent(req.actor, req.reason);
         tracing::Span::current().record("actor", intent.actor.as_str());
         let expected = (req.expected_generation != 0).then_some(req.expected_generation);
         let out = self.handle.apply_fleet(spec, expected, intent).await?;
-        let (before, after) = super::versions(&out);
         Ok(Response::new(pb::ApplyFleetResponse {
             generation: out.fleet_generation,
-            routing_version_before: before,
-            routing_version_after: after,
+            routing_version_before: out.version_before,
+            routing_version_after: out.version_after,
             changed: out.changed,
         }))
     }
 
+    type GetStream = Pin<Box<dyn Stream<Item = Result<pb::GetFleetResponse, Status>> + Send>>;
+
     async fn get(
         &self,
         request: Request<pb::GetFleetRequest>,
-    ) -> Result<Response<pb::GetFleetResponse>, Status> {
+    ) -> Result<Response<Self::GetStream>, Status> {
         let format = request.into_inner().format;
         let snap = self.handle.snapshot();
         let Some(fleet) = &snap.fleet else {
-            return Ok(Response::new(pb::GetFleetResponse::default()));
+            let empty = pb::GetFleetResponse::default();
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(empty)]))));
         };
         let (document, format) = match pb::DocumentFormat::try_from(format) {
             Ok(pb::DocumentFormat::Json) => (
@@ -84,19 +93,29 @@ impl FleetService for FleetApi {
                 pb::DocumentFormat::Toml,
             ),
         };
-        Ok(Response::new(pb::GetFleetResponse {
-            document,
-            format: format.into(),
-            generation: snap.fleet_generation,
-        }))
+        let generation = snap.fleet_generation;
+        let pieces = super::split_document(&document)
+            .into_iter()
+            .map(move |document| {
+                Ok(pb::GetFleetResponse {
+                    document,
+                    format: format.into(),
+                    generation,
+                })
+            });
+        Ok(Response::new(Box::pin(futures::stream::iter(pieces))))
     }
 
     async fn diff(
         &self,
-        request: Request<pb::DiffFleetRequest>,
+        request: Request<Streaming<pb::DiffFleetRequest>>,
     ) -> Result<Response<pb::DiffFleetResponse>, Status> {
-        let req = request.into_inner();
-        let spec = parse(&req.document, req.format)?;
+        let (req, document) =
+            super::collect_document(request.into_inner(), |m: &mut pb::DiffFleetRequest| {
+                std::mem::take(&mut m.document)
+            })
+            .await?;
+        let spec = parse(&document, req.format)?;
         let fleet = Fleet::from_spec(spec).map_err(OpError::from)?;
         let snap = self.handle.snapshot();
         let empty = FleetSpec::default();
@@ -116,24 +135,32 @@ impl FleetService for FleetApi {
             })
             .collect();
         let preview = snap.preview(&fleet, &snap.drains, self.clock.now_ms());
+        let (routing_changes, routing_changes_total) = super::row_changes(&preview.changes);
         Ok(Response::new(pb::DiffFleetResponse {
             changes,
-            routing_changes: super::row_changes(&preview.changes),
+            routing_changes,
             shifts: super::shifts(&preview.shifts),
+            routing_changes_total,
         }))
     }
 
     async fn list_edges(
         &self,
-        _: Request<pb::ListEdgesRequest>,
+        request: Request<pb::ListEdgesRequest>,
     ) -> Result<Response<pb::ListEdgesResponse>, Status> {
+        let req = request.into_inner();
         let snap = self.handle.snapshot();
         let Some(fleet) = &snap.fleet else {
             return Ok(Response::new(pb::ListEdgesResponse::default()));
         };
-        let edges = fleet
-            .edges
-            .values()
+        let (page, next_page_token) = super::page(
+            fleet.edges.values(),
+            |e| e.id.to_string(),
+            req.page_size,
+            &req.page_token,
+        );
+        let edges = page
+            .into_iter()
             .map(|e| {
                 let factor = snap.drains.factor(e.domains());
                 let load = snap
@@ -176,6 +203,7 @@ impl FleetService for FleetApi {
         Ok(Response::new(pb::ListEdgesResponse {
             edges,
             routing_version: snap.version(),
+            next_page_token,
         }))
     }
 
@@ -225,13 +253,18 @@ impl FleetService for FleetApi {
 
     async fn list_groups(
         &self,
-        _: Request<pb::ListGroupsRequest>,
+        request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let req = request.into_inner();
         let snap = self.handle.snapshot();
-        let groups = snap
-            .fleet
-            .iter()
-            .flat_map(|f| f.groups.values())
+        let (page, next_page_token) = super::page(
+            snap.fleet.iter().flat_map(|f| f.groups.values()),
+            |g| g.id.to_string(),
+            req.page_size,
+            &req.page_token,
+        );
+        let groups = page
+            .into_iter()
             .map(|g| pb::ClientGroup {
                 id: g.id.to_string(),
                 prefixes: g.prefixes.iter().map(|p| p.to_string()).collect(),
@@ -249,6 +282,9 @@ impl FleetService for FleetApi {
                     .collect(),
             })
             .collect();
-        Ok(Response::new(pb::ListGroupsResponse { groups }))
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups,
+            next_page_token,
+        }))
     }
 }

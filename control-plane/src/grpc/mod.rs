@@ -4,7 +4,7 @@
 use sextant_proto::v1 as pb;
 use tonic::Status;
 
-use crate::control_loop::{Intent, OpError, Outcome};
+use crate::control_loop::{Intent, OpError};
 use sextant_core::diff::{RowChange, Shift};
 use sextant_core::routing::EdgeWeight;
 
@@ -47,9 +47,88 @@ pub(crate) fn weights(ws: &[EdgeWeight]) -> Vec<pb::EdgeWeight> {
         .collect()
 }
 
-pub(crate) fn row_changes(changes: &[RowChange]) -> Vec<pb::RoutingChange> {
-    changes
+/// Routing rows returned in one response at most; the total is reported.
+pub const MAX_CHANGED_ROWS: usize = 1000;
+/// Largest page of a List call.
+pub const MAX_PAGE: usize = 1000;
+/// Largest fleet document accepted.
+pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024 * 1024;
+/// Pieces of a streamed document.
+pub const DOCUMENT_PIECE_BYTES: usize = 1024 * 1024;
+
+/// One page of `items` (sorted by `key`, ascending) after `token`, and the
+/// token of the next page (empty on the last).
+pub(crate) fn page<T>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> String,
+    page_size: u32,
+    token: &str,
+) -> (Vec<T>, String) {
+    let size = match page_size as usize {
+        0 => MAX_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let mut rest = items
+        .into_iter()
+        .filter(|i| token.is_empty() || key(i).as_str() > token);
+    let out: Vec<T> = rest.by_ref().take(size).collect();
+    let next = match (rest.next(), out.last()) {
+        (Some(_), Some(last)) => key(last),
+        _ => String::new(),
+    };
+    (out, next)
+}
+
+/// Concatenates the document pieces of a client stream; the first message
+/// is returned for its other fields.
+pub(crate) async fn collect_document<M: Default>(
+    mut stream: tonic::Streaming<M>,
+    piece: impl Fn(&mut M) -> String,
+) -> Result<(M, String), Status> {
+    let mut first: Option<M> = None;
+    let mut document = String::new();
+    while let Some(mut msg) = stream.message().await? {
+        let text = piece(&mut msg);
+        if document.len() + text.len() > MAX_DOCUMENT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "document: larger than the {} MiB limit",
+                MAX_DOCUMENT_BYTES >> 20
+            )));
+        }
+        document.push_str(&text);
+        if first.is_none() {
+            first = Some(msg);
+        }
+    }
+    let first = first.ok_or_else(|| Status::invalid_argument("document: the stream was empty"))?;
+    Ok((first, document))
+}
+
+/// Splits a document into pieces of at most [`DOCUMENT_PIECE_BYTES`], on
+/// character boundaries.
+pub fn split_document(doc: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = doc;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(DOCUMENT_PIECE_BYTES);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.push(rest[..cut].to_owned());
+        rest = &rest[cut..];
+    }
+    if out.is_empty() {
+        out.push(String::new());
+    }
+    out
+}
+
+/// The first [`MAX_CHANGED_ROWS`] row changes, and how many there are.
+pub(crate) fn row_changes(changes: &[RowChange]) -> (Vec<pb::RoutingChange>, u32) {
+    let total = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+    let rows = changes
         .iter()
+        .take(MAX_CHANGED_ROWS)
         .map(|c| pb::RoutingChange {
             service: c.service.to_string(),
             group: c.group.to_string(),
@@ -58,7 +137,8 @@ pub(crate) fn row_changes(changes: &[RowChange]) -> Vec<pb::RoutingChange> {
             unserved_before: c.unserved_before,
             unserved_after: c.unserved_after,
         })
-        .collect()
+        .collect();
+    (rows, total)
 }
 
 pub(crate) fn shifts(shifts: &[Shift]) -> Vec<pb::TrafficShift> {
@@ -73,7 +153,40 @@ pub(crate) fn shifts(shifts: &[Shift]) -> Vec<pb::TrafficShift> {
         .collect()
 }
 
-/// Versions before/after of an outcome.
-pub(crate) fn versions(o: &Outcome) -> (u64, u64) {
-    (o.version_before, o.version_after)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_walk_every_item_once() {
+        let items: Vec<u32> = (0..2500).collect();
+        let key = |i: &u32| format!("{i:06}");
+        let mut token = String::new();
+        let mut seen = Vec::new();
+        loop {
+            let (page, next) = page(items.iter().copied(), key, 0, &token);
+            assert!(page.len() <= MAX_PAGE);
+            seen.extend(page);
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, items);
+        let (small, next) = page(items.iter().copied(), key, 10, "");
+        assert_eq!(small.len(), 10);
+        assert_eq!(next, "000009");
+        let (none, next) = page(Vec::<u32>::new(), key, 10, "");
+        assert!(none.is_empty() && next.is_empty());
+    }
+
+    #[test]
+    fn documents_split_on_char_boundaries_and_rejoin() {
+        let doc = "é".repeat(DOCUMENT_PIECE_BYTES);
+        let pieces = split_document(&doc);
+        assert!(pieces.len() >= 2);
+        assert!(pieces.iter().all(|p| p.len() <= DOCUMENT_PIECE_BYTES));
+        assert_eq!(pieces.concat(), doc);
+        assert_eq!(split_document(""), vec![String::new()]);
+    }
 }

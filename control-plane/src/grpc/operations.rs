@@ -97,26 +97,30 @@ impl OperationsService for OperationsApi {
             let mut drains: DrainSet = snap.drains.clone();
             drains.insert(drain.clone());
             let preview = snap.preview(&fleet, &drains, now);
+            let (changes, changes_total) = super::row_changes(&preview.changes);
             return Ok(Response::new(pb::DrainResponse {
                 drain: Some(drain_info(&drain)),
                 routing_version_before: snap.version(),
                 routing_version_after: snap.version(),
-                changes: super::row_changes(&preview.changes),
+                changes,
                 shifts: super::shifts(&preview.shifts),
                 dry_run: true,
+                changes_total,
             }));
         }
         let out = self
             .handle
             .drain(req.domain, fraction, req.owner, intent)
             .await?;
+        let (changes, changes_total) = super::row_changes(&out.changes);
         Ok(Response::new(pb::DrainResponse {
             drain: out.drain.as_ref().map(drain_info),
             routing_version_before: out.version_before,
             routing_version_after: out.version_after,
-            changes: super::row_changes(&out.changes),
+            changes,
             shifts: super::shifts(&out.shifts),
             dry_run: false,
+            changes_total,
         }))
     }
 
@@ -138,19 +142,25 @@ impl OperationsService for OperationsApi {
                 .remove(&path)
                 .ok_or_else(|| OpError::NotDrained(path.to_string()))?;
             let preview = snap.preview(&fleet, &drains, self.clock.now_ms());
+            let (changes, changes_total) = super::row_changes(&preview.changes);
             return Ok(Response::new(pb::UndrainResponse {
                 routing_version_before: snap.version(),
                 routing_version_after: snap.version(),
-                changes: super::row_changes(&preview.changes),
+                changes,
                 dry_run: true,
+                changes_total,
+                shifts: super::shifts(&preview.shifts),
             }));
         }
         let out = self.handle.undrain(req.domain, intent).await?;
+        let (changes, changes_total) = super::row_changes(&out.changes);
         Ok(Response::new(pb::UndrainResponse {
             routing_version_before: out.version_before,
             routing_version_after: out.version_after,
-            changes: super::row_changes(&out.changes),
+            changes,
             dry_run: false,
+            changes_total,
+            shifts: super::shifts(&out.shifts),
         }))
     }
 
@@ -216,8 +226,15 @@ impl OperationsService for OperationsApi {
                 records.drain(..records.len() - keep);
             }
         }
+        let (page, next_page_token) = super::page(
+            records,
+            |r| format!("{:020}", r.seq),
+            req.page_size,
+            &req.page_token,
+        );
         Ok(Response::new(pb::ListAuditResponse {
-            records: records
+            next_page_token,
+            records: page
                 .into_iter()
                 .map(|r| pb::AuditRecord {
                     seq: r.seq,
