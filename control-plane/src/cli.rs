@@ -493,6 +493,10 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                     "health": e.health, "predicted_load_rps": e.predicted_load_rps,
                     "health_check": e.health_check, "cost_per_unit": e.cost_per_unit,
                     "commit_rps": e.commit_rps, "overage_price": e.overage_price,
+                    "reported_rps": e.reported_rps, "reported_error_rate": e.reported_error_rate,
+                    "reported_capacity_rps": e.reported_capacity_rps,
+                    "reported_config_version": e.reported_config_version,
+                    "last_report": (e.last_report_unix_ms > 0).then(|| rfc3339(e.last_report_unix_ms)),
                 })).collect()).to_string()
             } else {
                 let mut t = Table::new([
@@ -928,7 +932,10 @@ fn show_status(r: &pb::StatusResponse, json: bool) -> String {
             "fleet_generation": r.fleet_generation,
             "active_drains": r.active_drains,
             "subscribers": r.subscribers.iter().map(|s| json!({"node_id": s.node_id, "kind": s.kind,
-                "version_applied": s.version_applied, "stale": s.stale})).collect::<Vec<_>>(),
+                "site": s.site, "connected": s.connected, "version_applied": s.version_applied,
+                "version_sent": s.version_sent, "last_contact": rfc3339(s.last_contact_unix_ms),
+                "last_nack_version": s.last_nack_version, "last_nack_reason": s.last_nack_reason,
+                "stale": s.stale})).collect::<Vec<_>>(),
             "alarms": r.alarms,
             "software": r.software,
             "started_at": rfc3339(r.started_at_unix_ms),
@@ -952,6 +959,34 @@ fn show_status(r: &pb::StatusResponse, json: bool) -> String {
         t.row([x.id.clone(), x.address.clone(), x.leader.to_string()]);
     }
     out.push_str(&t.render());
+    if !r.subscribers.is_empty() {
+        let mut t = Table::new([
+            "SUBSCRIBER",
+            "KIND",
+            "CONNECTED",
+            "APPLIED",
+            "SENT",
+            "STALE",
+            "LAST NACK",
+        ]);
+        for x in &r.subscribers {
+            t.row([
+                x.node_id.clone(),
+                x.kind.clone(),
+                x.connected.to_string(),
+                x.version_applied.to_string(),
+                x.version_sent.to_string(),
+                if x.stale { "STALE".into() } else { "-".into() },
+                if x.last_nack_reason.is_empty() {
+                    "-".into()
+                } else {
+                    format!("v{}: {}", x.last_nack_version, x.last_nack_reason)
+                },
+            ]);
+        }
+        out.push_str("\n\n");
+        out.push_str(&t.render());
+    }
     if r.alarms.is_empty() {
         out.push_str("\nno alarms");
     } else {

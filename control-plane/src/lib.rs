@@ -13,6 +13,7 @@ pub mod cli;
 pub mod control_loop;
 pub mod grpc;
 pub mod metrics;
+pub mod push;
 pub mod server;
 pub mod state;
 pub mod timefmt;

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::control_loop::Snapshot;
+use crate::grpc::distribution::Distribution;
 
 type Labels = Vec<(String, String)>;
 
@@ -31,6 +32,9 @@ pub struct Metrics {
     failed_open_rows: Gauge,
     routing_churn: Gauge<f64, AtomicU64>,
     edge_utilization: Family<Labels, Gauge<f64, AtomicU64>>,
+    subscribers: Family<Labels, Gauge>,
+    subscribers_stale: Gauge,
+    config_rejected: Gauge,
 }
 
 impl Metrics {
@@ -44,6 +48,9 @@ impl Metrics {
             failed_open_rows: Gauge::default(),
             routing_churn: Gauge::default(),
             edge_utilization: Family::default(),
+            subscribers: Family::default(),
+            subscribers_stale: Gauge::default(),
+            config_rejected: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("sextant");
         r.register(
@@ -77,7 +84,46 @@ impl Metrics {
             "Predicted load over declared capacity, per edge",
             m.edge_utilization.clone(),
         );
+        r.register(
+            "subscribers",
+            "Config subscribers by kind and connection state",
+            m.subscribers.clone(),
+        );
+        r.register(
+            "subscribers_stale",
+            "Subscribers holding an old config for longer than the stale threshold",
+            m.subscribers_stale.clone(),
+        );
+        r.register(
+            "config_rejected",
+            "1 when the latest routing version failed its consistency check and is not served",
+            m.config_rejected.clone(),
+        );
         m
+    }
+
+    /// Updates the subscriber gauges.
+    pub fn observe_subscribers(&self, d: &Distribution, stale_after_ms: u64) {
+        let now = u64::try_from(d.clock.now_ms()).unwrap_or(0);
+        let subs = crate::grpc::cluster::subscribers(d, stale_after_ms, now);
+        self.subscribers.clear();
+        for kind in ["proxy", "dns"] {
+            for (state, connected) in [("connected", true), ("disconnected", false)] {
+                let n = subs
+                    .iter()
+                    .filter(|s| s.kind == kind && s.connected == connected)
+                    .count();
+                self.subscribers
+                    .get_or_create(&vec![
+                        ("kind".to_owned(), kind.to_owned()),
+                        ("state".to_owned(), state.to_owned()),
+                    ])
+                    .set(n as i64);
+            }
+        }
+        self.subscribers_stale
+            .set(subs.iter().filter(|s| s.stale).count() as i64);
+        self.config_rejected.set(i64::from(d.alarm().is_some()));
     }
 
     /// Updates the gauges from a snapshot.
@@ -105,14 +151,28 @@ impl Metrics {
     }
 }
 
-/// Keeps `metrics` in step with the published snapshots until the channel
-/// closes.
-pub async fn follow(metrics: Arc<Metrics>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+/// Keeps `metrics` in step with the published snapshots (at once) and the
+/// subscribers (every second) until the loop stops.
+pub async fn follow(
+    metrics: Arc<Metrics>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    distribution: Arc<Distribution>,
+    stale_after_ms: u64,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let snap = snapshots.borrow_and_update().clone();
         metrics.observe(&snap);
-        if snapshots.changed().await.is_err() {
-            return;
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = tick.tick() => metrics.observe_subscribers(&distribution, stale_after_ms),
+            }
         }
     }
 }

@@ -22,10 +22,11 @@ use tracing::{info, warn};
 
 use crate::control_loop::{self, Clock, Intent, OpError, SystemClock};
 use crate::grpc::cluster::ClusterApi;
+use crate::grpc::distribution::{Distribution, DistributionApi};
 use crate::grpc::fleet::FleetApi;
 use crate::grpc::operations::OperationsApi;
+use crate::grpc::signals::{Reports, SignalsApi};
 use crate::grpc::steering::SteeringApi;
-use crate::grpc::unimplemented::{DistributionApi, SignalsApi};
 use crate::metrics::{self, Metrics};
 use crate::state::StateError;
 
@@ -42,6 +43,9 @@ pub struct ServerConfig {
     pub metrics: Option<SocketAddr>,
     /// This replica's name in `status`.
     pub replica_id: String,
+    /// A subscriber behind the current config for longer than this is
+    /// flagged stale (status, metrics).
+    pub stale_after: std::time::Duration,
 }
 
 /// Why the server could not start or stopped.
@@ -100,9 +104,19 @@ pub async fn run(
         seed(&handle, path).await?;
     }
 
+    let distribution = Distribution::new(handle.subscribe(), clock.clone());
+    tokio::spawn(distribution.clone().follow());
+    let reports = Arc::new(Reports::default());
+    let stale_after_ms = u64::try_from(config.stale_after.as_millis()).unwrap_or(u64::MAX);
+
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
-    tokio::spawn(metrics::follow(metrics, handle.subscribe()));
+    tokio::spawn(metrics::follow(
+        metrics.clone(),
+        handle.subscribe(),
+        distribution.clone(),
+        stale_after_ms,
+    ));
     if let Some(addr) = config.metrics {
         let listener = metrics::bind(addr)
             .await
@@ -134,6 +148,7 @@ pub async fn run(
     let fleet = FleetApi {
         handle: handle.clone(),
         clock: clock.clone(),
+        reports: reports.clone(),
     };
     let steering = SteeringApi {
         handle: handle.clone(),
@@ -150,6 +165,13 @@ pub async fn run(
         replica: config.replica_id.clone(),
         address: local.to_string(),
         started_at_ms,
+        distribution: distribution.clone(),
+        stale_after_ms,
+    };
+    let signals = SignalsApi {
+        state: handle.subscribe(),
+        reports,
+        clock: clock.clone(),
     };
 
     info!("listening for grpc on {local}");
@@ -160,8 +182,10 @@ pub async fn run(
         .add_service(SteeringServiceServer::new(steering))
         .add_service(OperationsServiceServer::new(operations))
         .add_service(ClusterServiceServer::new(cluster))
-        .add_service(SignalsServiceServer::new(SignalsApi))
-        .add_service(DistributionServiceServer::new(DistributionApi))
+        .add_service(SignalsServiceServer::new(signals))
+        .add_service(DistributionServiceServer::new(DistributionApi {
+            inner: distribution,
+        }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     drop(handle);

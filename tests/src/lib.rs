@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod origin;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
 /// The workspace root.
@@ -185,15 +187,7 @@ impl ControlPlane {
 
     /// The address a `listening for <what> on ADDR` line of its log names.
     pub fn logged_addr(&self, what: &str) -> Result<SocketAddr> {
-        let needle = format!("listening for {what} on ");
-        let log = self.process.log();
-        let line = log
-            .lines()
-            .find_map(|l| l.find(&needle).map(|i| &l[i + needle.len()..]))
-            .ok_or_else(|| anyhow!("no `{needle}` line in the log:\n{log}"))?;
-        let addr = line.split_whitespace().next().unwrap_or_default();
-        addr.parse()
-            .with_context(|| format!("bad address {addr:?}"))
+        logged_addr(&self.process.log(), what)
     }
 
     pub fn url(&self) -> String {
@@ -204,6 +198,74 @@ impl ControlPlane {
     pub fn ctl(&self) -> Ctl {
         Ctl { url: self.url() }
     }
+}
+
+/// A `sextant-edge` on loopback.
+#[derive(Debug)]
+pub struct EdgeProxy {
+    pub process: Process,
+    pub admin: SocketAddr,
+}
+
+impl EdgeProxy {
+    /// Starts `sextant-edge` with ports 0, only loopback upstreams allowed.
+    pub fn start(control_plane: &str, node_id: &str, site: &str, data_dir: &Path) -> Result<Self> {
+        let mut cmd = Command::new(bin("sextant-edge")?);
+        cmd.args([
+            "--control-plane",
+            control_plane,
+            "--node-id",
+            node_id,
+            "--site",
+            site,
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "--allow-upstream",
+            "127.0.0.0/8",
+            "--report-interval",
+            "0.5",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("SEXTANT_LOG", "info,sextant_edge=debug");
+        let process = Process::start(cmd, "http")?;
+        let admin = logged_addr(&process.log(), "admin")?;
+        Ok(Self { process, admin })
+    }
+
+    /// The config version the edge serves (from its metrics), 0 for none.
+    pub fn config_version(&self) -> Result<u64> {
+        let (_, body) = http_get(self.admin, "/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("sextant_edge_config_version "))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no config version in the edge's metrics"))
+    }
+}
+
+/// The address of a `listening for <what> on ADDR` line in a log.
+pub fn logged_addr(log: &str, what: &str) -> Result<SocketAddr> {
+    let needle = format!("listening for {what} on ");
+    let line = log
+        .lines()
+        .find_map(|l| l.find(&needle).map(|i| &l[i + needle.len()..]))
+        .ok_or_else(|| anyhow!("no `{needle}` line in the log:\n{log}"))?;
+    let addr = line.split_whitespace().next().unwrap_or_default();
+    addr.parse()
+        .with_context(|| format!("bad address {addr:?}"))
+}
+
+/// Sends `n` GETs through `addr` (a new connection each) and counts the
+/// answers by response body (trimmed).
+pub fn split(addr: SocketAddr, n: usize) -> Result<std::collections::BTreeMap<String, usize>> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let (code, body) = http_get(addr, "/")?;
+        ensure!(code == 200, "status {code}: {body}");
+        *out.entry(body.trim().to_owned()).or_insert(0) += 1;
+    }
+    Ok(out)
 }
 
 /// A plain HTTP/1.1 GET on loopback; returns (status code, body).

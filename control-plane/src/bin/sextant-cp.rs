@@ -28,6 +28,10 @@ struct Args {
     /// This replica's name in `sextantctl status`.
     #[arg(long, env = "SEXTANT_REPLICA_ID", default_value = "cp-1")]
     replica_id: String,
+    /// Flag a subscriber (edge, DNS) whose config is older than the current
+    /// one for longer than this many seconds.
+    #[arg(long, env = "SEXTANT_STALE_AFTER", default_value_t = 30)]
+    stale_after_seconds: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             fleet: args.fleet,
             metrics: args.metrics,
             replica_id: args.replica_id,
+            stale_after: std::time::Duration::from_secs(args.stale_after_seconds),
         };
         run(config, shutdown_signal()).await
     })?;

@@ -8,6 +8,7 @@ use sextant_store::Store;
 use tonic::{Request, Response, Status};
 
 use crate::control_loop::LoopHandle;
+use crate::grpc::distribution::Distribution;
 
 /// Serves the control plane's own status.
 #[derive(Clone)]
@@ -18,6 +19,31 @@ pub struct ClusterApi {
     pub replica: String,
     pub address: String,
     pub started_at_ms: i64,
+    pub distribution: Arc<Distribution>,
+    /// A subscriber behind the current version for longer than this is stale.
+    pub stale_after_ms: u64,
+}
+
+/// Subscribers as `status` shows them; stale ones flagged.
+pub fn subscribers(d: &Distribution, stale_after_ms: u64, now_ms: u64) -> Vec<pb::Subscriber> {
+    let current = d.publisher.current().version;
+    d.registry
+        .statuses(current, d.publisher.published_at_ms())
+        .into_iter()
+        .map(|s| pb::Subscriber {
+            stale: s.behind_since_ms > 0
+                && now_ms.saturating_sub(s.behind_since_ms) > stale_after_ms,
+            node_id: s.node_id,
+            kind: s.kind,
+            site: s.site,
+            connected: s.connected,
+            version_applied: s.version_applied,
+            version_sent: s.version_sent,
+            last_contact_unix_ms: i64::try_from(s.last_contact_ms).unwrap_or(0),
+            last_nack_version: s.last_nack_version,
+            last_nack_reason: s.last_nack_reason,
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for ClusterApi {
@@ -42,6 +68,18 @@ impl ClusterService for ClusterApi {
             Err(e) => ("unknown".to_owned(), e.to_string(), 0),
         };
         let mut alarms = Vec::new();
+        let now = u64::try_from(self.distribution.clock.now_ms()).unwrap_or(0);
+        let subscribers = subscribers(&self.distribution, self.stale_after_ms, now);
+        let stale = subscribers.iter().filter(|s| s.stale).count();
+        if stale > 0 {
+            alarms.push(format!(
+                "{stale} subscribers hold an old config for more than {} s",
+                self.stale_after_ms / 1000
+            ));
+        }
+        if let Some(a) = self.distribution.alarm() {
+            alarms.push(a);
+        }
         if let Some(t) = &snap.table {
             let failed_open = t.routing.rows().filter(|(_, _, r)| r.failed_open).count();
             if failed_open > 0 {
@@ -69,7 +107,7 @@ impl ClusterService for ClusterApi {
             store_revision,
             routing_version: snap.version(),
             fleet_generation: snap.fleet_generation,
-            subscribers: vec![],
+            subscribers,
             active_drains: u32::try_from(snap.drains.len()).unwrap_or(u32::MAX),
             alarms,
             software: env!("CARGO_PKG_VERSION").to_owned(),

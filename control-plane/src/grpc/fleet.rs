@@ -19,6 +19,7 @@ use crate::control_loop::{Clock, LoopHandle, OpError};
 pub struct FleetApi {
     pub handle: LoopHandle,
     pub clock: Arc<dyn Clock>,
+    pub reports: Arc<super::signals::Reports>,
 }
 
 impl std::fmt::Debug for FleetApi {
@@ -177,7 +178,14 @@ impl FleetService for FleetApi {
                         (vec![], cname.clone())
                     }
                 };
+                let reported = self.reports.get(e.id.as_str());
+                let report = reported.as_ref().map(|r| &r.report);
                 pb::Edge {
+                    reported_rps: report.map_or(0.0, |r| r.rps),
+                    reported_error_rate: report.map_or(0.0, |r| r.error_rate),
+                    reported_capacity_rps: report.map_or(0.0, |r| r.capacity_rps),
+                    reported_config_version: report.map_or(0, |r| r.config_version),
+                    last_report_unix_ms: reported.as_ref().map_or(0, |r| r.received_at_ms),
                     id: e.id.to_string(),
                     kind: e.kind_str().to_owned(),
                     site: e.site.to_string(),

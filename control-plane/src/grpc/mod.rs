@@ -9,10 +9,11 @@ use sextant_core::diff::{RowChange, Shift};
 use sextant_core::routing::EdgeWeight;
 
 pub mod cluster;
+pub mod distribution;
 pub mod fleet;
 pub mod operations;
+pub mod signals;
 pub mod steering;
-pub mod unimplemented;
 
 impl From<OpError> for Status {
     fn from(e: OpError) -> Self {

@@ -1,0 +1,630 @@
+//! `DistributionService`: the routing state as resources for the data
+//! plane, pushed with the generic protocol of [`crate::push`].
+//!
+//! Resources, by name: `service/<id>`, `edge/<id>`, `group/<id>`,
+//! `route/<service>/<group>` (what GeoDNS needs) and `origin/<id>`,
+//! `upstream/<edge>` (what an edge proxy needs; a proxy only gets its own
+//! upstream). A snapshot is checked for consistency before it is published;
+//! an inconsistent one is never sent, and the alarm says why.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use prost::Message;
+use sextant_core::fleet::EdgeTarget;
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::distribution_service_server::DistributionService;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::control_loop::{Clock, Snapshot};
+use crate::push::{self, Identity, ProtocolError, Publisher, Registry};
+
+/// One resource of the data-plane configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    Service(pb::ServiceConfig),
+    Edge(pb::EdgeTarget),
+    Group(pb::GroupMatch),
+    Route(pb::GroupRouting),
+    Origin(pb::OriginTarget),
+    Upstream(Vec<pb::OriginWeight>),
+}
+
+impl Resource {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Resource::Service(m) => m.encoded_len(),
+            Resource::Edge(m) => m.encoded_len(),
+            Resource::Group(m) => m.encoded_len(),
+            Resource::Route(m) => m.encoded_len(),
+            Resource::Origin(m) => m.encoded_len(),
+            Resource::Upstream(ws) => ws.iter().map(|w| w.encoded_len() + 2).sum(),
+        }
+    }
+}
+
+/// Largest update message sent (chunks are cut before this).
+pub const CHUNK_TARGET_BYTES: usize = 1024 * 1024;
+/// Largest single resource: one resource must fit in one message.
+pub const MAX_RESOURCE_BYTES: usize = 3 * 1024 * 1024;
+/// Versions kept for deltas.
+pub const KEEP_VERSIONS: usize = 16;
+/// How long a subscriber has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a snapshot cannot be served.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("routing version {version} is inconsistent and is not served: {reason}")]
+pub struct Inconsistent {
+    pub version: u64,
+    pub reason: String,
+}
+
+/// Builds the resources of a loop snapshot and checks them.
+pub fn resources(snap: &Snapshot) -> Result<push::Snapshot<Resource>, Inconsistent> {
+    let version = snap.version();
+    let bad = |reason: String| Inconsistent { version, reason };
+    let mut out = push::Snapshot {
+        version,
+        resources: Default::default(),
+    };
+    let (Some(fleet), Some(table)) = (&snap.fleet, &snap.table) else {
+        return Ok(out);
+    };
+    let r = &mut out.resources;
+    for s in fleet.services.values() {
+        if !fleet.groups.contains_key(&s.default_group) {
+            return Err(bad(format!(
+                "service {} has an unknown default group {}",
+                s.id, s.default_group
+            )));
+        }
+        r.insert(
+            format!("service/{}", s.id),
+            Resource::Service(pb::ServiceConfig {
+                id: s.id.to_string(),
+                hostname: s.hostname.clone(),
+                zone: s.zone.clone(),
+                ttl_seconds: s.ttl_seconds,
+                default_group: s.default_group.to_string(),
+                soa_mname: s
+                    .soa
+                    .mname
+                    .clone()
+                    .or_else(|| s.nameservers.first().cloned())
+                    .unwrap_or_default(),
+                soa_rname: s
+                    .soa
+                    .rname
+                    .clone()
+                    .unwrap_or_else(|| format!("hostmaster.{}", s.zone)),
+                soa_refresh: s.soa.refresh,
+                soa_retry: s.soa.retry,
+                soa_expire: s.soa.expire,
+                soa_minimum: s.soa.minimum,
+                nameservers: s.nameservers.clone(),
+                answer_count: s.answer_count,
+            }),
+        );
+    }
+    for e in fleet.edges.values() {
+        let (addresses, cname) = match &e.target {
+            EdgeTarget::SelfBuilt { addresses } => (
+                addresses.iter().map(|a| a.to_string()).collect(),
+                String::new(),
+            ),
+            EdgeTarget::ThirdParty { cname } => (vec![], cname.clone()),
+        };
+        r.insert(
+            format!("edge/{}", e.id),
+            Resource::Edge(pb::EdgeTarget {
+                id: e.id.to_string(),
+                addresses,
+                cname,
+                site: e.site.to_string(),
+            }),
+        );
+    }
+    for g in fleet.groups.values() {
+        r.insert(
+            format!("group/{}", g.id),
+            Resource::Group(pb::GroupMatch {
+                id: g.id.to_string(),
+                prefixes: g.prefixes.iter().map(|p| p.to_string()).collect(),
+                countries: g.countries.clone(),
+                asns: g.asns.clone(),
+            }),
+        );
+    }
+    for o in fleet.origins.values() {
+        r.insert(
+            format!("origin/{}", o.id),
+            Resource::Origin(pb::OriginTarget {
+                id: o.id.to_string(),
+                endpoints: o.endpoints.clone(),
+            }),
+        );
+    }
+    for (svc, group, row) in table.routing.rows() {
+        let mut sum = row.unserved;
+        for w in &row.weights {
+            if !fleet.edges.contains_key(&w.edge) {
+                return Err(bad(format!(
+                    "route {svc}/{group} names unknown edge {}",
+                    w.edge
+                )));
+            }
+            if !(w.weight.is_finite() && (0.0..=1.0).contains(&w.weight)) {
+                return Err(bad(format!(
+                    "route {svc}/{group}: weight {} of {}",
+                    w.weight, w.edge
+                )));
+            }
+            sum += w.weight;
+        }
+        if !(row.unserved.is_finite() && (0.0..=1.0).contains(&row.unserved))
+            || (sum - 1.0).abs() > 1e-6
+        {
+            return Err(bad(format!(
+                "route {svc}/{group}: weights and unserved sum to {sum}"
+            )));
+        }
+        r.insert(
+            format!("route/{svc}/{group}"),
+            Resource::Route(pb::GroupRouting {
+                service: svc.to_string(),
+                group: group.to_string(),
+                weights: super::weights(&row.weights),
+                unserved: row.unserved,
+                demand_rps: row.demand_rps,
+                failed_open: row.failed_open,
+                notes: vec![],
+            }),
+        );
+    }
+    for (edge, load) in &table.routing.edges {
+        if !fleet.edges.contains_key(edge) {
+            return Err(bad(format!("upstream of unknown edge {edge}")));
+        }
+        let mut sum = 0.0;
+        for o in &load.origins {
+            if !fleet.origins.contains_key(&o.origin) {
+                return Err(bad(format!(
+                    "edge {edge} names unknown origin {}",
+                    o.origin
+                )));
+            }
+            if !(o.weight.is_finite() && o.weight >= 0.0) {
+                return Err(bad(format!("edge {edge}: origin weight {}", o.weight)));
+            }
+            sum += o.weight;
+        }
+        if !load.origins.is_empty() && (sum - 1.0).abs() > 1e-6 {
+            return Err(bad(format!("edge {edge}: origin weights sum to {sum}")));
+        }
+        r.insert(
+            format!("upstream/{edge}"),
+            Resource::Upstream(
+                load.origins
+                    .iter()
+                    .map(|o| pb::OriginWeight {
+                        origin: o.origin.to_string(),
+                        weight: o.weight,
+                    })
+                    .collect(),
+            ),
+        );
+    }
+    for (name, res) in &out.resources {
+        let len = res.encoded_len();
+        if len > MAX_RESOURCE_BYTES {
+            return Err(bad(format!(
+                "resource {name} is {len} bytes, over the {MAX_RESOURCE_BYTES} limit"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Which resources a node of `kind` gets.
+#[derive(Debug, Clone)]
+enum View {
+    Proxy { upstream: String },
+    Dns,
+}
+
+impl View {
+    fn keeps(&self, name: &str) -> bool {
+        match self {
+            View::Proxy { upstream } => name.starts_with("origin/") || name == upstream,
+            View::Dns => {
+                name.starts_with("service/")
+                    || name.starts_with("edge/")
+                    || name.starts_with("group/")
+                    || name.starts_with("route/")
+            }
+        }
+    }
+}
+
+fn add(config: &mut pb::NodeConfig, res: &Resource) {
+    match res {
+        Resource::Service(m) => config.services.push(m.clone()),
+        Resource::Edge(m) => config.edges.push(m.clone()),
+        Resource::Group(m) => config.groups.push(m.clone()),
+        Resource::Route(m) => config.routing.push(m.clone()),
+        Resource::Origin(m) => config.origins.push(m.clone()),
+        Resource::Upstream(ws) => config.upstream = ws.clone(),
+    }
+}
+
+fn remove(update: &mut pb::ConfigUpdate, name: &str) {
+    let (kind, id) = name.split_once('/').unwrap_or((name, ""));
+    let id = id.to_owned();
+    match kind {
+        "service" => update.removed_services.push(id),
+        "edge" => update.removed_edges.push(id),
+        "group" => update.removed_groups.push(id),
+        "route" => update.removed_routes.push(id),
+        "origin" => update.removed_origins.push(id),
+        "upstream" => update.removed_upstream = true,
+        _ => {}
+    }
+}
+
+/// The update messages (chunks) carrying `items` (and `removals`).
+fn chunks<'a>(
+    header: pb::ConfigUpdate,
+    items: impl Iterator<Item = &'a Resource>,
+    removals: &[&String],
+) -> Vec<pb::ConfigUpdate> {
+    let mut out = Vec::new();
+    let mut current = header.clone();
+    for name in removals {
+        remove(&mut current, name);
+    }
+    let mut size = current.encoded_len();
+    let mut config = pb::NodeConfig::default();
+    for res in items {
+        let len = res.encoded_len() + 8;
+        if size + len > CHUNK_TARGET_BYTES && config != pb::NodeConfig::default() {
+            current.config = Some(std::mem::take(&mut config));
+            let mut next = header.clone();
+            next.chunk_index = current.chunk_index + 1;
+            out.push(std::mem::replace(&mut current, next));
+            size = current.encoded_len();
+        }
+        size += len;
+        add(&mut config, res);
+    }
+    current.config = Some(config);
+    current.last = true;
+    out.push(current);
+    out
+}
+
+/// Shared state of the distribution service.
+pub struct Distribution {
+    pub publisher: Publisher<Resource>,
+    pub registry: Registry,
+    /// The loop's snapshots, for checking who may subscribe.
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    pub clock: Arc<dyn Clock>,
+    /// The last snapshot refused as inconsistent, if any (an alarm).
+    pub rejected: Mutex<Option<Inconsistent>>,
+}
+
+impl std::fmt::Debug for Distribution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distribution").finish_non_exhaustive()
+    }
+}
+
+impl Distribution {
+    pub fn new(state: watch::Receiver<Arc<Snapshot>>, clock: Arc<dyn Clock>) -> Arc<Self> {
+        Arc::new(Self {
+            publisher: Publisher::new(KEEP_VERSIONS),
+            registry: Registry::new(),
+            state,
+            clock,
+            rejected: Mutex::new(None),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.now_ms()).unwrap_or(0)
+    }
+
+    /// Publishes every new routing version as resources, until the loop
+    /// stops.
+    pub async fn follow(self: Arc<Self>) {
+        let mut state = self.state.clone();
+        loop {
+            let snap = state.borrow_and_update().clone();
+            if snap.version() > self.publisher.current().version {
+                match resources(&snap) {
+                    Ok(res) => {
+                        let n = res.resources.len();
+                        if self.publisher.publish(res, self.now()) {
+                            info!(version = snap.version(), resources = n, "config published");
+                        }
+                        if let Ok(mut r) = self.rejected.lock() {
+                            *r = None;
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, "config not published");
+                        if let Ok(mut r) = self.rejected.lock() {
+                            *r = Some(e);
+                        }
+                    }
+                }
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The alarm for a refused snapshot, if any.
+    pub fn alarm(&self) -> Option<String> {
+        self.rejected
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|e| e.to_string()))
+    }
+
+    fn check_hello(&self, hello: &pb::Hello) -> Result<View, Status> {
+        match pb::NodeKind::try_from(hello.kind) {
+            Ok(pb::NodeKind::Proxy) => {
+                let snap = self.state.borrow().clone();
+                let edge = snap
+                    .fleet
+                    .as_ref()
+                    .and_then(|f| f.edges.get(hello.node_id.as_str()).cloned());
+                let Some(edge) = edge else {
+                    return Err(Status::failed_precondition(format!(
+                        "hello: node_id {:?} is not an edge of the fleet (an edge proxy's --node-id is its fleet edge id)",
+                        hello.node_id
+                    )));
+                };
+                if !hello.site.is_empty() && hello.site != edge.site.as_str() {
+                    return Err(Status::failed_precondition(format!(
+                        "hello: edge {} is at {} in the fleet, not at {}",
+                        hello.node_id, edge.site, hello.site
+                    )));
+                }
+                Ok(View::Proxy {
+                    upstream: format!("upstream/{}", hello.node_id),
+                })
+            }
+            Ok(pb::NodeKind::Dns) => Ok(View::Dns),
+            _ => Err(Status::invalid_argument(format!(
+                "hello: kind must be NODE_KIND_PROXY or NODE_KIND_DNS, got {}",
+                hello.kind
+            ))),
+        }
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        mut inbound: Streaming<pb::SubscribeRequest>,
+        tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+    ) {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::SubscribeRequest {
+                message: Some(pb::subscribe_request::Message::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        ProtocolError::NoHello.to_string(),
+                    )))
+                    .await;
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(status)) => {
+                debug!(error = %status, "subscriber stream failed before hello");
+                return;
+            }
+            Err(_) => {
+                let _ = tx
+                    .send(Err(Status::deadline_exceeded("no hello within 10 s")))
+                    .await;
+                return;
+            }
+        };
+        let view = match self.check_hello(&hello) {
+            Ok(v) => v,
+            Err(status) => {
+                warn!(node = %hello.node_id, error = %status.message(), "subscriber refused");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        let kind = match view {
+            View::Proxy { .. } => "proxy",
+            View::Dns => "dns",
+        };
+        let id = Identity {
+            node_id: hello.node_id.clone(),
+            kind: kind.to_owned(),
+            site: hello.site.clone(),
+            software: hello.software.clone(),
+        };
+        let session = match self.registry.connect(&id, hello.version_held, self.now()) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(format!("hello: {e}"))))
+                    .await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("subscriber", node = %hello.node_id, kind, session);
+        async {
+            info!(version_held = hello.version_held, "subscriber connected");
+            let result = self.serve(&mut inbound, &tx, &hello, view, session).await;
+            self.registry
+                .disconnect(&hello.node_id, session, self.now());
+            match result {
+                Ok(()) => info!("subscriber disconnected"),
+                Err(status) => {
+                    warn!(error = %status.message(), "subscriber stream closed");
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn serve(
+        &self,
+        inbound: &mut Streaming<pb::SubscribeRequest>,
+        tx: &mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+        hello: &pb::Hello,
+        view: View,
+        session: u64,
+    ) -> Result<(), Status> {
+        let node = hello.node_id.as_str();
+        let mut published = self.publisher.subscribe();
+        // The snapshot the subscriber holds (for deltas), and what is in flight.
+        let mut held = if hello.version_held > 0 {
+            self.publisher.kept(hello.version_held)
+        } else {
+            None
+        };
+        let mut last_sent = hello.version_held;
+        let mut in_flight: Option<(Arc<push::Snapshot<Resource>>, String)> = None;
+        let mut replaced_check = tokio::time::interval(Duration::from_secs(2));
+        let protocol = |e: ProtocolError| match e {
+            ProtocolError::Replaced => Status::aborted(e.to_string()),
+            other => Status::invalid_argument(other.to_string()),
+        };
+        loop {
+            let snap = published.borrow_and_update().clone();
+            if in_flight.is_none() && snap.version > last_sent {
+                let nonce = self.registry.nonce();
+                let header = pb::ConfigUpdate {
+                    version: snap.version,
+                    nonce: nonce.clone(),
+                    ..pb::ConfigUpdate::default()
+                };
+                let updates = match &held {
+                    Some(base) => {
+                        let d = push::delta(base, &snap, |n| view.keeps(n));
+                        let header = pb::ConfigUpdate {
+                            base_version: base.version,
+                            ..header
+                        };
+                        chunks(header, d.upserts.iter().map(|(_, r)| *r), &d.removals)
+                    }
+                    None => {
+                        let header = pb::ConfigUpdate {
+                            full: true,
+                            ..header
+                        };
+                        let items = snap
+                            .resources
+                            .iter()
+                            .filter(|(n, _)| view.keeps(n))
+                            .map(|(_, r)| r);
+                        chunks(header, items, &[])
+                    }
+                };
+                self.registry
+                    .sent(node, session, snap.version, &nonce)
+                    .map_err(protocol)?;
+                debug!(
+                    version = snap.version,
+                    chunks = updates.len(),
+                    full = held.is_none(),
+                    "sending config"
+                );
+                for u in updates {
+                    if tx.send(Ok(u)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                last_sent = snap.version;
+                in_flight = Some((snap, nonce));
+            }
+            tokio::select! {
+                changed = published.changed() => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("control plane shutting down"));
+                    }
+                }
+                _ = replaced_check.tick() => {
+                    if !self.registry.is_current(node, session) {
+                        return Err(protocol(ProtocolError::Replaced));
+                    }
+                }
+                msg = inbound.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(()),
+                        Err(status) => {
+                            debug!(error = %status, "subscriber stream error");
+                            return Ok(());
+                        }
+                    };
+                    let now = self.now();
+                    match msg.message {
+                        Some(pb::subscribe_request::Message::Ack(a)) => {
+                            let current = self.registry.ack(node, session, a.version, &a.nonce, now).map_err(protocol)?;
+                            if current {
+                                if let Some((snap, _)) = in_flight.take() {
+                                    debug!(version = snap.version, "ack");
+                                    held = Some(snap);
+                                }
+                            }
+                        }
+                        Some(pb::subscribe_request::Message::Nack(n)) => {
+                            let current = self.registry.nack(node, session, n.version, &n.nonce, &n.reason, now).map_err(protocol)?;
+                            if current {
+                                warn!(version = n.version, reason = %n.reason, "nack");
+                                in_flight = None;
+                            }
+                        }
+                        Some(pb::subscribe_request::Message::Hello(_)) => {
+                            return Err(protocol(ProtocolError::DuplicateHello));
+                        }
+                        None => return Err(Status::invalid_argument("empty subscribe message")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The gRPC face of [`Distribution`].
+#[derive(Debug, Clone)]
+pub struct DistributionApi {
+    pub inner: Arc<Distribution>,
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DistributionService for DistributionApi {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(self.inner.clone().session(inbound, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

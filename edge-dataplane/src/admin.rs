@@ -1,0 +1,155 @@
+//! The edge's admin port: `/healthz` and `/metrics` (Prometheus text).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::proxy::{Current, Stats};
+use crate::upstream::Endpoints;
+
+/// What the admin port reports.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub stats: Arc<Stats>,
+    pub current: Arc<Current>,
+    pub endpoints: Arc<Endpoints>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+impl Admin {
+    /// The metrics, read at scrape time.
+    pub fn metrics(&self) -> String {
+        let mut r = Registry::with_prefix("sextant_edge");
+        let s = &self.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        r.register(
+            "requests",
+            "Requests received",
+            ConstCounter::new(load(&s.requests)),
+        );
+        let responses = Family::<Vec<(String, String)>, Gauge<i64, AtomicI64>>::default();
+        for class in 1..=5 {
+            responses
+                .get_or_create(&vec![("class".into(), format!("{class}xx"))])
+                .set(i64::try_from(load(&s.responses[class])).unwrap_or(i64::MAX));
+        }
+        r.register(
+            "responses",
+            "Responses by status class (monotonic)",
+            responses,
+        );
+        r.register(
+            "upstream_errors",
+            "Requests that got no origin response",
+            ConstCounter::new(load(&s.upstream_errors)),
+        );
+        r.register(
+            "response_bytes",
+            "Response bytes with a known length",
+            ConstCounter::new(load(&s.response_bytes)),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Origin endpoints ejected by passive health",
+            ConstCounter::new(load(&s.ejections)),
+        );
+        r.register(
+            "active_connections",
+            "Client connections open",
+            ConstGauge::new(s.active_connections.load(Ordering::Relaxed)),
+        );
+        r.register(
+            "ejected_endpoints",
+            "Origin endpoints ejected now",
+            ConstGauge::new(self.endpoints.ejected().len() as i64),
+        );
+        let held = self.current.load_full();
+        r.register(
+            "config_version",
+            "Config version held (0: none)",
+            ConstGauge::new(
+                held.as_ref()
+                    .map_or(0, |c| i64::try_from(c.version).unwrap_or(i64::MAX)),
+            ),
+        );
+        r.register(
+            "config_age_seconds",
+            "Seconds since the config held was accepted (-1: none)",
+            ConstGauge::new(
+                held.as_ref()
+                    .map_or(-1.0, |c| (now_ms() - c.accepted_at_ms) as f64 / 1000.0),
+            ),
+        );
+        r.register(
+            "config_from_disk",
+            "1 when serving the config persisted before the last restart",
+            ConstGauge::new(i64::from(held.as_ref().is_some_and(|c| c.from_disk))),
+        );
+        let mut out = String::new();
+        match encode(&mut out, &r) {
+            Ok(()) => out,
+            Err(e) => format!("# cannot encode metrics: {e}\n"),
+        }
+    }
+
+    fn respond<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        let (status, body) = match req.uri().path() {
+            "/metrics" => (StatusCode::OK, self.metrics()),
+            "/healthz" => match self.current.load_full() {
+                Some(c) => (
+                    StatusCode::OK,
+                    format!("ok: config version {}\n", c.version),
+                ),
+                None => (StatusCode::SERVICE_UNAVAILABLE, "no config yet\n".into()),
+            },
+            _ => (StatusCode::NOT_FOUND, "not found\n".into()),
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r
+    }
+}
+
+/// Serves the admin port forever.
+pub async fn serve(listener: TcpListener, admin: Admin) {
+    let admin = Arc::new(admin);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.respond(&req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+}

@@ -1,0 +1,99 @@
+//! `sextant-edge`: the edge proxy agent.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use ipnet::IpNet;
+use sextant_edge::edge::{run, EdgeConfig};
+use tracing_subscriber::EnvFilter;
+
+/// Edge proxy: forwards HTTP to origins by the weights the control plane
+/// pushes, keeps serving its last config when the control plane is away.
+#[derive(Debug, Parser)]
+#[command(name = "sextant-edge", version, about)]
+struct Args {
+    /// Control-plane gRPC URL.
+    #[arg(long, env = "SEXTANT_CONTROL_PLANE")]
+    control_plane: String,
+    /// This edge's fleet id.
+    #[arg(long, env = "SEXTANT_NODE_ID")]
+    node_id: String,
+    /// This edge's site path (checked against the fleet).
+    #[arg(long, env = "SEXTANT_SITE", default_value = "")]
+    site: String,
+    /// HTTP listen address (port 0: pick one; the log says which).
+    #[arg(long, env = "SEXTANT_LISTEN")]
+    listen: SocketAddr,
+    /// Admin address for /healthz and /metrics.
+    #[arg(long, env = "SEXTANT_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Where the last good config is kept.
+    #[arg(long, env = "SEXTANT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Only forward to origin endpoints inside these ranges (comma-separated
+    /// CIDRs); a config naming another endpoint is refused (NACK). Default:
+    /// any.
+    #[arg(long, env = "SEXTANT_ALLOW_UPSTREAM", value_delimiter = ',')]
+    allow_upstream: Vec<IpNet>,
+    /// Capacity this edge reports, rps (0: none).
+    #[arg(long, env = "SEXTANT_CAPACITY_RPS", default_value_t = 0.0)]
+    capacity_rps: f64,
+    /// Seconds between load reports.
+    #[arg(long, env = "SEXTANT_REPORT_INTERVAL", default_value_t = 1.0)]
+    report_interval: f64,
+    /// Worker threads (default: one per core).
+    #[arg(long, env = "SEXTANT_THREADS")]
+    threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("SEXTANT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    if !(args.report_interval > 0.0 && args.report_interval.is_finite()) {
+        anyhow::bail!("--report-interval must be a positive number of seconds");
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let runtime = rt
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let config = EdgeConfig {
+        control_plane: args.control_plane,
+        node_id: args.node_id,
+        site: args.site,
+        listen: args.listen,
+        admin: args.admin,
+        data_dir: args.data_dir,
+        allow_upstream: args.allow_upstream,
+        capacity_rps: args.capacity_rps,
+        report_interval: std::time::Duration::from_secs_f64(args.report_interval),
+    };
+    runtime.block_on(run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! `sextant-edge`: wires the subscriber, the proxy, the reporter and the
+//! admin port together.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use ipnet::IpNet;
+use sextant_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::admin::{self, Admin};
+use crate::proxy::{self, Proxy, Stats};
+use crate::reporter::{self, ReporterConfig};
+use crate::subscriber::{self, Options};
+use crate::upstream::{Endpoints, UpstreamBuilder};
+
+/// How to run an edge proxy.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub control_plane: String,
+    pub node_id: String,
+    pub site: String,
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// Origin endpoints must be inside these ranges (empty: any).
+    pub allow_upstream: Vec<IpNet>,
+    pub capacity_rps: f64,
+    pub report_interval: Duration,
+}
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the data directory {dir}: {source}")]
+    DataDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, EdgeError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| EdgeError::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| EdgeError::Bind { addr, source })?;
+    info!("listening for {what} on {local}");
+    Ok(l)
+}
+
+/// Runs the edge until `shutdown` completes.
+pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| EdgeError::DataDir {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
+    let (stop_tx, stop) = watch::channel(false);
+    let endpoints = Arc::new(Endpoints::default());
+    let stats = Arc::new(Stats::default());
+    let current: Arc<proxy::Current> = Arc::new(ArcSwapOption::empty());
+
+    // Config: subscriber → watch → atomic swap for the hot path.
+    let (cfg_tx, mut cfg_rx) = watch::channel(None);
+    let builder = Arc::new(UpstreamBuilder {
+        endpoints: endpoints.clone(),
+        allowed: config.allow_upstream.clone(),
+    });
+    let opts = Options {
+        control_plane: config.control_plane.clone(),
+        node_id: config.node_id.clone(),
+        kind: pb::NodeKind::Proxy,
+        site: config.site.clone(),
+        data_dir: config.data_dir.clone(),
+    };
+    tokio::spawn(subscriber::run(opts, builder, cfg_tx, stop.clone()));
+    {
+        let current = current.clone();
+        tokio::spawn(async move {
+            loop {
+                let applied = cfg_rx.borrow_and_update().clone();
+                current.store(applied);
+                if cfg_rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    if let Some(addr) = config.admin {
+        let l = bind(addr, "admin").await?;
+        tokio::spawn(admin::serve(
+            l,
+            Admin {
+                stats: stats.clone(),
+                current: current.clone(),
+                endpoints: endpoints.clone(),
+            },
+        ));
+    }
+    tokio::spawn(reporter::run(
+        ReporterConfig {
+            control_plane: config.control_plane.clone(),
+            node_id: config.node_id.clone(),
+            capacity_rps: config.capacity_rps,
+            interval: config.report_interval,
+        },
+        stats.clone(),
+        current.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(proxy::readmit(endpoints.clone(), stop.clone()));
+
+    let listener = bind(config.listen, "http").await?;
+    let p = Arc::new(Proxy::new(
+        config.node_id.clone(),
+        current,
+        endpoints,
+        stats,
+    ));
+    let serving = tokio::spawn(proxy::serve(listener, p, stop.clone()));
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    Ok(())
+}

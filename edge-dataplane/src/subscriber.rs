@@ -1,0 +1,484 @@
+//! The subscriber side of the config stream, shared by the edge proxy and
+//! (later) GeoDNS: connect, say hello with the version held, assemble
+//! updates (chunks, deltas), check them with the caller's [`Build`], ACK or
+//! NACK, persist the last good config, and publish it on a `watch`.
+//!
+//! Static stability: the last config accepted is written to the data
+//! directory before it is ACKed; at start-up it is read back and served
+//! before the control plane is even tried, and nothing a control-plane
+//! outage does removes it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::distribution_service_client::DistributionServiceClient;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+/// Turns a complete node config into what the data plane serves, or says
+/// why it cannot (the reason is sent as the NACK).
+pub trait Build: Send + Sync + 'static {
+    type Output: Send + Sync + 'static;
+    fn build(&self, version: u64, config: &pb::NodeConfig) -> Result<Self::Output, String>;
+}
+
+/// A config in service, with its version.
+#[derive(Debug)]
+pub struct Applied<T> {
+    pub version: u64,
+    pub value: T,
+    /// Unix ms when it was accepted (read from disk: when it was written).
+    pub accepted_at_ms: i64,
+    /// True when it was read from the data directory at start-up.
+    pub from_disk: bool,
+}
+
+/// How to reach the control plane and who we are.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub control_plane: String,
+    pub node_id: String,
+    pub kind: pb::NodeKind,
+    pub site: String,
+    pub data_dir: PathBuf,
+}
+
+/// Errors reading the persisted config.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot decode {path}: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: prost::DecodeError,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The file the last good config is kept in.
+#[derive(Clone, PartialEq, Message)]
+struct Persisted {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+    #[prost(message, optional, tag = "2")]
+    config: Option<pb::NodeConfig>,
+    #[prost(int64, tag = "3")]
+    accepted_at_ms: i64,
+}
+
+fn config_path(dir: &Path) -> PathBuf {
+    dir.join("last-good-config.pb")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Reads the persisted config, if there is one.
+pub fn load(dir: &Path) -> Result<Option<(u64, pb::NodeConfig, i64)>, PersistError> {
+    let path = config_path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersistError::Read { path, source }),
+    };
+    let p = Persisted::decode(bytes.as_slice()).map_err(|source| PersistError::Decode {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some((
+        p.version,
+        p.config.unwrap_or_default(),
+        p.accepted_at_ms,
+    )))
+}
+
+/// Writes the config atomically (temporary file, fsync, rename).
+pub fn store(
+    dir: &Path,
+    version: u64,
+    config: &pb::NodeConfig,
+    at_ms: i64,
+) -> Result<(), PersistError> {
+    let path = config_path(dir);
+    let tmp = dir.join("last-good-config.pb.tmp");
+    let write = |p: &Path| -> std::io::Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let mut f = std::fs::File::create(p)?;
+        f.write_all(
+            &Persisted {
+                version,
+                config: Some(config.clone()),
+                accepted_at_ms: at_ms,
+            }
+            .encode_to_vec(),
+        )?;
+        f.sync_all()?;
+        std::fs::rename(p, &path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    };
+    write(&tmp).map_err(|source| PersistError::Write {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// The config held, kept as maps so that deltas apply by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    pub services: BTreeMap<String, pb::ServiceConfig>,
+    pub edges: BTreeMap<String, pb::EdgeTarget>,
+    pub groups: BTreeMap<String, pb::GroupMatch>,
+    pub routes: BTreeMap<String, pb::GroupRouting>,
+    pub origins: BTreeMap<String, pb::OriginTarget>,
+    pub upstream: Vec<pb::OriginWeight>,
+}
+
+impl State {
+    pub fn from_config(c: &pb::NodeConfig) -> Self {
+        let mut s = Self::default();
+        s.merge(c);
+        s
+    }
+
+    fn merge(&mut self, c: &pb::NodeConfig) {
+        for x in &c.services {
+            self.services.insert(x.id.clone(), x.clone());
+        }
+        for x in &c.edges {
+            self.edges.insert(x.id.clone(), x.clone());
+        }
+        for x in &c.groups {
+            self.groups.insert(x.id.clone(), x.clone());
+        }
+        for x in &c.routing {
+            self.routes
+                .insert(format!("{}/{}", x.service, x.group), x.clone());
+        }
+        for x in &c.origins {
+            self.origins.insert(x.id.clone(), x.clone());
+        }
+        if !c.upstream.is_empty() {
+            self.upstream = c.upstream.clone();
+        }
+    }
+
+    /// Applies one update (all of whose chunks are given).
+    fn apply(&mut self, u: &pb::ConfigUpdate) {
+        for id in &u.removed_services {
+            self.services.remove(id);
+        }
+        for id in &u.removed_edges {
+            self.edges.remove(id);
+        }
+        for id in &u.removed_groups {
+            self.groups.remove(id);
+        }
+        for id in &u.removed_routes {
+            self.routes.remove(id);
+        }
+        for id in &u.removed_origins {
+            self.origins.remove(id);
+        }
+        if u.removed_upstream {
+            self.upstream.clear();
+        }
+        if let Some(c) = &u.config {
+            self.merge(c);
+        }
+    }
+
+    pub fn to_config(&self) -> pb::NodeConfig {
+        pb::NodeConfig {
+            services: self.services.values().cloned().collect(),
+            edges: self.edges.values().cloned().collect(),
+            origins: self.origins.values().cloned().collect(),
+            groups: self.groups.values().cloned().collect(),
+            routing: self.routes.values().cloned().collect(),
+            upstream: self.upstream.clone(),
+        }
+    }
+}
+
+/// Follows the control plane forever (until `shutdown`), publishing every
+/// accepted config on `out`. Reads the persisted config first.
+pub async fn run<B: Build>(
+    opts: Options,
+    builder: Arc<B>,
+    out: watch::Sender<Option<Arc<Applied<B::Output>>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut held: Option<(u64, State)> = None;
+    match load(&opts.data_dir) {
+        Ok(Some((version, config, at))) => match builder.build(version, &config) {
+            Ok(value) => {
+                info!(
+                    version,
+                    "serving the persisted config until the control plane answers"
+                );
+                out.send_replace(Some(Arc::new(Applied {
+                    version,
+                    value,
+                    accepted_at_ms: at,
+                    from_disk: true,
+                })));
+                held = Some((version, State::from_config(&config)));
+            }
+            Err(e) => warn!(version, error = %e, "persisted config is not usable; ignoring it"),
+        },
+        Ok(None) => info!("no persisted config; waiting for the control plane"),
+        Err(e) => warn!(error = %e, "cannot read the persisted config; ignoring it"),
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let session = follow(&opts, builder.as_ref(), &out, &mut held);
+        let result = tokio::select! {
+            r = session => r,
+            _ = shutdown.changed() => return,
+        };
+        match result {
+            Ok(()) => {
+                info!("config stream ended; reconnecting");
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed");
+            }
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4 + 1));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Why a stream session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("control plane refused or ended the stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+async fn follow<B: Build>(
+    opts: &Options,
+    builder: &B,
+    out: &watch::Sender<Option<Arc<Applied<B::Output>>>>,
+    held: &mut Option<(u64, State)>,
+) -> Result<(), SessionError> {
+    let connect_err = |reason: String| SessionError::Connect {
+        url: opts.control_plane.clone(),
+        reason,
+    };
+    let channel = Endpoint::from_shared(opts.control_plane.clone())
+        .map_err(|e| connect_err(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(8);
+    let version_held = held.as_ref().map_or(0, |(v, _)| *v);
+    let hello = pb::SubscribeRequest {
+        message: Some(pb::subscribe_request::Message::Hello(pb::Hello {
+            node_id: opts.node_id.clone(),
+            kind: opts.kind.into(),
+            site: opts.site.clone(),
+            version_held,
+            software: format!("sextant {}", env!("CARGO_PKG_VERSION")),
+        })),
+    };
+    tx.send(hello)
+        .await
+        .map_err(|_| SessionError::Protocol("request channel closed".into()))?;
+    let mut inbound = DistributionServiceClient::new(channel)
+        .max_decoding_message_size(8 * 1024 * 1024)
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    info!(control_plane = %opts.control_plane, version_held, "subscribed");
+    let mut pending: Vec<pb::ConfigUpdate> = Vec::new();
+    while let Some(update) = inbound.message().await? {
+        if let Some(first) = pending.first() {
+            if first.nonce != update.nonce || first.version != update.version {
+                return Err(SessionError::Protocol(format!(
+                    "update {} interleaved with the chunks of update {}",
+                    update.version, first.version
+                )));
+            }
+        }
+        if update.chunk_index as usize != pending.len() {
+            return Err(SessionError::Protocol(format!(
+                "chunk {} of version {} arrived as chunk {}",
+                update.chunk_index,
+                update.version,
+                pending.len()
+            )));
+        }
+        let last = update.last;
+        pending.push(update);
+        if !last {
+            continue;
+        }
+        let chunks = std::mem::take(&mut pending);
+        let (version, nonce, full, base) = {
+            let c = &chunks[0];
+            (c.version, c.nonce.clone(), c.full, c.base_version)
+        };
+        let reply = |accepted: Result<(), String>| pb::SubscribeRequest {
+            message: Some(match accepted {
+                Ok(()) => pb::subscribe_request::Message::Ack(pb::Ack {
+                    version,
+                    nonce: nonce.clone(),
+                }),
+                Err(reason) => pb::subscribe_request::Message::Nack(pb::Nack {
+                    version,
+                    nonce: nonce.clone(),
+                    reason,
+                }),
+            }),
+        };
+        let mut state = match (full, held.as_ref()) {
+            (true, _) => State::default(),
+            (false, Some((v, s))) if *v == base => s.clone(),
+            (false, h) => {
+                let reason = format!(
+                    "delta on version {base}, but this node holds {}",
+                    h.map_or(0, |(v, _)| *v)
+                );
+                let _ = tx.send(reply(Err(reason.clone()))).await;
+                // Forget what we hold so the next session starts from a snapshot.
+                *held = None;
+                return Err(SessionError::Protocol(reason));
+            }
+        };
+        for c in &chunks {
+            state.apply(c);
+        }
+        let config = state.to_config();
+        let verdict = match builder.build(version, &config) {
+            Ok(value) => {
+                let at = now_ms();
+                if let Err(e) = store(&opts.data_dir, version, &config, at) {
+                    // Serving it without persisting would break static
+                    // stability after a restart: refuse it.
+                    Err(format!("cannot persist the config: {e}"))
+                } else {
+                    out.send_replace(Some(Arc::new(Applied {
+                        version,
+                        value,
+                        accepted_at_ms: at,
+                        from_disk: false,
+                    })));
+                    *held = Some((version, state));
+                    info!(version, full, "config applied");
+                    Ok(())
+                }
+            }
+            Err(reason) => {
+                warn!(version, reason = %reason, "config rejected; keeping the previous one");
+                Err(reason)
+            }
+        };
+        debug!(version, ok = verdict.is_ok(), "answering");
+        tx.send(reply(verdict))
+            .await
+            .map_err(|_| SessionError::Protocol("request channel closed".into()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_apply_by_id() {
+        let mut s = State::from_config(&pb::NodeConfig {
+            origins: vec![
+                pb::OriginTarget {
+                    id: "a".into(),
+                    endpoints: vec!["127.0.0.1:1".into()],
+                },
+                pb::OriginTarget {
+                    id: "b".into(),
+                    endpoints: vec!["127.0.0.1:2".into()],
+                },
+            ],
+            upstream: vec![pb::OriginWeight {
+                origin: "a".into(),
+                weight: 1.0,
+            }],
+            ..pb::NodeConfig::default()
+        });
+        s.apply(&pb::ConfigUpdate {
+            removed_origins: vec!["b".into()],
+            config: Some(pb::NodeConfig {
+                origins: vec![pb::OriginTarget {
+                    id: "c".into(),
+                    endpoints: vec!["127.0.0.1:3".into()],
+                }],
+                ..pb::NodeConfig::default()
+            }),
+            ..pb::ConfigUpdate::default()
+        });
+        let ids: Vec<&str> = s.origins.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(s.upstream.len(), 1, "an update without upstream keeps it");
+        s.apply(&pb::ConfigUpdate {
+            removed_upstream: true,
+            ..pb::ConfigUpdate::default()
+        });
+        assert!(s.upstream.is_empty());
+    }
+
+    #[test]
+    fn the_last_good_config_persists_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(load(dir.path()).expect("load").is_none());
+        let c = pb::NodeConfig {
+            upstream: vec![pb::OriginWeight {
+                origin: "a".into(),
+                weight: 1.0,
+            }],
+            ..pb::NodeConfig::default()
+        };
+        store(dir.path(), 7, &c, 1234).expect("store");
+        let (v, back, at) = load(dir.path()).expect("load").expect("some");
+        assert_eq!((v, at), (7, 1234));
+        assert_eq!(back, c);
+        std::fs::write(config_path(dir.path()), b"\xff\xff garbage").expect("write");
+        assert!(matches!(load(dir.path()), Err(PersistError::Decode { .. })));
+    }
+}

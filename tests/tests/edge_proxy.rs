@@ -1,0 +1,358 @@
+//! End to end: config distribution to real edge proxies forwarding real
+//! HTTP to real origins; static stability; NACKs; hostile subscribers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use sextant_proto::v1 as pb;
+use sextant_tests::origin::Origin;
+use sextant_tests::{eventually, split, ControlPlane, Ctl, EdgeProxy};
+
+const SITE1: &str = "region/r1/metro/m1/site/s1";
+const SITE2: &str = "region/r2/metro/m2/site/s2";
+
+/// A fleet with two edges and three origins of capacities 1000, 2000, 1000.
+fn fleet(origins: &[&Origin], third_endpoint: Option<&str>) -> String {
+    let mut f = String::from(
+        "[[services]]\nid = \"www\"\nhostname = \"www.example.com\"\nzone = \"example.com\"\n\
+         default_group = \"all\"\nnameservers = [\"ns1.example.com\"]\n\n",
+    );
+    for (i, (o, cap)) in origins.iter().zip([1000, 2000, 1000]).enumerate() {
+        let endpoint = match (i, third_endpoint) {
+            (2, Some(e)) => e.to_owned(),
+            _ => o.addr.to_string(),
+        };
+        f.push_str(&format!(
+            "[[origins]]\nid = \"{}\"\ndomain = \"region/r{}/origin/{}\"\nendpoints = [\"{endpoint}\"]\ncapacity_rps = {cap}\n\n",
+            o.name,
+            i + 1,
+            o.name
+        ));
+    }
+    for (id, site, addr) in [("e1", SITE1, "127.0.1.1"), ("e2", SITE2, "127.0.1.2")] {
+        f.push_str(&format!(
+            "[[edges]]\nid = \"{id}\"\nkind = \"self_built\"\nsite = \"{site}\"\naddresses = [\"{addr}\"]\n\
+             capacity_rps = 1000\nhealth_check = \"{addr}:80\"\n\n"
+        ));
+    }
+    f.push_str(
+        "[[groups]]\nid = \"all\"\nprefixes = [\"10.0.0.0/8\"]\ndemand_rps = { www = 100 }\n\
+         latency_ms = { \"region/r1\" = 10, \"region/r2\" = 20 }\n",
+    );
+    f
+}
+
+fn shares(counts: &BTreeMap<String, usize>) -> BTreeMap<String, f64> {
+    let n: usize = counts.values().sum();
+    counts
+        .iter()
+        .map(|(k, v)| (k.clone(), *v as f64 / n as f64))
+        .collect()
+}
+
+fn check_split(counts: &BTreeMap<String, usize>, expected: &[(&str, f64)]) -> Result<()> {
+    let s = shares(counts);
+    for (name, want) in expected {
+        let got = s.get(*name).copied().unwrap_or(0.0);
+        ensure!(
+            (got - want).abs() <= 0.05,
+            "{name}: {got:.3} of requests, expected {want:.3} ± 0.05 (split {counts:?})"
+        );
+    }
+    ensure!(
+        s.len() == expected.len(),
+        "unexpected origins in {counts:?}"
+    );
+    Ok(())
+}
+
+fn applied(ctl: &Ctl, node: &str) -> Result<u64> {
+    let status = ctl.json(["status"])?;
+    let subs = status["subscribers"].as_array().context("subscribers")?;
+    Ok(subs
+        .iter()
+        .find(|s| s["node_id"] == node)
+        .and_then(|s| s["version_applied"].as_u64())
+        .unwrap_or(0))
+}
+
+fn version(ctl: &Ctl) -> Result<u64> {
+    ctl.json(["status"])?["routing_version"]
+        .as_u64()
+        .context("routing_version")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text)?;
+    Ok(p)
+}
+
+#[test]
+fn weights_reach_the_edges_and_survive_the_control_plane() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let origins = [
+        Origin::start("o1")?,
+        Origin::start("o2")?,
+        Origin::start("o3")?,
+    ];
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let fleet_file = write(dir.path(), "fleet.toml", &fleet(&refs, None))?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
+    let ctl = cp.ctl();
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
+    let e2 = EdgeProxy::start(&cp.url(), "e2", SITE2, &dir.path().join("e2"))?;
+    let v1 = version(&ctl)?;
+    for e in [&e1, &e2] {
+        eventually(
+            Duration::from_secs(10),
+            "edges to apply the first version",
+            || (e.config_version().ok()? == v1).then_some(()),
+        )?;
+    }
+    check_split(
+        &split(e1.process.addr, 2000)?,
+        &[("o1", 0.25), ("o2", 0.5), ("o3", 0.25)],
+    )?;
+
+    // A weight change: half of o2's capacity drained → a third each.
+    ctl.run([
+        "drain",
+        "region/r2/origin/o2",
+        "--fraction",
+        "0.5",
+        "--reason",
+        "o2 maintenance",
+    ])?
+    .ok()?;
+    let v2 = version(&ctl)?;
+    ensure!(v2 == v1 + 1, "version {v2}");
+    for (e, node) in [(&e1, "e1"), (&e2, "e2")] {
+        eventually(
+            Duration::from_secs(10),
+            "edges to ACK the new version",
+            || (applied(&ctl, node).ok()? == v2 && e.config_version().ok()? == v2).then_some(()),
+        )?;
+    }
+    let third = 1.0 / 3.0;
+    check_split(
+        &split(e2.process.addr, 2000)?,
+        &[("o1", third), ("o2", third), ("o3", third)],
+    )?;
+
+    // The edges reported their load.
+    let edges = eventually(Duration::from_secs(5), "a load report from e2", || {
+        let edges = ctl.json(["get", "edges"]).ok()?;
+        let e2 = edges.as_array()?.iter().find(|e| e["id"] == "e2")?.clone();
+        (e2["reported_config_version"].as_u64()? == v2).then_some(e2)
+    })?;
+    ensure!(edges["last_report"].is_string(), "{edges}");
+
+    // The control plane dies: the edges keep the same split.
+    cp.process.kill()?;
+    check_split(
+        &split(e1.process.addr, 2000)?,
+        &[("o1", third), ("o2", third), ("o3", third)],
+    )?;
+
+    // An edge restarted while the control plane is down serves its
+    // persisted config.
+    e2.process.kill()?;
+    let e2 = EdgeProxy::start("http://127.0.0.1:1", "e2", SITE2, &dir.path().join("e2"))?;
+    ensure!(
+        e2.config_version()? == v2,
+        "restarted edge holds {}",
+        e2.config_version()?
+    );
+    check_split(
+        &split(e2.process.addr, 2000)?,
+        &[("o1", third), ("o2", third), ("o3", third)],
+    )?;
+    let (_, metrics) = sextant_tests::http_get(e2.admin, "/metrics")?;
+    ensure!(
+        metrics.contains("sextant_edge_config_from_disk 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_config_the_edge_cannot_apply_is_nacked_and_the_old_one_kept() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let origins = [
+        Origin::start("o1")?,
+        Origin::start("o2")?,
+        Origin::start("o3")?,
+    ];
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let good = write(dir.path(), "good.toml", &fleet(&refs, None))?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&good))?;
+    let ctl = cp.ctl();
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
+    let v1 = version(&ctl)?;
+    eventually(Duration::from_secs(10), "first version applied", || {
+        (applied(&ctl, "e1").ok()? == v1).then_some(())
+    })?;
+    // o3 moves outside the edge's allowed upstream ranges.
+    let bad = write(dir.path(), "bad.toml", &fleet(&refs, Some("192.0.2.10:80")))?;
+    ctl.run(["apply".as_ref(), "-f".as_ref(), bad.as_os_str()])?
+        .ok()?;
+    let v2 = version(&ctl)?;
+    let nack = eventually(Duration::from_secs(10), "the NACK in status", || {
+        let status = ctl.json(["status"]).ok()?;
+        let s = status["subscribers"]
+            .as_array()?
+            .iter()
+            .find(|s| s["node_id"] == "e1")?
+            .clone();
+        (s["last_nack_version"].as_u64()? == v2).then_some(s)
+    })?;
+    let reason = nack["last_nack_reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("192.0.2.10:80 is outside the allowed upstream ranges"),
+        "{nack}"
+    );
+    ensure!(nack["version_applied"] == v1, "{nack}");
+    ensure!(
+        e1.config_version()? == v1,
+        "edge switched to the refused version"
+    );
+    check_split(
+        &split(e1.process.addr, 400)?,
+        &[("o1", 0.25), ("o2", 0.5), ("o3", 0.25)],
+    )?;
+    let human = ctl.run(["status"])?.ok()?.stdout;
+    ensure!(
+        human.contains("outside the allowed upstream ranges"),
+        "{human}"
+    );
+    // The stored routing is not harmed: re-applying the good fleet heals it.
+    ctl.run(["apply".as_ref(), "-f".as_ref(), good.as_os_str()])?
+        .ok()?;
+    let v3 = version(&ctl)?;
+    eventually(Duration::from_secs(10), "the good version applied", || {
+        (applied(&ctl, "e1").ok()? == v3).then_some(())
+    })?;
+    Ok(())
+}
+
+async fn subscribe(
+    url: &str,
+    first: pb::SubscribeRequest,
+) -> Result<(
+    tokio::sync::mpsc::Sender<pb::SubscribeRequest>,
+    tonic::Streaming<pb::ConfigUpdate>,
+)> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect()
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(first).await?;
+    let stream = pb::distribution_service_client::DistributionServiceClient::new(channel)
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, stream))
+}
+
+fn hello(node: &str, kind: pb::NodeKind) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        message: Some(pb::subscribe_request::Message::Hello(pb::Hello {
+            node_id: node.into(),
+            kind: kind.into(),
+            ..pb::Hello::default()
+        })),
+    }
+}
+
+#[tokio::test]
+async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start_with(
+        dir.path(),
+        Some(&sextant_tests::example_fleet()),
+        &["--stale-after-seconds", "1"],
+    )?;
+    let url = cp.url();
+    // A well-behaved DNS subscriber.
+    let (good_tx, mut good) = subscribe(&url, hello("dns-1", pb::NodeKind::Dns)).await?;
+    let first = good.message().await?.context("no snapshot")?;
+    ensure!(first.full && first.chunk_index == 0, "{first:?}");
+    let mut update = first;
+    while !update.last {
+        update = good.message().await?.context("chunk")?;
+    }
+    good_tx
+        .send(pb::SubscribeRequest {
+            message: Some(pb::subscribe_request::Message::Ack(pb::Ack {
+                version: update.version,
+                nonce: update.nonce.clone(),
+            })),
+        })
+        .await?;
+
+    // An ACK before any hello.
+    let ack = pb::SubscribeRequest {
+        message: Some(pb::subscribe_request::Message::Ack(pb::Ack {
+            version: 99,
+            nonce: "x".into(),
+        })),
+    };
+    let (_tx, mut s) = subscribe(&url, ack.clone()).await?;
+    let err = s
+        .message()
+        .await
+        .err()
+        .context("no error for an ack before hello")?;
+    ensure!(
+        err.code() == tonic::Code::InvalidArgument && err.message().contains("hello"),
+        "{err:?}"
+    );
+    // An ACK for a version never sent.
+    let (tx, mut s) = subscribe(&url, hello("dns-evil", pb::NodeKind::Dns)).await?;
+    while !s.message().await?.context("chunk")?.last {}
+    tx.send(ack).await?;
+    let err = s
+        .message()
+        .await
+        .err()
+        .context("no error for a bogus ack")?;
+    ensure!(err.message().contains("never sent"), "{err:?}");
+    // A proxy naming an edge that does not exist, and an empty message.
+    let (_tx, mut s) = subscribe(&url, hello("no-such-edge", pb::NodeKind::Proxy)).await?;
+    let err = s.message().await.err().context("unknown edge accepted")?;
+    ensure!(
+        err.message().contains("is not an edge of the fleet"),
+        "{err:?}"
+    );
+    let (_tx, mut s) = subscribe(&url, pb::SubscribeRequest { message: None }).await?;
+    ensure!(s.message().await.is_err(), "empty first message accepted");
+
+    // The good subscriber still gets the next version.
+    let ctl = cp.ctl();
+    ctl.run(["drain", "provider/cdn-b", "--reason", "test"])?
+        .ok()?;
+    let next = good.message().await?.context("stream ended")?;
+    ensure!(!next.full && next.version == update.version + 1, "{next:?}");
+    ensure!(next.base_version == update.version, "{next:?}");
+    // dns-evil's and the good one's status are visible; a subscriber that
+    // never ACKs the new version turns stale.
+    let stale = eventually(Duration::from_secs(10), "dns-1 flagged stale", || {
+        let status = ctl.json(["status"]).ok()?;
+        let s = status["subscribers"]
+            .as_array()?
+            .iter()
+            .find(|s| s["node_id"] == "dns-1")?
+            .clone();
+        (s["stale"] == true).then_some(status)
+    })?;
+    ensure!(
+        stale["alarms"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x.as_str().is_some_and(|x| x.contains("old config")))),
+        "{stale}"
+    );
+    Ok(())
+}
