@@ -17,8 +17,10 @@
 //!   deleted (in one revision) when it expires or is revoked.
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (the default: one node,
-//! persisted to a data directory) and, later, an etcd one. Both must pass
-//! [`conformance`], the suite that tests each property above.
+//! persisted to a data directory) and [`etcd::EtcdStore`] (several
+//! control-plane replicas sharing one etcd cluster). Both must pass
+//! [`conformance`], the suite that tests each property above;
+//! [`etcd_server`] starts a throwaway etcd for such tests.
 //!
 //! Keys are UTF-8 strings. Callers put a schema version in their keys
 //! (`/sextant/v1/...`), so that a later layout can live beside this one.
@@ -34,6 +36,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
+pub mod etcd_server;
 
 /// A store revision. Like etcd's, it starts at 1 for an empty store and grows
 /// by one per writing transaction.
