@@ -33,6 +33,8 @@ pub struct EdgeConfig {
     pub allow_upstream: Vec<IpNet>,
     pub capacity_rps: f64,
     pub report_interval: Duration,
+    /// Proxy worker threads, each with its own listener (SO_REUSEPORT).
+    pub workers: usize,
 }
 
 /// Why the edge could not start.

@@ -10,11 +10,10 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -51,8 +50,8 @@ pub struct Proxy {
     pub current: Arc<Current>,
     pub endpoints: Arc<Endpoints>,
     pub stats: Arc<Stats>,
-    client: Client<HttpConnector, ClientBody>,
     pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -68,18 +67,22 @@ const HOP_BY_HOP: [&str; 8] = [
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(hyper::header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
     for h in HOP_BY_HOP {
-        headers.remove(h);
+        if headers.contains_key(h) {
+            headers.remove(h);
+        }
     }
 }
 
@@ -99,6 +102,118 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Upstream connections owned by one client connection.
+///
+/// Each client connection keeps its own HTTP/1.1 connections to the origin
+/// endpoints it has used and reuses them for its next requests: no shared
+/// pool, no lock contention across connections, and a client's requests
+/// keep their upstream connection warm. Connections that are busy (an
+/// HTTP/2 client sending concurrent requests) make the next request open
+/// another one.
+#[derive(Default)]
+pub struct UpstreamConns {
+    idle: std::sync::Mutex<Vec<(SocketAddr, SendRequest<ClientBody>)>>,
+}
+
+impl std::fmt::Debug for UpstreamConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConns").finish_non_exhaustive()
+    }
+}
+
+/// Why a request got no origin response.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("{0}")]
+    Request(hyper::Error),
+}
+
+impl UpstreamConns {
+    fn take(&self, addr: SocketAddr) -> Option<SendRequest<ClientBody>> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.retain(|(_, s)| !s.is_closed());
+        let i = idle.iter().position(|(a, s)| *a == addr && s.is_ready())?;
+        Some(idle.swap_remove(i).1)
+    }
+
+    fn put(&self, addr: SocketAddr, sender: SendRequest<ClientBody>) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < 64 {
+            idle.push((addr, sender));
+        }
+    }
+
+    async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<SendRequest<ClientBody>, UpstreamError> {
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)?
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` to `addr` on a reused connection, or a new one. A reused
+    /// connection that the origin had closed is retried once on a new
+    /// connection (the request is handed back when it was not sent).
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<ClientBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, (UpstreamError, Option<Request<ClientBody>>)> {
+        let mut req = req;
+        if let Some(mut sender) = self.take(addr) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.put(addr, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err((UpstreamError::Request(e.into_error()), None)),
+                },
+            }
+        }
+        let mut sender = match Self::connect(addr, connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => return Err((e, Some(req))),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                self.put(addr, sender);
+                Ok(resp)
+            }
+            Err(mut e) => {
+                let back = e.take_message();
+                Err((UpstreamError::Request(e.into_error()), back))
+            }
+        }
+    }
+}
+
 impl Proxy {
     pub fn new(
         node_id: String,
@@ -106,20 +221,13 @@ impl Proxy {
         endpoints: Arc<Endpoints>,
         stats: Arc<Stats>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         Self {
             node_id,
             current,
             endpoints,
             stats,
-            client,
             upstream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
         }
     }
 
@@ -130,10 +238,15 @@ impl Proxy {
         }
     }
 
-    /// Handles one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Handles one request of a client connection.
+    pub async fn handle(
+        &self,
+        conns: &UpstreamConns,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = self.forward(req, peer).await;
+        let resp = self.forward(conns, req, peer).await;
         self.count(resp.status());
         if let Some(len) = resp
             .headers()
@@ -146,7 +259,12 @@ impl Proxy {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        conns: &UpstreamConns,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let Some(cfg) = self.current.load_full() else {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -160,17 +278,27 @@ impl Proxy {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())),
+            None => HeaderValue::from_str(&peer.ip().to_string()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        if let Ok(v) = xff {
             parts.headers.insert("x-forwarded-for", v);
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+        // Origin-form request target; an HTTP/2 client's authority becomes Host.
+        if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+            if let Some(a) = parts.uri.authority() {
+                if !parts.headers.contains_key(hyper::header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                        parts.headers.insert(hyper::header::HOST, v);
+                    }
+                }
+            }
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        }
+        parts.version = hyper::Version::HTTP_11;
         // Requests without a body can be retried on another origin.
         let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
             && parts
@@ -178,7 +306,12 @@ impl Proxy {
                 .get(hyper::header::CONTENT_LENGTH)
                 .is_none_or(|v| v.as_bytes() == b"0")
             && !parts.headers.contains_key(hyper::header::TRANSFER_ENCODING);
-        let mut body = Some(body);
+        let body: ClientBody = if bodyless {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        };
+        let mut req = Some(Request::from_parts(parts, body));
         let mut tried: Option<String> = None;
         for attempt in 0..2 {
             let Some(origin) = cfg.value.pick(tried.as_deref()) else {
@@ -188,27 +321,16 @@ impl Proxy {
                 );
             };
             let Some(ep) = origin.pick() else {
+                tried = Some(origin.id.clone());
                 continue;
             };
-            let uri: Uri = match format!("http://{}{path}", ep.addr).parse() {
-                Ok(u) => u,
-                Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n")),
-            };
-            let mut up = Request::builder()
-                .method(parts.method.clone())
-                .uri(uri)
-                .version(hyper::Version::HTTP_11);
-            if let Some(h) = up.headers_mut() {
-                *h = parts.headers.clone();
-            }
-            let b: ClientBody = match (bodyless, body.take()) {
-                (false, Some(b)) => Either::Left(b),
-                _ => Either::Right(Empty::new()),
-            };
-            let Ok(up) = up.body(b) else {
-                return text(StatusCode::BAD_REQUEST, "bad request\n".into());
-            };
-            match tokio::time::timeout(self.upstream_timeout, self.client.request(up)).await {
+            let Some(r) = req.take() else { break };
+            let sent = tokio::time::timeout(
+                self.upstream_timeout,
+                conns.send(ep.addr, r, self.connect_timeout),
+            )
+            .await;
+            match sent {
                 Ok(Ok(resp)) => {
                     if resp.status().is_server_error() {
                         if ep.failure(now_ms()) {
@@ -225,23 +347,28 @@ impl Proxy {
                     }
                     return Response::from_parts(rparts, Either::Left(rbody));
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, back))) => {
                     self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     if ep.failure(now_ms()) {
                         self.stats.ejections.fetch_add(1, Ordering::Relaxed);
                         warn!(origin = %origin.id, endpoint = %ep.addr, error = %e, "endpoint ejected");
                     }
                     debug!(origin = %origin.id, endpoint = %ep.addr, error = %e, attempt, "upstream request failed");
-                    if !bodyless || attempt == 1 {
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            format!(
-                                "sextant-edge: origin {} ({}) failed: {e}\n",
-                                origin.id, ep.addr
-                            ),
-                        );
+                    match back {
+                        Some(r) if attempt == 0 => {
+                            req = Some(r);
+                            tried = Some(origin.id.clone());
+                        }
+                        _ => {
+                            return text(
+                                StatusCode::BAD_GATEWAY,
+                                format!(
+                                    "sextant-edge: origin {} ({}) failed: {e}\n",
+                                    origin.id, ep.addr
+                                ),
+                            )
+                        }
                     }
-                    tried = Some(origin.id.clone());
                 }
                 Err(_) => {
                     self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -277,7 +404,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                 }
             },
             _ = shutdown.changed() => {
-                info!("proxy stopped accepting");
+                debug!("proxy worker stopped accepting");
                 return;
             }
         };
@@ -288,11 +415,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                 .stats
                 .active_connections
                 .fetch_add(1, Ordering::Relaxed);
+            let conns = Arc::new(UpstreamConns::default());
             let svc = {
                 let proxy = proxy.clone();
                 service_fn(move |req| {
                     let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                    let conns = conns.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(&conns, req, peer).await) }
                 })
             };
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -305,6 +434,65 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                 .fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// Binds `addr` once per worker with SO_REUSEPORT, so that the kernel
+/// spreads connections across workers. With port 0, the first bind picks
+/// the port and the others share it.
+pub fn bind_workers(
+    addr: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::new();
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let domain = if addr.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let socket =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        if addr.port() == 0 {
+            addr = listener.local_addr()?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Runs one proxy worker per listener, each on its own thread with a
+/// single-threaded runtime (no work stealing on the request path).
+pub fn spawn_workers(
+    listeners: Vec<std::net::TcpListener>,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    match TcpListener::from_std(l) {
+                        Ok(listener) => serve(listener, proxy, shutdown).await,
+                        Err(e) => warn!(error = %e, "proxy worker cannot use its listener"),
+                    }
+                });
+            })?;
+        threads.push(t);
+    }
+    Ok(threads)
 }
 
 /// Re-admits ejected endpoints once a TCP connect to them succeeds.

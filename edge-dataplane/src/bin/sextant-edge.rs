@@ -44,7 +44,8 @@ struct Args {
     /// Seconds between load reports.
     #[arg(long, env = "SEXTANT_REPORT_INTERVAL", default_value_t = 1.0)]
     report_interval: f64,
-    /// Worker threads (default: one per core).
+    /// Proxy worker threads, each with its own listener and single-threaded
+    /// runtime (default: one per core).
     #[arg(long, env = "SEXTANT_THREADS")]
     threads: Option<usize>,
 }
@@ -60,11 +61,12 @@ fn main() -> anyhow::Result<()> {
     if !(args.report_interval > 0.0 && args.report_interval.is_finite()) {
         anyhow::bail!("--report-interval must be a positive number of seconds");
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.threads {
-        rt.worker_threads(n.max(1));
-    }
-    let runtime = rt
+    let workers = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // The control side (config stream, reports, admin) is light: one thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -78,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         allow_upstream: args.allow_upstream,
         capacity_rps: args.capacity_rps,
         report_interval: std::time::Duration::from_secs_f64(args.report_interval),
+        workers,
     };
     runtime.block_on(run(config, shutdown_signal()))?;
     Ok(())
