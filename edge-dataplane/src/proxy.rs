@@ -110,9 +110,11 @@ fn now_ms() -> u64 {
 /// keep their upstream connection warm. Connections that are busy (an
 /// HTTP/2 client sending concurrent requests) make the next request open
 /// another one.
-#[derive(Default)]
 pub struct UpstreamConns {
     idle: std::sync::Mutex<Vec<(SocketAddr, SendRequest<ClientBody>)>>,
+    /// The client's address, and its IP as an `x-forwarded-for` value.
+    peer: SocketAddr,
+    peer_ip: HeaderValue,
 }
 
 impl std::fmt::Debug for UpstreamConns {
@@ -135,6 +137,16 @@ enum UpstreamError {
 }
 
 impl UpstreamConns {
+    /// The upstream connections of a new client connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        Self {
+            idle: std::sync::Mutex::new(Vec::new()),
+            peer,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        }
+    }
+
     fn take(&self, addr: SocketAddr) -> Option<SendRequest<ClientBody>> {
         let mut idle = self
             .idle
@@ -243,10 +255,9 @@ impl Proxy {
         &self,
         conns: &UpstreamConns,
         req: Request<Incoming>,
-        peer: SocketAddr,
     ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = self.forward(conns, req, peer).await;
+        let resp = self.forward(conns, req).await;
         self.count(resp.status());
         if let Some(len) = resp
             .headers()
@@ -259,12 +270,7 @@ impl Proxy {
         resp
     }
 
-    async fn forward(
-        &self,
-        conns: &UpstreamConns,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
+    async fn forward(&self, conns: &UpstreamConns, req: Request<Incoming>) -> Response<ProxyBody> {
         let Some(cfg) = self.current.load_full() else {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -278,10 +284,10 @@ impl Proxy {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())),
-            None => HeaderValue::from_str(&peer.ip().to_string()),
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conns.peer.ip())).ok(),
+            None => Some(conns.peer_ip.clone()),
         };
-        if let Ok(v) = xff {
+        if let Some(v) = xff {
             parts.headers.insert("x-forwarded-for", v);
         }
         // Origin-form request target; an HTTP/2 client's authority becomes Host.
@@ -342,9 +348,9 @@ impl Proxy {
                     }
                     let (mut rparts, rbody) = resp.into_parts();
                     strip_hop_by_hop(&mut rparts.headers);
-                    if let Ok(v) = HeaderValue::from_str(&origin.id) {
-                        rparts.headers.insert("x-sextant-origin", v);
-                    }
+                    rparts
+                        .headers
+                        .insert("x-sextant-origin", origin.header.clone());
                     return Response::from_parts(rparts, Either::Left(rbody));
                 }
                 Ok(Err((e, back))) => {
@@ -415,13 +421,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                 .stats
                 .active_connections
                 .fetch_add(1, Ordering::Relaxed);
-            let conns = Arc::new(UpstreamConns::default());
+            let conns = Arc::new(UpstreamConns::new(peer));
             let svc = {
                 let proxy = proxy.clone();
                 service_fn(move |req| {
                     let proxy = proxy.clone();
                     let conns = conns.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(&conns, req, peer).await) }
+                    async move { Ok::<_, Infallible>(proxy.handle(&conns, req).await) }
                 })
             };
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

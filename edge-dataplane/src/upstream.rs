@@ -96,6 +96,8 @@ impl Endpoints {
 #[derive(Debug)]
 pub struct Origin {
     pub id: String,
+    /// `id` as a header value (`x-sextant-origin`), made once.
+    pub header: hyper::header::HeaderValue,
     pub weight: f64,
     pub endpoints: Vec<Arc<EndpointState>>,
     next: AtomicU32,
@@ -197,6 +199,8 @@ impl Build for UpstreamBuilder {
                 endpoints.push(self.endpoints.get(addr));
             }
             origins.push(Origin {
+                header: hyper::header::HeaderValue::from_str(&o.id)
+                    .map_err(|_| format!("origin id {:?} is not a valid header value", o.id))?,
                 id: o.id.clone(),
                 weight: w.weight,
                 endpoints,

@@ -220,7 +220,7 @@ fn a_config_the_edge_cannot_apply_is_nacked_and_the_old_one_kept() -> Result<()>
         "edge switched to the refused version"
     );
     check_split(
-        &split(e1.process.addr, 400)?,
+        &split(e1.process.addr, 2000)?,
         &[("o1", 0.25), ("o2", 0.5), ("o3", 0.25)],
     )?;
     let human = ctl.run(["status"])?.ok()?.stdout;
