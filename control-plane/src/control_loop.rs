@@ -51,9 +51,17 @@ pub struct Snapshot {
     pub drains: DrainSet,
     pub signals: Signals,
     pub table: Option<Arc<RoutingTable>>,
+    /// False only for the placeholder a replica holds before its first
+    /// read of the store.
+    pub loaded: bool,
 }
 
 impl Snapshot {
+    /// A snapshot of committed state, as a follower sees it.
+    pub fn from_state(state: &State) -> Self {
+        Self::of(state, &Signals::default())
+    }
+
     fn of(state: &State, signals: &Signals) -> Self {
         Self {
             fleet: state.fleet.clone(),
@@ -61,6 +69,7 @@ impl Snapshot {
             drains: state.drains.clone(),
             signals: signals.clone(),
             table: state.table.clone(),
+            loaded: true,
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod cluster;
 pub mod control_loop;
 pub mod grpc;
 pub mod metrics;

@@ -1,10 +1,12 @@
-//! `sextant-cp`: opens the store, starts the control loop, seeds the fleet
-//! on first start, and serves gRPC and metrics.
+//! `sextant-cp`: opens the store, joins the cluster (campaigns for
+//! leadership; with the embedded store it always wins), seeds the fleet on
+//! first start, and serves gRPC and metrics.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use sextant_core::FleetSpec;
@@ -15,12 +17,14 @@ use sextant_proto::v1::operations_service_server::OperationsServiceServer;
 use sextant_proto::v1::signals_service_server::SignalsServiceServer;
 use sextant_proto::v1::steering_service_server::SteeringServiceServer;
 use sextant_store::embedded::EmbeddedStore;
+use sextant_store::etcd::{EtcdOptions, EtcdStore};
 use sextant_store::{Store, StoreError};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::control_loop::{self, Clock, Intent, OpError, SystemClock};
+use crate::cluster::{self, ElectionConfig, Node, ReplicaInfo, Role};
+use crate::control_loop::{Clock, Intent, OpError, SystemClock};
 use crate::grpc::cluster::ClusterApi;
 use crate::grpc::distribution::{Distribution, DistributionApi};
 use crate::grpc::fleet::FleetApi;
@@ -30,22 +34,38 @@ use crate::grpc::steering::SteeringApi;
 use crate::metrics::{self, Metrics};
 use crate::state::StateError;
 
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The embedded store, in `<data_dir>/store` (one replica).
+    Embedded { data_dir: PathBuf },
+    /// etcd, shared by every replica.
+    Etcd {
+        endpoints: Vec<String>,
+        /// Key prefix inside etcd (several Sextants may share a cluster).
+        namespace: String,
+    },
+}
+
 /// How to run the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// gRPC address; port 0 picks a free port (logged).
     pub listen: SocketAddr,
-    /// Where the embedded store keeps its data.
-    pub data_dir: PathBuf,
+    pub store: StoreConfig,
     /// Fleet file that seeds an empty store.
     pub fleet: Option<PathBuf>,
     /// Address for `/metrics` and `/healthz`.
     pub metrics: Option<SocketAddr>,
     /// This replica's name in `status`.
     pub replica_id: String,
+    /// URL other replicas forward writes to (default: the bound address).
+    pub advertise: Option<String>,
     /// A subscriber behind the current config for longer than this is
     /// flagged stale (status, metrics).
-    pub stale_after: std::time::Duration,
+    pub stale_after: Duration,
+    /// Leader lease TTL.
+    pub lease_ttl: Duration,
 }
 
 /// Why the server could not start or stopped.
@@ -54,6 +74,12 @@ pub enum ServerError {
     #[error("cannot open the store in {dir}: {source}")]
     Store {
         dir: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot use etcd at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
         #[source]
         source: StoreError,
     },
@@ -83,46 +109,60 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(match config {
+        StoreConfig::Embedded { data_dir } => {
+            let dir = data_dir.join("store");
+            Arc::new(
+                EmbeddedStore::open(&dir).map_err(|source| ServerError::Store { dir, source })?,
+            )
+        }
+        StoreConfig::Etcd {
+            endpoints,
+            namespace,
+        } => {
+            let options = EtcdOptions {
+                namespace: namespace.clone(),
+                ..EtcdOptions::default()
+            };
+            // Lazy: a replica starts (and serves what it can) while etcd is
+            // away, and joins when it answers.
+            Arc::new(
+                EtcdStore::connect_lazy(endpoints, options)
+                    .await
+                    .map_err(|source| ServerError::Etcd {
+                        endpoints: endpoints.join(","),
+                        source,
+                    })?,
+            )
+        }
+    })
+}
+
+/// Reads and checks the `--fleet` file (a bad file stops the start).
+fn read_fleet(path: &PathBuf) -> Result<FleetSpec, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ServerError::ReadFleet {
+        path: path.clone(),
+        source,
+    })?;
+    let fleet_err = |source: OpError| ServerError::Fleet {
+        path: path.clone(),
+        source,
+    };
+    let spec = FleetSpec::from_toml(&text).map_err(|e| fleet_err(e.into()))?;
+    sextant_core::Fleet::from_spec(spec.clone()).map_err(|e| fleet_err(e.into()))?;
+    Ok(spec)
+}
+
 /// Runs the control plane until `shutdown` completes.
 pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let store_dir = config.data_dir.join("store");
-    let store: Arc<dyn Store> =
-        Arc::new(
-            EmbeddedStore::open(&store_dir).map_err(|source| ServerError::Store {
-                dir: store_dir.clone(),
-                source,
-            })?,
-        );
+    let seed_spec = config.fleet.as_ref().map(read_fleet).transpose()?;
+    let store = open_store(&config.store).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let started_at_ms = clock.now_ms();
-    let (handle, loop_task) = control_loop::start(store.clone(), clock.clone()).await?;
-
-    if let Some(path) = &config.fleet {
-        seed(&handle, path).await?;
-    }
-
-    let distribution = Distribution::new(handle.subscribe(), clock.clone());
-    tokio::spawn(distribution.clone().follow());
-    let reports = Arc::new(Reports::default());
-    let stale_after_ms = u64::try_from(config.stale_after.as_millis()).unwrap_or(u64::MAX);
-
-    let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut registry));
-    tokio::spawn(metrics::follow(
-        metrics.clone(),
-        handle.subscribe(),
-        distribution.clone(),
-        stale_after_ms,
-    ));
-    if let Some(addr) = config.metrics {
-        let listener = metrics::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
-        tokio::spawn(metrics::serve(listener, Arc::new(registry)));
-    }
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -134,6 +174,61 @@ pub async fn run(
         addr: config.listen,
         source,
     })?;
+    let me = ReplicaInfo {
+        id: config.replica_id.clone(),
+        url: config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}")),
+        started_at_ms,
+        software: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let node = cluster::start(
+        store.clone(),
+        clock.clone(),
+        me,
+        ElectionConfig {
+            lease_ttl: config.lease_ttl,
+        },
+    );
+    // Seed on whichever replica leads, whenever it leads, if the store has
+    // no fleet yet. Wait a little for the first election so that a single
+    // replica serves its seeded fleet from its first answer.
+    if let Some(spec) = seed_spec {
+        let path = config.fleet.clone().unwrap_or_default();
+        let seeding = tokio::spawn(seed_when_leading(node.clone(), spec, path));
+        let first = tokio::time::timeout(Duration::from_secs(10), first_seed_attempt(&node)).await;
+        if first.is_err() {
+            warn!("no leader within 10 s; serving reads, the fleet is seeded when a leader is elected");
+        }
+        drop(seeding);
+    } else {
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            settled(&node).await;
+            node.loaded().await;
+        })
+        .await;
+    }
+
+    let distribution = Distribution::new(node.subscribe(), clock.clone());
+    tokio::spawn(distribution.clone().follow());
+    let reports = Arc::new(Reports::default());
+    let stale_after_ms = u64::try_from(config.stale_after.as_millis()).unwrap_or(u64::MAX);
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    tokio::spawn(metrics::follow(
+        metrics.clone(),
+        node.subscribe(),
+        distribution.clone(),
+        stale_after_ms,
+    ));
+    if let Some(addr) = config.metrics {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        tokio::spawn(metrics::serve(listener, Arc::new(registry)));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -146,21 +241,21 @@ pub async fn run(
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let fleet = FleetApi {
-        handle: handle.clone(),
+        node: node.clone(),
         clock: clock.clone(),
         reports: reports.clone(),
     };
     let steering = SteeringApi {
-        handle: handle.clone(),
+        node: node.clone(),
         store: store.clone(),
     };
     let operations = OperationsApi {
-        handle: handle.clone(),
+        node: node.clone(),
         store: store.clone(),
         clock: clock.clone(),
     };
     let cluster = ClusterApi {
-        handle: handle.clone(),
+        node: node.clone(),
         store: store.clone(),
         replica: config.replica_id.clone(),
         address: local.to_string(),
@@ -169,7 +264,7 @@ pub async fn run(
         stale_after_ms,
     };
     let signals = SignalsApi {
-        state: handle.subscribe(),
+        state: node.subscribe(),
         reports,
         clock: clock.clone(),
     };
@@ -178,7 +273,7 @@ pub async fn run(
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(FleetServiceServer::new(fleet))
+        .add_service(FleetServiceServer::new(fleet).max_decoding_message_size(8 << 20))
         .add_service(SteeringServiceServer::new(steering))
         .add_service(OperationsServiceServer::new(operations))
         .add_service(ClusterServiceServer::new(cluster))
@@ -188,45 +283,69 @@ pub async fn run(
         }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
-    drop(handle);
-    let _ = loop_task.await;
     info!("stopped");
     result.map_err(ServerError::from)
 }
 
-/// Applies the `--fleet` file if the store holds no fleet yet. A restart
-/// never overwrites a fleet applied since.
-async fn seed(handle: &control_loop::LoopHandle, path: &PathBuf) -> Result<(), ServerError> {
-    let snap = handle.snapshot();
-    if snap.fleet.is_some() {
-        info!(
-            generation = snap.fleet_generation,
-            file = %path.display(),
-            "the store already holds a fleet; --fleet only seeds an empty store and is ignored"
-        );
-        return Ok(());
+/// Waits until the node knows who leads (or leads itself).
+async fn settled(node: &Node) {
+    let mut roles = node.roles();
+    loop {
+        if !matches!(*roles.borrow_and_update(), Role::NoLeader { .. }) {
+            return;
+        }
+        if roles.changed().await.is_err() {
+            return;
+        }
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ServerError::ReadFleet {
-        path: path.clone(),
-        source,
-    })?;
-    let fleet_err = |source: OpError| ServerError::Fleet {
-        path: path.clone(),
-        source,
-    };
-    let spec = FleetSpec::from_toml(&text).map_err(|e| fleet_err(e.into()))?;
-    let intent = Intent {
-        actor: "sextant-cp".into(),
-        reason: format!("seed from --fleet {}", path.display()),
-    };
-    let out = handle
-        .apply_fleet(spec, Some(0), intent)
-        .await
-        .map_err(fleet_err)?;
-    if out.changed {
-        info!(version = out.version_after, "fleet seeded");
-    } else {
-        warn!("fleet seed changed nothing");
+}
+
+/// Waits until the role is settled and, on the leader, the fleet is there.
+async fn first_seed_attempt(node: &Node) {
+    settled(node).await;
+    node.loaded().await;
+    if let Role::Leader(_) = node.role() {
+        let mut snaps = node.subscribe();
+        while snaps.borrow_and_update().fleet.is_none() {
+            if snaps.changed().await.is_err() {
+                return;
+            }
+        }
     }
-    Ok(())
+}
+
+/// Applies the `--fleet` file whenever this replica leads and the store
+/// holds no fleet. A restart never overwrites a fleet applied since.
+async fn seed_when_leading(node: Node, spec: FleetSpec, path: PathBuf) {
+    let mut roles = node.roles();
+    loop {
+        let role = roles.borrow_and_update().clone();
+        if let Role::Leader(handle) = role {
+            let snap = handle.snapshot();
+            if snap.fleet.is_some() {
+                info!(
+                    generation = snap.fleet_generation,
+                    file = %path.display(),
+                    "the store already holds a fleet; --fleet only seeds an empty store and is ignored"
+                );
+            } else {
+                let intent = Intent {
+                    actor: "sextant-cp".into(),
+                    reason: format!("seed from --fleet {}", path.display()),
+                };
+                match handle.apply_fleet(spec.clone(), Some(0), intent).await {
+                    Ok(out) => info!(version = out.version_after, "fleet seeded"),
+                    Err(OpError::GenerationMismatch { .. }) => {
+                        info!("another writer seeded the fleet first")
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot seed the fleet; will retry when leading again")
+                    }
+                }
+            }
+        }
+        if roles.changed().await.is_err() {
+            return;
+        }
+    }
 }

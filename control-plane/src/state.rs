@@ -174,19 +174,33 @@ async fn write_chunks(store: &dyn Store, prefix: &str, bytes: &[u8]) -> Result<u
 
 /// Reads the committed state.
 pub async fn load(store: &dyn Store) -> Result<State, StateError> {
+    load_since(store, None).await
+}
+
+/// Reads the committed state, reusing the fleet and routing table of `prev`
+/// when they have not changed (a follower reloads on every commit; a fleet
+/// of 10,000 groups is worth not parsing again).
+pub async fn load_since(store: &dyn Store, prev: Option<&State>) -> Result<State, StateError> {
     let mut state = State::default();
 
     if let Some(kv) = store.get(FLEET_CURRENT).await?.kvs.into_iter().next() {
         let ptr: FleetPointer = decode(FLEET_CURRENT, &kv.value)?;
-        let prefix = fleet_chunks(ptr.generation);
-        let bytes = read_chunks(store, "fleet", &prefix, ptr.chunks).await?;
-        let spec: FleetSpec = decode(&prefix, &bytes)?;
-        let fleet = Fleet::from_spec(spec).map_err(|source| StateError::InvalidStoredFleet {
-            generation: ptr.generation,
-            source,
-        })?;
-        state.fleet = Some(Arc::new(fleet));
-        state.fleet_generation = ptr.generation;
+        if let Some(p) = prev.filter(|p| p.fleet.is_some() && p.fleet_generation == ptr.generation)
+        {
+            state.fleet = p.fleet.clone();
+            state.fleet_generation = ptr.generation;
+        } else {
+            let prefix = fleet_chunks(ptr.generation);
+            let bytes = read_chunks(store, "fleet", &prefix, ptr.chunks).await?;
+            let spec: FleetSpec = decode(&prefix, &bytes)?;
+            let fleet =
+                Fleet::from_spec(spec).map_err(|source| StateError::InvalidStoredFleet {
+                    generation: ptr.generation,
+                    source,
+                })?;
+            state.fleet = Some(Arc::new(fleet));
+            state.fleet_generation = ptr.generation;
+        }
     }
 
     for kv in store.get_prefix(DRAINS).await?.kvs {
@@ -196,13 +210,21 @@ pub async fn load(store: &dyn Store) -> Result<State, StateError> {
 
     if let Some(kv) = store.get(ROUTING_CURRENT).await?.kvs.into_iter().next() {
         let ptr: RoutingPointer = decode(ROUTING_CURRENT, &kv.value)?;
-        let routing = read_routing(store, ptr.meta.version.0, ptr.chunks).await?;
         state.version = ptr.meta.version;
         state.routing_rev = kv.mod_revision;
-        state.table = Some(Arc::new(RoutingTable {
-            meta: ptr.meta,
-            routing,
-        }));
+        let kept = prev
+            .and_then(|p| p.table.clone())
+            .filter(|t| t.meta.version == ptr.meta.version);
+        state.table = match kept {
+            Some(t) => Some(t),
+            None => {
+                let routing = read_routing(store, ptr.meta.version.0, ptr.chunks).await?;
+                Some(Arc::new(RoutingTable {
+                    meta: ptr.meta,
+                    routing,
+                }))
+            }
+        };
     }
 
     if let Some(kv) = store.get(AUDIT_SEQ).await?.kvs.into_iter().next() {

@@ -78,11 +78,13 @@ pub async fn run(
     current: Arc<Current>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let urls = crate::subscriber::control_plane_urls(&cfg.control_plane);
+    let mut attempt = 0usize;
     let mut backoff = Duration::from_millis(200);
     loop {
         let (tx, rx) = mpsc::channel::<pb::EdgeReport>(16);
         let call = {
-            let url = cfg.control_plane.clone();
+            let url = urls[attempt % urls.len()].clone();
             async move {
                 let channel = Endpoint::from_shared(url)?
                     .connect_timeout(Duration::from_secs(3))
@@ -119,7 +121,8 @@ pub async fn run(
                 backoff = Duration::from_millis(200);
             }
             Err(e) => {
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "report stream failed")
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "report stream failed");
+                attempt += 1;
             }
         }
         tokio::select! {

@@ -41,6 +41,8 @@ pub struct Applied<T> {
 /// How to reach the control plane and who we are.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Control-plane gRPC URL, or several separated by commas (replicas):
+    /// on failure the next one is tried.
     pub control_plane: String,
     pub node_id: String,
     pub kind: pb::NodeKind,
@@ -251,12 +253,15 @@ pub async fn run<B: Build>(
         Ok(None) => info!("no persisted config; waiting for the control plane"),
         Err(e) => warn!(error = %e, "cannot read the persisted config; ignoring it"),
     }
+    let urls = control_plane_urls(&opts.control_plane);
+    let mut attempt = 0usize;
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let session = follow(&opts, builder.as_ref(), &out, &mut held);
+        let url = &urls[attempt % urls.len()];
+        let session = follow(&opts, url, builder.as_ref(), &out, &mut held);
         let result = tokio::select! {
             r = session => r,
             _ = shutdown.changed() => return,
@@ -268,6 +273,7 @@ pub async fn run<B: Build>(
             }
             Err(e) => {
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed");
+                attempt += 1;
             }
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4 + 1));
@@ -290,17 +296,32 @@ enum SessionError {
     Protocol(String),
 }
 
+/// The URLs of a comma-separated list (at least one entry).
+pub fn control_plane_urls(list: &str) -> Vec<String> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        vec![list.to_owned()]
+    } else {
+        urls
+    }
+}
+
 async fn follow<B: Build>(
     opts: &Options,
+    url: &str,
     builder: &B,
     out: &watch::Sender<Option<Arc<Applied<B::Output>>>>,
     held: &mut Option<(u64, State)>,
 ) -> Result<(), SessionError> {
     let connect_err = |reason: String| SessionError::Connect {
-        url: opts.control_plane.clone(),
+        url: url.to_owned(),
         reason,
     };
-    let channel = Endpoint::from_shared(opts.control_plane.clone())
+    let channel = Endpoint::from_shared(url.to_owned())
         .map_err(|e| connect_err(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -327,7 +348,7 @@ async fn follow<B: Build>(
         .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    info!(control_plane = %opts.control_plane, version_held, "subscribed");
+    info!(control_plane = %url, version_held, "subscribed");
     let mut pending: Vec<pb::ConfigUpdate> = Vec::new();
     while let Some(update) = inbound.message().await? {
         if let Some(first) = pending.first() {

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fleets;
 pub mod origin;
 
 use std::io::{BufRead, BufReader};
@@ -173,7 +174,10 @@ impl ControlPlane {
     /// Like [`ControlPlane::start`], with extra arguments.
     pub fn start_with(data_dir: &Path, fleet: Option<&Path>, extra: &[&str]) -> Result<Self> {
         let mut cmd = Command::new(bin("sextant-cp")?);
-        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .env("SEXTANT_LOG", "info");

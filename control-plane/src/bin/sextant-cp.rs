@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use sextant_control_plane::server::{run, ServerConfig};
+use sextant_control_plane::server::{run, ServerConfig, StoreConfig};
 use tracing_subscriber::EnvFilter;
 
 /// The Sextant control plane: computes routing and serves it over gRPC.
@@ -16,16 +16,32 @@ struct Args {
     /// gRPC listen address (port 0: pick a free port; the log says which).
     #[arg(long, env = "SEXTANT_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Directory for the embedded store.
+    /// Directory for the embedded store (required with --store embedded).
     #[arg(long, env = "SEXTANT_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+    /// Where the state lives: `embedded` (one replica) or `etcd` (several
+    /// replicas, one elected leader).
+    #[arg(long, env = "SEXTANT_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(long, env = "SEXTANT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd, so that several Sextants can share one cluster.
+    #[arg(long, env = "SEXTANT_ETCD_NAMESPACE", default_value = "")]
+    etcd_namespace: String,
+    /// URL other replicas forward writes to (default: http://LISTEN_ADDR).
+    #[arg(long, env = "SEXTANT_ADVERTISE")]
+    advertise: Option<String>,
+    /// Leader lease TTL in seconds: a dead leader is replaced after this.
+    #[arg(long, env = "SEXTANT_LEASE_TTL", default_value_t = 3)]
+    lease_ttl_seconds: u64,
     /// Fleet file that seeds an empty store (ignored once a fleet is stored).
     #[arg(long, env = "SEXTANT_FLEET")]
     fleet: Option<PathBuf>,
     /// Address for Prometheus `/metrics` and `/healthz`.
     #[arg(long, env = "SEXTANT_METRICS")]
     metrics: Option<SocketAddr>,
-    /// This replica's name in `sextantctl status`.
+    /// This replica's name in `sextantctl status` (unique per cluster).
     #[arg(long, env = "SEXTANT_REPLICA_ID", default_value = "cp-1")]
     replica_id: String,
     /// Flag a subscriber (edge, DNS) whose config is older than the current
@@ -35,6 +51,13 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,15 +81,35 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let store = match (args.store, args.data_dir) {
+            (StoreKind::Embedded, Some(data_dir)) => StoreConfig::Embedded { data_dir },
+            (StoreKind::Embedded, None) => {
+                anyhow::bail!("--data-dir is required with the embedded store")
+            }
+            (StoreKind::Etcd, _) if args.etcd_endpoints.is_empty() => {
+                anyhow::bail!("--etcd-endpoints is required with --store etcd")
+            }
+            (StoreKind::Etcd, _) => StoreConfig::Etcd {
+                endpoints: args.etcd_endpoints,
+                namespace: args.etcd_namespace,
+            },
+        };
+        if args.lease_ttl_seconds == 0 {
+            anyhow::bail!("--lease-ttl must be at least 1 second");
+        }
         let config = ServerConfig {
             listen: args.listen,
-            data_dir: args.data_dir,
+            store,
+            advertise: args.advertise,
+            lease_ttl: std::time::Duration::from_secs(args.lease_ttl_seconds),
             fleet: args.fleet,
             metrics: args.metrics,
             replica_id: args.replica_id,
             stale_after: std::time::Duration::from_secs(args.stale_after_seconds),
         };
-        run(config, shutdown_signal()).await
+        run(config, shutdown_signal())
+            .await
+            .map_err(anyhow::Error::from)
     })?;
     Ok(())
 }

@@ -7,13 +7,13 @@ use sextant_proto::v1::cluster_service_server::ClusterService;
 use sextant_store::Store;
 use tonic::{Request, Response, Status};
 
-use crate::control_loop::LoopHandle;
+use crate::cluster::{Node, Role};
 use crate::grpc::distribution::Distribution;
 
 /// Serves the control plane's own status.
 #[derive(Clone)]
 pub struct ClusterApi {
-    pub handle: LoopHandle,
+    pub node: Node,
     pub store: Arc<dyn Store>,
     /// This replica's id and address.
     pub replica: String,
@@ -58,7 +58,7 @@ impl ClusterService for ClusterApi {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let (store_kind, store_health, store_revision) = match self.store.status().await {
             Ok(s) => (
                 s.kind.to_owned(),
@@ -94,14 +94,38 @@ impl ClusterService for ClusterApi {
                 alarms.push(format!("{unserved} group rows have unserved demand"));
             }
         }
+        let leader_id = match self.node.role() {
+            Role::Leader(_) => Some(self.node.me.id.clone()),
+            Role::Follower { leader } => Some(leader.id),
+            Role::NoLeader { reason } => {
+                alarms.push(format!("no leader: {reason}; writes are refused"));
+                None
+            }
+        };
+        let mut replicas: Vec<pb::Replica> = match self.node.replicas().await {
+            Ok(rs) => rs
+                .into_iter()
+                .map(|r| pb::Replica {
+                    leader: leader_id.as_deref() == Some(r.id.as_str()),
+                    id: r.id,
+                    address: r.url,
+                    software: r.software,
+                })
+                .collect(),
+            Err(_) => vec![],
+        };
+        if !replicas.iter().any(|r| r.id == self.node.me.id) {
+            replicas.push(pb::Replica {
+                id: self.node.me.id.clone(),
+                address: self.node.me.url.clone(),
+                leader: leader_id.as_deref() == Some(self.node.me.id.as_str()),
+                software: self.node.me.software.clone(),
+            });
+        }
+        replicas.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::StatusResponse {
             replica: self.replica.clone(),
-            replicas: vec![pb::Replica {
-                id: self.replica.clone(),
-                address: self.address.clone(),
-                leader: true,
-                software: env!("CARGO_PKG_VERSION").to_owned(),
-            }],
+            replicas,
             store_kind,
             store_health,
             store_revision,

@@ -8,16 +8,18 @@ use futures::Stream;
 use sextant_core::diff;
 use sextant_core::{Fleet, FleetSpec};
 use sextant_proto::v1 as pb;
+use sextant_proto::v1::fleet_service_client::FleetServiceClient;
 use sextant_proto::v1::fleet_service_server::FleetService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::control_loop::{Clock, LoopHandle, OpError};
+use crate::cluster::Node;
+use crate::control_loop::{Clock, OpError};
 
 /// Serves the fleet model.
 #[derive(Clone)]
 pub struct FleetApi {
-    pub handle: LoopHandle,
+    pub node: Node,
     pub clock: Arc<dyn Clock>,
     pub reports: Arc<super::signals::Reports>,
 }
@@ -50,16 +52,39 @@ impl FleetService for FleetApi {
         &self,
         request: Request<Streaming<pb::ApplyFleetRequest>>,
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
+        let writer = super::writer(&self.node, &request)?;
         let (req, document) =
             super::collect_document(request.into_inner(), |m: &mut pb::ApplyFleetRequest| {
                 std::mem::take(&mut m.document)
             })
             .await?;
         let spec = parse(&document, req.format)?;
+        let handle = match writer {
+            super::Writer::Local(h) => h,
+            super::Writer::Remote { leader, channel } => {
+                tracing::debug!(%leader, "forwarding the fleet apply to the leader");
+                let mut first = Some(req);
+                let pieces: Vec<pb::ApplyFleetRequest> = super::split_document(&document)
+                    .into_iter()
+                    .map(|document| pb::ApplyFleetRequest {
+                        document,
+                        ..first.take().unwrap_or_default()
+                    })
+                    .collect();
+                let r = FleetServiceClient::new(channel)
+                    .max_decoding_message_size(64 << 20)
+                    .apply(super::forwarded(
+                        futures::stream::iter(pieces),
+                        &self.node.me.id,
+                    ))
+                    .await?;
+                return Ok(Response::new(r.into_inner()));
+            }
+        };
         let intent = super::intent(req.actor, req.reason);
         tracing::Span::current().record("actor", intent.actor.as_str());
         let expected = (req.expected_generation != 0).then_some(req.expected_generation);
-        let out = self.handle.apply_fleet(spec, expected, intent).await?;
+        let out = handle.apply_fleet(spec, expected, intent).await?;
         Ok(Response::new(pb::ApplyFleetResponse {
             generation: out.fleet_generation,
             routing_version_before: out.version_before,
@@ -75,7 +100,7 @@ impl FleetService for FleetApi {
         request: Request<pb::GetFleetRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
         let format = request.into_inner().format;
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let Some(fleet) = &snap.fleet else {
             let empty = pb::GetFleetResponse::default();
             return Ok(Response::new(Box::pin(futures::stream::iter([Ok(empty)]))));
@@ -118,7 +143,7 @@ impl FleetService for FleetApi {
             .await?;
         let spec = parse(&document, req.format)?;
         let fleet = Fleet::from_spec(spec).map_err(OpError::from)?;
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let empty = FleetSpec::default();
         let before = snap.fleet.as_ref().map_or(&empty, |f| f.spec());
         let changes = diff::fleet_changes(before, fleet.spec())
@@ -150,7 +175,7 @@ impl FleetService for FleetApi {
         request: Request<pb::ListEdgesRequest>,
     ) -> Result<Response<pb::ListEdgesResponse>, Status> {
         let req = request.into_inner();
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let Some(fleet) = &snap.fleet else {
             return Ok(Response::new(pb::ListEdgesResponse::default()));
         };
@@ -219,7 +244,7 @@ impl FleetService for FleetApi {
         &self,
         _: Request<pb::ListDomainsRequest>,
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let Some(fleet) = &snap.fleet else {
             return Ok(Response::new(pb::ListDomainsResponse::default()));
         };
@@ -242,7 +267,7 @@ impl FleetService for FleetApi {
         &self,
         _: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let services = snap
             .fleet
             .iter()
@@ -264,7 +289,7 @@ impl FleetService for FleetApi {
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let req = request.into_inner();
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let (page, next_page_token) = super::page(
             snap.fleet.iter().flat_map(|f| f.groups.values()),
             |g| g.id.to_string(),

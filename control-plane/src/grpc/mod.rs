@@ -4,7 +4,8 @@
 use sextant_proto::v1 as pb;
 use tonic::Status;
 
-use crate::control_loop::{Intent, OpError};
+use crate::cluster::{Node, Role};
+use crate::control_loop::{Intent, LoopHandle, OpError};
 use sextant_core::diff::{RowChange, Shift};
 use sextant_core::routing::EdgeWeight;
 
@@ -46,6 +47,56 @@ pub(crate) fn weights(ws: &[EdgeWeight]) -> Vec<pb::EdgeWeight> {
             weight: w.weight,
         })
         .collect()
+}
+
+/// Metadata set on a write forwarded by a follower to the leader.
+pub const FORWARDED_BY: &str = "x-sextant-forwarded-by";
+
+/// Where a write goes on this replica.
+pub(crate) enum Writer {
+    /// This replica leads: its own loop.
+    Local(LoopHandle),
+    /// Another replica leads: forward to it.
+    Remote {
+        leader: String,
+        channel: tonic::transport::Channel,
+    },
+}
+
+/// The writer for a request: this replica's loop, or the leader. A request
+/// that a follower already forwarded is not forwarded again (leadership
+/// moved in between): the client retries.
+pub(crate) fn writer<T>(node: &Node, request: &tonic::Request<T>) -> Result<Writer, Status> {
+    let forwarded = request.metadata().contains_key(FORWARDED_BY);
+    match node.role() {
+        Role::Leader(handle) => Ok(Writer::Local(handle)),
+        Role::Follower { .. } if forwarded => Err(Status::unavailable(
+            "leadership moved while the write was forwarded; retry",
+        )),
+        Role::Follower { leader } => {
+            let channel = tonic::transport::Endpoint::from_shared(leader.url.clone())
+                .map_err(|e| Status::internal(format!("bad leader address {}: {e}", leader.url)))?
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .timeout(std::time::Duration::from_secs(30))
+                .connect_lazy();
+            Ok(Writer::Remote {
+                leader: leader.id,
+                channel,
+            })
+        }
+        Role::NoLeader { reason } => Err(Status::unavailable(format!(
+            "writes are refused: no leader ({reason}); reads still work; retry shortly"
+        ))),
+    }
+}
+
+/// A request to forward to the leader, marked as forwarded by `me`.
+pub(crate) fn forwarded<T>(msg: T, me: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = me.parse() {
+        r.metadata_mut().insert(FORWARDED_BY, v);
+    }
+    r
 }
 
 /// Routing rows returned in one response at most; the total is reported.

@@ -9,18 +9,20 @@ use futures::Stream;
 use sextant_core::drain::Drain;
 use sextant_core::DrainSet;
 use sextant_proto::v1 as pb;
+use sextant_proto::v1::operations_service_client::OperationsServiceClient;
 use sextant_proto::v1::operations_service_server::OperationsService;
 use sextant_store::Store;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::control_loop::{Clock, LoopHandle, OpError};
+use crate::cluster::Node;
+use crate::control_loop::{Clock, OpError};
 use crate::state;
 
 /// Serves drains and the audit log.
 #[derive(Clone)]
 pub struct OperationsApi {
-    pub handle: LoopHandle,
+    pub node: Node,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
 }
@@ -57,6 +59,11 @@ impl OperationsService for OperationsApi {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        let forwarding = Request::from_parts(
+            request.metadata().clone(),
+            request.extensions().clone(),
+            request.get_ref().clone(),
+        );
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("domain", req.domain.as_str());
@@ -77,7 +84,7 @@ impl OperationsService for OperationsApi {
         };
         let intent = super::intent(req.actor, req.reason);
         if req.dry_run {
-            let snap = self.handle.snapshot();
+            let snap = self.node.snapshot();
             let fleet = snap.fleet.clone().ok_or(OpError::NoFleet)?;
             let now = self.clock.now_ms();
             let path = Drain::check(&fleet, &req.domain, fraction, &intent.reason)
@@ -108,8 +115,17 @@ impl OperationsService for OperationsApi {
                 changes_total,
             }));
         }
-        let out = self
-            .handle
+        let handle = match super::writer(&self.node, &forwarding)? {
+            super::Writer::Local(h) => h,
+            super::Writer::Remote { leader, channel } => {
+                tracing::debug!(%leader, "forwarding the drain to the leader");
+                let r = OperationsServiceClient::new(channel)
+                    .drain(super::forwarded(forwarding.into_inner(), &self.node.me.id))
+                    .await?;
+                return Ok(Response::new(r.into_inner()));
+            }
+        };
+        let out = handle
             .drain(req.domain, fraction, req.owner, intent)
             .await?;
         let (changes, changes_total) = super::row_changes(&out.changes);
@@ -129,11 +145,16 @@ impl OperationsService for OperationsApi {
         &self,
         request: Request<pb::UndrainRequest>,
     ) -> Result<Response<pb::UndrainResponse>, Status> {
+        let forwarding = Request::from_parts(
+            request.metadata().clone(),
+            request.extensions().clone(),
+            request.get_ref().clone(),
+        );
         let req = request.into_inner();
         tracing::Span::current().record("domain", req.domain.as_str());
         let intent = super::intent(req.actor, req.reason);
         if req.dry_run {
-            let snap = self.handle.snapshot();
+            let snap = self.node.snapshot();
             let fleet = snap.fleet.clone().ok_or(OpError::NoFleet)?;
             let path = sextant_core::DomainPath::parse(&req.domain)
                 .map_err(|e| OpError::Drain(e.into()))?;
@@ -152,7 +173,17 @@ impl OperationsService for OperationsApi {
                 shifts: super::shifts(&preview.shifts),
             }));
         }
-        let out = self.handle.undrain(req.domain, intent).await?;
+        let handle = match super::writer(&self.node, &forwarding)? {
+            super::Writer::Local(h) => h,
+            super::Writer::Remote { leader, channel } => {
+                tracing::debug!(%leader, "forwarding the undrain to the leader");
+                let r = OperationsServiceClient::new(channel)
+                    .undrain(super::forwarded(forwarding.into_inner(), &self.node.me.id))
+                    .await?;
+                return Ok(Response::new(r.into_inner()));
+            }
+        };
+        let out = handle.undrain(req.domain, intent).await?;
         let (changes, changes_total) = super::row_changes(&out.changes);
         Ok(Response::new(pb::UndrainResponse {
             routing_version_before: out.version_before,
@@ -168,7 +199,7 @@ impl OperationsService for OperationsApi {
         &self,
         _: Request<pb::ListDrainsRequest>,
     ) -> Result<Response<pb::ListDrainsResponse>, Status> {
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         Ok(Response::new(pb::ListDrainsResponse {
             drains: snap.drains.iter().map(drain_info).collect(),
         }))

@@ -11,7 +11,7 @@ use sextant_proto::v1::steering_service_server::SteeringService;
 use sextant_store::Store;
 use tonic::{Request, Response, Status};
 
-use crate::control_loop::LoopHandle;
+use crate::cluster::Node;
 use crate::state;
 
 /// Group rows per chunk are added until a chunk reaches this size, far
@@ -21,7 +21,7 @@ pub const CHUNK_TARGET_BYTES: usize = 1024 * 1024;
 /// Serves routing tables.
 #[derive(Clone)]
 pub struct SteeringApi {
-    pub handle: LoopHandle,
+    pub node: Node,
     pub store: Arc<dyn Store>,
 }
 
@@ -105,7 +105,7 @@ impl SteeringService for SteeringApi {
         request: Request<pb::GetRoutingTableRequest>,
     ) -> Result<Response<Self::GetRoutingTableStream>, Status> {
         let req = request.into_inner();
-        let snap = self.handle.snapshot();
+        let snap = self.node.snapshot();
         let table = if req.version == 0 || req.version == snap.version() {
             snap.table.clone().ok_or_else(|| {
                 Status::failed_precondition("no routing table yet: apply a fleet first")

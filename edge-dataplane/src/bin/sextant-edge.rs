@@ -15,7 +15,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "sextant-edge", version, about)]
 struct Args {
-    /// Control-plane gRPC URL.
+    /// Control-plane gRPC URL; several replicas comma-separated (tried in
+    /// turn when one fails).
     #[arg(long, env = "SEXTANT_CONTROL_PLANE")]
     control_plane: String,
     /// This edge's fleet id.

@@ -1,0 +1,299 @@
+//! End to end on a real etcd: several control-plane replicas, one leader;
+//! the leader killed repeatedly while operators write through followers and
+//! an edge stays subscribed; etcd stopped and started again.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use sextant_store::etcd_server::EtcdServer;
+use sextant_tests::fleets::{two_edges_three_origins, SITE1};
+use sextant_tests::origin::Origin;
+use sextant_tests::{eventually, split, ControlPlane, Ctl, EdgeProxy};
+
+fn replica(dir: &Path, etcd: &str, id: &str, fleet: Option<&Path>) -> Result<ControlPlane> {
+    replica_at(dir, etcd, id, fleet, "127.0.0.1:0")
+}
+
+/// A replica on a given address (a restarted replica keeps its address, so
+/// that the edges' list of control-plane URLs stays true).
+fn replica_at(
+    dir: &Path,
+    etcd: &str,
+    id: &str,
+    fleet: Option<&Path>,
+    listen: &str,
+) -> Result<ControlPlane> {
+    ControlPlane::start_with(
+        &dir.join(id),
+        fleet,
+        &[
+            "--listen",
+            listen,
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            etcd,
+            "--replica-id",
+            id,
+            "--lease-ttl-seconds",
+            "3",
+        ],
+    )
+}
+
+/// (leader id, routing version) as one replica sees them.
+fn leader_of(ctl: &Ctl) -> Result<(String, u64)> {
+    let s = ctl.json(["status"])?;
+    let leader = s["replicas"]
+        .as_array()
+        .context("replicas")?
+        .iter()
+        .find(|r| r["leader"] == true)
+        .and_then(|r| r["id"].as_str())
+        .ok_or_else(|| anyhow!("no leader in {s}"))?
+        .to_owned();
+    Ok((leader, s["routing_version"].as_u64().context("version")?))
+}
+
+fn drains(ctl: &Ctl) -> Result<Vec<(String, f64)>> {
+    Ok(ctl
+        .json(["get", "drains"])?
+        .as_array()
+        .context("drains")?
+        .iter()
+        .map(|d| {
+            (
+                d["domain"].as_str().unwrap_or_default().to_owned(),
+                d["fraction"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn the_leader_dies_five_times_and_nothing_is_lost() -> Result<()> {
+    let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir()?;
+    let origins = [
+        Origin::start("o1")?,
+        Origin::start("o2")?,
+        Origin::start("o3")?,
+    ];
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(&fleet, two_edges_three_origins(&refs, None))?;
+
+    let ids = ["cp-1", "cp-2", "cp-3"];
+    let mut replicas: Vec<Option<ControlPlane>> = Vec::new();
+    for id in ids {
+        replicas.push(Some(replica(dir.path(), &endpoint, id, Some(&fleet))?));
+    }
+    let urls: Vec<String> = replicas.iter().flatten().map(|r| r.url()).collect();
+    let any = |replicas: &[Option<ControlPlane>], except: &str| -> Option<Ctl> {
+        replicas
+            .iter()
+            .zip(ids)
+            .find(|(r, id)| r.is_some() && *id != except)
+            .and_then(|(r, _)| r.as_ref().map(ControlPlane::ctl))
+    };
+    let ctl = any(&replicas, "").context("a replica")?;
+    let (_, v0) = eventually(
+        Duration::from_secs(15),
+        "a leader with the seeded fleet",
+        || leader_of(&ctl).ok().filter(|(_, v)| *v >= 1),
+    )?;
+
+    let edge = EdgeProxy::start(&urls.join(","), "e1", SITE1, &dir.path().join("e1"))?;
+    eventually(
+        Duration::from_secs(10),
+        "the edge to hold the first version",
+        || (edge.config_version().ok()? == v0).then_some(()),
+    )?;
+
+    let mut last = v0;
+    let mut failovers = Vec::new();
+    for round in 0..5 {
+        let ctl = any(&replicas, "").context("a replica")?;
+        let (leader, _) = leader_of(&ctl)?;
+        // Write through a follower: it is forwarded to the leader.
+        let follower = any(&replicas, &leader).context("a follower")?;
+        let fraction = [0.5, 0.25, 0.75, 0.4, 0.6][round];
+        let out = follower
+            .run([
+                "drain",
+                "region/r2/origin/o2",
+                "--fraction",
+                &fraction.to_string(),
+                "--reason",
+                &format!("round {round}"),
+            ])?
+            .ok()?;
+        ensure!(out.stdout.contains("routing version"), "{}", out.stdout);
+        let (_, v) = leader_of(&follower)?;
+        let v = eventually(
+            Duration::from_secs(5),
+            "the follower to see the new version",
+            || {
+                let (_, v) = leader_of(&follower).ok()?;
+                (v > last).then_some(v)
+            },
+        )
+        .unwrap_or(v);
+        ensure!(v == last + 1, "round {round}: version {v} after {last}");
+        eventually(
+            Duration::from_secs(10),
+            "the edge to hold the new version",
+            || (edge.config_version().ok()? == v).then_some(()),
+        )?;
+
+        // Kill the leader.
+        let i = ids
+            .iter()
+            .position(|id| *id == leader)
+            .context("leader index")?;
+        let addr = replicas[i]
+            .as_ref()
+            .map(|r| r.process.addr.to_string())
+            .context("leader address")?;
+        let killed_at = Instant::now();
+        if let Some(cp) = replicas[i].take() {
+            cp.process.kill()?;
+        }
+        let survivor = any(&replicas, &leader).context("a survivor")?;
+        let new_leader = eventually(Duration::from_secs(10), "a new leader", || {
+            let (l, _) = leader_of(&survivor).ok()?;
+            (l != leader).then_some(l)
+        })?;
+        let took = killed_at.elapsed();
+        failovers.push(took);
+        // The drain is there, the version did not move back, writes work.
+        let d = drains(&survivor)?;
+        ensure!(
+            d == vec![("region/r2/origin/o2".to_owned(), fraction)],
+            "round {round}: drains {d:?}"
+        );
+        let (_, after) = leader_of(&survivor)?;
+        ensure!(
+            after == v,
+            "round {round}: version {after} after failover, expected {v}"
+        );
+        // The edge kept serving all along.
+        let counts = split(edge.process.addr, 50)?;
+        ensure!(counts.values().sum::<usize>() == 50, "{counts:?}");
+        eprintln!("round {round}: {leader} killed, {new_leader} leads after {took:?}");
+        replicas[i] = Some(replica_at(dir.path(), &endpoint, &leader, None, &addr)?);
+        last = v;
+    }
+    // Versions kept are consecutive: no gap, no duplicate.
+    let ctl = any(&replicas, "").context("a replica")?;
+    let versions: Vec<u64> = ctl
+        .json(["versions"])?
+        .as_array()
+        .context("versions")?
+        .iter()
+        .filter_map(|v| v["version"].as_u64())
+        .collect();
+    let set: BTreeSet<u64> = versions.iter().copied().collect();
+    ensure!(
+        set.len() == versions.len(),
+        "duplicate versions: {versions:?}"
+    );
+    let (lo, hi) = (
+        set.first().copied().unwrap_or(0),
+        set.last().copied().unwrap_or(0),
+    );
+    ensure!(
+        hi == last && (hi - lo + 1) as usize == set.len(),
+        "gaps in {versions:?}"
+    );
+    // Every failover took less than 5 s (3 s lease TTL).
+    for (i, t) in failovers.iter().enumerate() {
+        ensure!(*t < Duration::from_secs(5), "failover {i} took {t:?}");
+    }
+    // Three replicas, one leader.
+    let s = ctl.json(["status"])?;
+    let reps = s["replicas"].as_array().context("replicas")?;
+    ensure!(reps.len() == 3, "{s}");
+    ensure!(
+        reps.iter().filter(|r| r["leader"] == true).count() == 1,
+        "{s}"
+    );
+    ensure!(
+        s["store"]["kind"] == "etcd" && s["store"]["health"] == "ok",
+        "{s}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_etcd_outage_keeps_reads_refuses_writes_and_heals() -> Result<()> {
+    let mut etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir()?;
+    let fleet = sextant_tests::example_fleet();
+    let a = replica(dir.path(), &endpoint, "cp-a", Some(&fleet))?;
+    let b = replica(dir.path(), &endpoint, "cp-b", Some(&fleet))?;
+    let (ca, cb) = (a.ctl(), b.ctl());
+    eventually(
+        Duration::from_secs(15),
+        "the fleet on both replicas",
+        || {
+            let va = leader_of(&ca).ok()?.1;
+            let vb = leader_of(&cb).ok()?.1;
+            (va >= 1 && va == vb).then_some(())
+        },
+    )?;
+    let before = ca.json(["routes", "www", "--group", "nl"])?;
+
+    etcd.kill();
+    let outage = Instant::now();
+    // Reads keep working on both replicas; writes fail with a clear error.
+    let mut saw_refusal = false;
+    while outage.elapsed() < Duration::from_secs(10) {
+        for ctl in [&ca, &cb] {
+            let routes = ctl.json(["routes", "www", "--group", "nl"])?;
+            ensure!(
+                routes["rows"] == before["rows"],
+                "routes changed during the outage"
+            );
+        }
+        let out = ca.run(["drain", "provider/cdn-a", "--reason", "during outage"])?;
+        if out.success {
+            bail!("a write succeeded with etcd down: {}", out.stdout);
+        }
+        let err = out.stderr.to_lowercase();
+        ensure!(
+            err.contains("store unavailable") || err.contains("no leader") || err.contains("etcd"),
+            "unclear write error: {}",
+            out.stderr
+        );
+        saw_refusal = true;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(saw_refusal);
+
+    etcd.restart().map_err(|e| anyhow!(e))?;
+    // Both recover on their own: writes work again, from either replica.
+    eventually(
+        Duration::from_secs(20),
+        "a write after etcd returns",
+        || {
+            cb.run(["drain", "provider/cdn-a", "--reason", "after outage"])
+                .ok()
+                .filter(|o| o.success)
+        },
+    )?;
+    eventually(
+        Duration::from_secs(10),
+        "both replicas to see the drain",
+        || {
+            let da = drains(&ca).ok()?;
+            let db = drains(&cb).ok()?;
+            (da.len() == 1 && da == db).then_some(())
+        },
+    )?;
+    Ok(())
+}
