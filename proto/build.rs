@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     tonic_prost_build::configure()
+        // Shared, reference-counted bytes: one encoding, many subscribers.
+        .bytes(".sextant.v1.ConfigUpdate.config_bytes")
         .file_descriptor_set_path(out.join("sextant_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["."])?;
     Ok(())

@@ -55,6 +55,11 @@ async fn subscriber(
         .await?
         .into_inner();
     while let Some(u) = stream.message().await? {
+        // Decode like a real subscriber would.
+        if !u.config_bytes.is_empty() {
+            use prost::Message;
+            let _config = pb::NodeConfig::decode(u.config_bytes.as_ref())?;
+        }
         if u.last {
             let at = Instant::now();
             tx.send(pb::SubscribeRequest {

@@ -217,6 +217,8 @@ pub async fn run(
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
+    // Observe once before anything can scrape, then follow.
+    metrics.observe(&node.snapshot());
     tokio::spawn(metrics::follow(
         metrics.clone(),
         node.subscribe(),

@@ -372,7 +372,20 @@ async fn follow<B: Build>(
         if !last {
             continue;
         }
-        let chunks = std::mem::take(&mut pending);
+        let mut chunks = std::mem::take(&mut pending);
+        // A server may send the config already encoded.
+        for c in &mut chunks {
+            if !c.config_bytes.is_empty() {
+                let decoded = pb::NodeConfig::decode(c.config_bytes.as_ref()).map_err(|e| {
+                    SessionError::Protocol(format!(
+                        "version {}: config_bytes do not decode: {e}",
+                        c.version
+                    ))
+                })?;
+                c.config = Some(decoded);
+                c.config_bytes = Default::default();
+            }
+        }
         let (version, nonce, full, base) = {
             let c = &chunks[0];
             (c.version, c.nonce.clone(), c.full, c.base_version)

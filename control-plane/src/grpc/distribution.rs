@@ -304,7 +304,77 @@ fn chunks<'a>(
     current.config = Some(config);
     current.last = true;
     out.push(current);
+    // Encode each chunk's config once; every subscriber that gets this
+    // update shares the bytes.
+    for u in &mut out {
+        if let Some(c) = u.config.take() {
+            u.config_bytes = c.encode_to_vec().into();
+        }
+    }
     out
+}
+
+/// Updates already built for the DNS view, shared by every DNS subscriber
+/// moving between the same two versions.
+#[derive(Debug, Default)]
+struct UpdateCache {
+    entries: std::collections::VecDeque<((u64, u64), Updates)>,
+}
+
+/// The chunks of one update, shared.
+type Updates = Arc<Vec<pb::ConfigUpdate>>;
+
+const CACHED_UPDATES: usize = 32;
+
+impl UpdateCache {
+    fn get(&self, key: (u64, u64)) -> Option<Updates> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(&mut self, key: (u64, u64), v: Updates) {
+        self.entries.push_back((key, v));
+        while self.entries.len() > CACHED_UPDATES {
+            self.entries.pop_front();
+        }
+    }
+}
+
+/// The update chunks (without nonce) that take a subscriber with `view`
+/// from `base` (None: nothing, send everything) to `snap`.
+fn build_updates(
+    base: Option<&push::Snapshot<Resource>>,
+    snap: &push::Snapshot<Resource>,
+    view: &View,
+) -> Vec<pb::ConfigUpdate> {
+    let header = pb::ConfigUpdate {
+        version: snap.version,
+        ..pb::ConfigUpdate::default()
+    };
+    match base {
+        Some(base) => {
+            let d = push::delta(base, snap, |n| view.keeps(n));
+            let header = pb::ConfigUpdate {
+                base_version: base.version,
+                ..header
+            };
+            chunks(header, d.upserts.iter().map(|(_, r)| *r), &d.removals)
+        }
+        None => {
+            let header = pb::ConfigUpdate {
+                full: true,
+                ..header
+            };
+            let items = snap
+                .resources
+                .iter()
+                .filter(|(n, _)| view.keeps(n))
+                .map(|(_, r)| r);
+            chunks(header, items, &[])
+        }
+    }
 }
 
 /// Shared state of the distribution service.
@@ -316,6 +386,7 @@ pub struct Distribution {
     pub clock: Arc<dyn Clock>,
     /// The last snapshot refused as inconsistent, if any (an alarm).
     pub rejected: Mutex<Option<Inconsistent>>,
+    cache: Mutex<UpdateCache>,
 }
 
 impl std::fmt::Debug for Distribution {
@@ -332,6 +403,7 @@ impl Distribution {
             state,
             clock,
             rejected: Mutex::new(None),
+            cache: Mutex::new(UpdateCache::default()),
         })
     }
 
@@ -368,6 +440,29 @@ impl Distribution {
                 return;
             }
         }
+    }
+
+    /// The update chunks for a subscriber: built once per (base, version)
+    /// for the DNS view, which every DNS server shares; built per proxy
+    /// otherwise (a proxy's view is small).
+    fn updates(
+        &self,
+        base: Option<&push::Snapshot<Resource>>,
+        snap: &push::Snapshot<Resource>,
+        view: &View,
+    ) -> Updates {
+        if !matches!(view, View::Dns) {
+            return Arc::new(build_updates(base, snap, view));
+        }
+        let key = (base.map_or(0, |b| b.version), snap.version);
+        if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(key)) {
+            return hit;
+        }
+        let built = Arc::new(build_updates(base, snap, view));
+        if let Ok(mut c) = self.cache.lock() {
+            c.put(key, built.clone());
+        }
+        built
     }
 
     /// The alarm for a refused snapshot, if any.
@@ -511,33 +606,11 @@ impl Distribution {
             let snap = published.borrow_and_update().clone();
             if in_flight.is_none() && snap.version > last_sent {
                 let nonce = self.registry.nonce();
-                let header = pb::ConfigUpdate {
-                    version: snap.version,
+                let shared = self.updates(held.as_deref(), &snap, &view);
+                let updates = shared.iter().map(|u| pb::ConfigUpdate {
                     nonce: nonce.clone(),
-                    ..pb::ConfigUpdate::default()
-                };
-                let updates = match &held {
-                    Some(base) => {
-                        let d = push::delta(base, &snap, |n| view.keeps(n));
-                        let header = pb::ConfigUpdate {
-                            base_version: base.version,
-                            ..header
-                        };
-                        chunks(header, d.upserts.iter().map(|(_, r)| *r), &d.removals)
-                    }
-                    None => {
-                        let header = pb::ConfigUpdate {
-                            full: true,
-                            ..header
-                        };
-                        let items = snap
-                            .resources
-                            .iter()
-                            .filter(|(n, _)| view.keeps(n))
-                            .map(|(_, r)| r);
-                        chunks(header, items, &[])
-                    }
-                };
+                    ..u.clone()
+                });
                 self.registry
                     .sent(node, session, snap.version, &nonce)
                     .map_err(protocol)?;
