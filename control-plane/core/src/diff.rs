@@ -64,15 +64,45 @@ pub fn row_changes(before: &Routing, after: &Routing) -> Vec<RowChange> {
 /// Share of one row's demand that changes edge (unserved counts as a
 /// destination of its own): half the L1 distance between the rows.
 fn row_moved(b: &GroupRouting, a: &GroupRouting) -> f64 {
-    let mut delta: BTreeMap<&str, f64> = BTreeMap::new();
-    for w in &b.weights {
-        *delta.entry(w.edge.as_str()).or_default() += w.weight;
+    let sorted = |r: &GroupRouting| r.weights.windows(2).all(|p| p[0].edge < p[1].edge);
+    let mut l1 = 0.0;
+    if sorted(b) && sorted(a) {
+        // Both sorted by edge id (as tables are): merge, no allocation.
+        let (mut i, mut j) = (0, 0);
+        while i < b.weights.len() || j < a.weights.len() {
+            let d = match (b.weights.get(i), a.weights.get(j)) {
+                (Some(x), Some(y)) if x.edge == y.edge => {
+                    i += 1;
+                    j += 1;
+                    x.weight - y.weight
+                }
+                (Some(x), Some(y)) if x.edge < y.edge => {
+                    i += 1;
+                    x.weight
+                }
+                (Some(x), None) => {
+                    i += 1;
+                    x.weight
+                }
+                (_, Some(y)) => {
+                    j += 1;
+                    -y.weight
+                }
+                (None, None) => break,
+            };
+            l1 += d.abs();
+        }
+    } else {
+        let mut delta: BTreeMap<&str, f64> = BTreeMap::new();
+        for w in &b.weights {
+            *delta.entry(w.edge.as_str()).or_default() += w.weight;
+        }
+        for w in &a.weights {
+            *delta.entry(w.edge.as_str()).or_default() -= w.weight;
+        }
+        l1 = delta.values().map(|d| d.abs()).sum::<f64>();
     }
-    for w in &a.weights {
-        *delta.entry(w.edge.as_str()).or_default() -= w.weight;
-    }
-    let l1: f64 = delta.values().map(|d| d.abs()).sum::<f64>() + (b.unserved - a.unserved).abs();
-    l1 / 2.0
+    (l1 + (b.unserved - a.unserved).abs()) / 2.0
 }
 
 /// Share of total demand (by the `after` demand) that changes edge between
@@ -81,10 +111,22 @@ pub fn moved_share(before: &Routing, after: &Routing) -> f64 {
     let empty = GroupRouting::default();
     let mut moved = 0.0;
     let mut total = 0.0;
-    for (s, g, a) in after.rows() {
-        let b = before.row(s, g).unwrap_or(&empty);
-        total += a.demand_rps;
-        moved += a.demand_rps * row_moved(b, a);
+    for (s, rows) in &after.services {
+        // Walk the two sorted tables side by side.
+        let mut prev = before.services.get(s).map(|m| m.iter().peekable());
+        for (g, a) in rows {
+            let b = prev
+                .as_mut()
+                .and_then(|it| {
+                    while it.peek().is_some_and(|(k, _)| *k < g) {
+                        it.next();
+                    }
+                    it.peek().filter(|(k, _)| *k == g).map(|(_, r)| *r)
+                })
+                .unwrap_or(&empty);
+            total += a.demand_rps;
+            moved += a.demand_rps * row_moved(b, a);
+        }
     }
     if total > 0.0 {
         (moved / total).clamp(0.0, 1.0)
@@ -324,5 +366,13 @@ mod tests {
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[1].unserved_after, 1.0);
         assert!(row_changes(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn rows_out_of_order_are_compared_by_edge() {
+        let sorted = routing(&[("a", row(100.0, &[("x", 0.25), ("y", 0.75)], 0.0))]);
+        let unsorted = routing(&[("a", row(100.0, &[("y", 0.5), ("x", 0.5)], 0.0))]);
+        assert!((moved_share(&sorted, &unsorted) - 0.25).abs() < 1e-12);
+        assert!((moved_share(&unsorted, &sorted) - 0.25).abs() < 1e-12);
     }
 }

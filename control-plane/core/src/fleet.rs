@@ -139,7 +139,55 @@ impl PolicyMode {
     }
 }
 
+/// The fault-domain level that `min_domains` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainLevel {
+    /// Distinct sites (`region/R/metro/M/site/S`).
+    Site,
+    /// Distinct metros (`region/R/metro/M`).
+    #[default]
+    Metro,
+    /// Distinct regions (`region/R`).
+    Region,
+}
+
+impl DomainLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Site => "site",
+            Self::Metro => "metro",
+            Self::Region => "region",
+        }
+    }
+
+    /// The domain of this level that a site path is in.
+    pub fn of_site(self, site: &DomainPath) -> DomainPath {
+        let want = match self {
+            Self::Site => DomainKind::Site,
+            Self::Metro => DomainKind::Metro,
+            Self::Region => DomainKind::Region,
+        };
+        site.ancestors()
+            .find(|d| d.kind() == want)
+            .unwrap_or_else(|| site.clone())
+    }
+}
+
 /// A service's steering policy.
+///
+/// In `optimize` mode (the default) the solver minimises, over every
+/// service and group at once (edges are shared),
+///
+/// ```text
+///   Σ rps × (latency_weight × latency_ms + cost_weight × price)  + penalties
+/// ```
+///
+/// where `price` is an edge's money per rps (`cost_per_unit` for
+/// self-built edges; for third-party edges nothing inside `commit_rps` and
+/// `overage_price` above it), subject to each edge's capacity × drain ×
+/// `target_utilization`. Every field below is optional and has the default
+/// shown; in `weighted` mode only `weights` may be set.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
@@ -148,6 +196,75 @@ pub struct PolicySpec {
     /// For `weighted`: group id → edge id → relative weight (≥ 0).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub weights: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Weight of latency in the objective, per ms and rps (≥ 0; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_weight: Option<f64>,
+    /// Weight of money in the objective, per unit of price and rps (≥ 0;
+    /// default 1). With the default weights one unit of money per rps
+    /// weighs as much as one millisecond; raise it to trade latency for
+    /// cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_weight: Option<f64>,
+    /// Highest acceptable latency, ms (> 0; default none). Edges above it are
+    /// used only when no capacity is left within it, and the row says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_ms: Option<f64>,
+    /// Utilization planned for, in (0, 1] (default 0.8): the headroom is
+    /// `1 - target_utilization`. An edge runs above it, up to its full
+    /// capacity, only when the alternative is unserved demand. Edges are
+    /// shared: an edge plans for the lowest target of the services with
+    /// demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_utilization: Option<f64>,
+    /// Resilience: each group spreads over at least this many edges, 1 to 16
+    /// (default 1): no edge carries more than `1 / min_edges` of a group's
+    /// demand, as far as the group's usable candidates and capacity allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_edges: Option<u32>,
+    /// Resilience: each group spreads over at least this many fault domains
+    /// of `domain_level`, 1 to 16 (default 1): no domain carries more than
+    /// `1 / min_domains` of a group's demand, as far as the fleet allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_domains: Option<u32>,
+    /// What `min_domains` counts: `site`, `metro` (default) or `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_level: Option<DomainLevel>,
+    /// Largest share of a group's demand that one new routing table may move
+    /// to other edges, in (0, 1] (default 1: no limit). Weight leaving an
+    /// unhealthy or fully drained edge, and load above a reduced capacity
+    /// (a drain step), move at once regardless. When a table is held back,
+    /// `summary.pending_shift` is set and the next solve moves further.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shift: Option<f64>,
+}
+
+/// A checked steering policy (`optimize` fields with defaults applied; see
+/// [`PolicySpec`] for their meaning).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub latency_weight: f64,
+    pub cost_weight: f64,
+    pub max_latency_ms: Option<f64>,
+    pub target_utilization: f64,
+    pub min_edges: u32,
+    pub min_domains: u32,
+    pub domain_level: DomainLevel,
+    pub max_shift: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            latency_weight: 1.0,
+            cost_weight: 1.0,
+            max_latency_ms: None,
+            target_utilization: 0.8,
+            min_edges: 1,
+            min_domains: 1,
+            domain_level: DomainLevel::Metro,
+            max_shift: 1.0,
+        }
+    }
 }
 
 /// An origin (where edges fetch from).
@@ -188,13 +305,16 @@ pub struct EdgeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     pub capacity_rps: f64,
-    /// Cost per unit of traffic (per rps sustained), any currency.
+    /// Cost per unit of traffic (per rps sustained), any currency. For a
+    /// self-built edge, the money the solver counts per rps. For a third
+    /// party, the price when it has no `overage_price`.
     #[serde(default)]
     pub cost_per_unit: f64,
-    /// Third party: traffic already paid for, rps.
+    /// Third party: traffic already paid for, rps. The solver treats it as
+    /// sunk: traffic inside the commit costs no money.
     #[serde(default)]
     pub commit_rps: f64,
-    /// Third party: price per unit above the commit.
+    /// Third party: price per rps above the commit.
     #[serde(default)]
     pub overage_price: f64,
     /// Health-check target: an `http://` or `https://` URL, or `host:port`.
@@ -361,6 +481,28 @@ impl Edge {
             EdgeTarget::ThirdParty { .. } => "third_party",
         }
     }
+
+    pub fn is_third_party(&self) -> bool {
+        matches!(self.target, EdgeTarget::ThirdParty { .. })
+    }
+
+    /// Money per rps at the margin outside a commit: `cost_per_unit` for a
+    /// self-built edge; for a third party its `overage_price`, or
+    /// `cost_per_unit` when it has no overage price.
+    pub fn price_per_unit(&self) -> f64 {
+        if self.is_third_party() && self.overage_price > 0.0 {
+            self.overage_price
+        } else {
+            self.cost_per_unit
+        }
+    }
+
+    /// Whether traffic up to `commit_rps` is already paid for (a third
+    /// party with a commit): it costs nothing more, and only traffic above
+    /// the commit costs [`Edge::price_per_unit`].
+    pub fn has_commit(&self) -> bool {
+        self.is_third_party() && self.commit_rps > 0.0 && self.price_per_unit() > 0.0
+    }
 }
 
 /// A checked origin.
@@ -377,6 +519,9 @@ pub struct Origin {
 pub struct Candidate {
     pub edge: EdgeId,
     pub latency_ms: f64,
+    /// Position of the edge in [`Fleet::edges`] (id order), so that the
+    /// solver needs no lookup by id.
+    pub edge_index: usize,
 }
 
 /// A checked client group.
@@ -411,6 +556,8 @@ pub struct Service {
     pub mode: PolicyMode,
     /// For `weighted`: group → edge → relative weight.
     pub weights: BTreeMap<GroupId, BTreeMap<EdgeId, f64>>,
+    /// For `optimize`: objective, headroom, resilience and stability.
+    pub policy: Policy,
 }
 
 /// What sits below one fault domain.
@@ -433,6 +580,71 @@ pub struct Fleet {
     /// Every fault domain the fleet defines (from edge sites and providers
     /// and origin paths, with every domain above them).
     pub domains: BTreeMap<DomainPath, DomainInfo>,
+    /// Every group's candidates in flat arrays, for the solver.
+    candidates: CandidateIndex,
+}
+
+/// Every group's candidates (group id order) in flat arrays: reading 10,000
+/// groups × 20 candidates from them is a fraction of following each
+/// group's own vector.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct CandidateIndex {
+    /// Per group, its first entry; one more at the end.
+    pub start: Vec<u32>,
+    /// Edge index (position in `Fleet::edges`).
+    pub edge: Vec<u32>,
+    pub latency_ms: Vec<f64>,
+    /// Demand per group and service: `demand[group * services + service]`
+    /// (both in id order).
+    pub demand: Vec<f64>,
+    pub services: usize,
+}
+
+impl CandidateIndex {
+    fn of(
+        groups: &BTreeMap<GroupId, ClientGroup>,
+        services: &BTreeMap<ServiceId, Service>,
+    ) -> Self {
+        let n: usize = groups.values().map(|g| g.candidates.len()).sum();
+        let mut index = Self {
+            start: Vec::with_capacity(groups.len() + 1),
+            edge: Vec::with_capacity(n),
+            latency_ms: Vec::with_capacity(n),
+            demand: Vec::with_capacity(groups.len() * services.len()),
+            services: services.len(),
+        };
+        for g in groups.values() {
+            index.demand.extend(services.keys().map(|s| g.demand(s)));
+            index.start.push(index.edge.len() as u32);
+            for c in &g.candidates {
+                index.edge.push(c.edge_index as u32);
+                index.latency_ms.push(c.latency_ms);
+            }
+        }
+        index.start.push(index.edge.len() as u32);
+        index
+    }
+
+    /// The index of a fleet whose maps were changed after it was checked:
+    /// edge positions looked up by id (candidates of unknown edges get
+    /// `u32::MAX`).
+    pub(crate) fn rebuild(fleet: &Fleet) -> Self {
+        let position: BTreeMap<&EdgeId, u32> = fleet
+            .edges
+            .keys()
+            .enumerate()
+            .map(|(i, id)| (id, i as u32))
+            .collect();
+        let mut index = Self::of(&fleet.groups, &fleet.services);
+        let mut i = 0;
+        for g in fleet.groups.values() {
+            for c in &g.candidates {
+                index.edge[i] = position.get(&c.edge).copied().unwrap_or(u32::MAX);
+                i += 1;
+            }
+        }
+        index
+    }
 }
 
 impl Fleet {
@@ -451,12 +663,32 @@ impl Fleet {
         let mut v = Validator::default();
         let fleet = v.build(&spec);
         if v.problems.is_empty() {
-            Ok(Fleet { spec, ..fleet })
+            let candidates = CandidateIndex::of(&fleet.groups, &fleet.services);
+            Ok(Fleet {
+                spec,
+                candidates,
+                ..fleet
+            })
         } else {
             Err(FleetError {
                 problems: v.problems,
             })
         }
+    }
+
+    /// The flat candidate index, if it still matches `groups` (it is built
+    /// by [`Fleet::from_spec`]; the fields are public, so check).
+    pub(crate) fn candidate_index(&self) -> Option<&CandidateIndex> {
+        let c = &self.candidates;
+        (c.start.len() == self.groups.len() + 1
+            && c.services == self.services.len()
+            && c.edge.len()
+                == self
+                    .groups
+                    .values()
+                    .map(|g| g.candidates.len())
+                    .sum::<usize>())
+        .then_some(c)
     }
 
     /// Total demand over every group and service, rps.
@@ -622,6 +854,7 @@ impl Validator {
             groups,
             services,
             domains,
+            candidates: CandidateIndex::default(),
         }
     }
 
@@ -825,6 +1058,8 @@ impl Validator {
         domains: &'a BTreeMap<DomainPath, DomainInfo>,
         service_ids: &BTreeSet<&str>,
     ) -> BTreeMap<GroupId, ClientGroup> {
+        let position: BTreeMap<&EdgeId, usize> =
+            edges.keys().enumerate().map(|(i, id)| (id, i)).collect();
         let mut seen = BTreeSet::new();
         let mut prefix_owner: BTreeMap<IpNet, String> = BTreeMap::new();
         let mut out = BTreeMap::new();
@@ -931,6 +1166,7 @@ impl Validator {
                 .map(|(edge, (_, latency_ms))| Candidate {
                     edge: edge.clone(),
                     latency_ms,
+                    edge_index: position.get(edge).copied().unwrap_or(usize::MAX),
                 })
                 .collect();
             if candidates.is_empty() && !g.latency_ms.is_empty() && ok {
@@ -961,6 +1197,85 @@ impl Validator {
             }
         }
         out
+    }
+
+    /// Checks the `optimize` fields of a policy and applies defaults.
+    fn policy(&mut self, at: &str, p: &PolicySpec) -> Option<Policy> {
+        let here = |field: &str| format!("{at}.policy.{field}");
+        let mut ok = true;
+        if p.mode == PolicyMode::Weighted {
+            for (field, set) in [
+                ("latency_weight", p.latency_weight.is_some()),
+                ("cost_weight", p.cost_weight.is_some()),
+                ("max_latency_ms", p.max_latency_ms.is_some()),
+                ("target_utilization", p.target_utilization.is_some()),
+                ("min_edges", p.min_edges.is_some()),
+                ("min_domains", p.min_domains.is_some()),
+                ("domain_level", p.domain_level.is_some()),
+                ("max_shift", p.max_shift.is_some()),
+            ] {
+                if set {
+                    self.problem(here(field), "used only with mode = \"optimize\"");
+                    ok = false;
+                }
+            }
+        }
+        let d = Policy::default();
+        let mut weight = |field: &str, v: Option<f64>, default: f64| -> f64 {
+            let v = v.unwrap_or(default);
+            if self.check(here(field), check_amount(v, false)).is_none() {
+                ok = false;
+            }
+            v
+        };
+        let latency_weight = weight("latency_weight", p.latency_weight, d.latency_weight);
+        let cost_weight = weight("cost_weight", p.cost_weight, d.cost_weight);
+        if latency_weight == 0.0 && cost_weight == 0.0 {
+            self.problem(
+                here("cost_weight"),
+                "latency_weight and cost_weight cannot both be 0",
+            );
+            ok = false;
+        }
+        if let Some(ms) = p.max_latency_ms {
+            ok &= self
+                .check(here("max_latency_ms"), check_amount(ms, true))
+                .is_some();
+        }
+        let mut share = |field: &str, v: Option<f64>, default: f64| -> f64 {
+            let v = v.unwrap_or(default);
+            if !(v > 0.0 && v <= 1.0) {
+                self.problem(here(field), format!("must be in (0, 1], got {v}"));
+                ok = false;
+            }
+            v
+        };
+        let target_utilization = share(
+            "target_utilization",
+            p.target_utilization,
+            d.target_utilization,
+        );
+        let max_shift = share("max_shift", p.max_shift, d.max_shift);
+        let mut count = |field: &str, v: Option<u32>| -> u32 {
+            let v = v.unwrap_or(1);
+            if !(1..=16).contains(&v) {
+                self.problem(here(field), format!("must be 1 to 16, got {v}"));
+                ok = false;
+            }
+            v
+        };
+        let min_edges = count("min_edges", p.min_edges);
+        let min_domains = count("min_domains", p.min_domains);
+        ok.then_some(Policy {
+            latency_weight,
+            cost_weight,
+            max_latency_ms: p.max_latency_ms,
+            target_utilization,
+            min_edges,
+            min_domains,
+            domain_level: p.domain_level.unwrap_or(d.domain_level),
+            max_shift,
+        })
     }
 
     fn services(
@@ -1064,6 +1379,8 @@ impl Validator {
                 );
                 ok = false;
             }
+            let policy = self.policy(&at, &s.policy);
+            ok &= policy.is_some();
             if ok {
                 out.insert(
                     ServiceId::new(&s.id),
@@ -1078,6 +1395,7 @@ impl Validator {
                         answer_count: s.answer_count,
                         mode: s.policy.mode,
                         weights,
+                        policy: policy.unwrap_or_default(),
                     },
                 );
             }
@@ -1408,6 +1726,94 @@ latency_ms = { "region/eu" = 10, "provider/cdn-a" = 30, "ams1" = 5 }
             has(&p, "edges[1] \"cdn-eu\".provider", "needs a provider"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn policy_defaults_and_every_field_parsed() {
+        let f = Fleet::from_toml(BASE).expect("valid");
+        assert_eq!(
+            f.services[&ServiceId::from("www")].policy,
+            Policy::default()
+        );
+        let text = BASE.replace(
+            "nameservers = [\"ns1.example.com\"]",
+            "nameservers = [\"ns1.example.com\"]\npolicy = { latency_weight = 2, cost_weight = 0.5, \
+             max_latency_ms = 80, target_utilization = 0.7, min_edges = 2, min_domains = 3, \
+             domain_level = \"site\", max_shift = 0.25 }",
+        );
+        let f = Fleet::from_toml(&text).expect("valid");
+        assert_eq!(
+            f.services[&ServiceId::from("www")].policy,
+            Policy {
+                latency_weight: 2.0,
+                cost_weight: 0.5,
+                max_latency_ms: Some(80.0),
+                target_utilization: 0.7,
+                min_edges: 2,
+                min_domains: 3,
+                domain_level: DomainLevel::Site,
+                max_shift: 0.25,
+            }
+        );
+        // The spec round-trips, policy included.
+        let again = Fleet::from_toml(&f.spec().to_toml().expect("toml")).expect("valid");
+        assert_eq!(again, f);
+    }
+
+    #[test]
+    fn policy_fields_are_checked_where_they_are() {
+        let with = |policy: &str| {
+            BASE.replace(
+                "nameservers = [\"ns1.example.com\"]",
+                &format!("nameservers = [\"ns1.example.com\"]\npolicy = {{ {policy} }}"),
+            )
+        };
+        let at = |field: &str| format!("services[0] \"www\".policy.{field}");
+        for (policy, field, message) in [
+            ("latency_weight = -1", "latency_weight", "not be negative"),
+            ("cost_weight = nan", "cost_weight", "finite"),
+            (
+                "latency_weight = 0, cost_weight = 0",
+                "cost_weight",
+                "cannot both be 0",
+            ),
+            ("max_latency_ms = 0", "max_latency_ms", "greater than 0"),
+            ("target_utilization = 0", "target_utilization", "(0, 1]"),
+            ("target_utilization = 1.5", "target_utilization", "(0, 1]"),
+            ("min_edges = 0", "min_edges", "1 to 16"),
+            ("min_domains = 17", "min_domains", "1 to 16"),
+            ("max_shift = 0", "max_shift", "(0, 1]"),
+            ("max_shift = 2", "max_shift", "(0, 1]"),
+            (
+                "mode = \"weighted\", max_shift = 0.5",
+                "max_shift",
+                "only with mode = \"optimize\"",
+            ),
+            (
+                "mode = \"weighted\", min_edges = 2",
+                "min_edges",
+                "only with mode = \"optimize\"",
+            ),
+        ] {
+            let p = problems(&with(policy));
+            assert!(has(&p, &at(field), message), "{policy}: {p:?}");
+        }
+        // Wrong types and unknown values are located by line and column.
+        for policy in [
+            "domain_level = \"rack\"",
+            "min_edges = -1",
+            "max_shfit = 0.5",
+        ] {
+            let p = problems(&with(policy));
+            assert!(p[0].location.starts_with("line 8"), "{policy}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn the_example_fleet_is_valid_with_default_policies() {
+        let f = Fleet::from_toml(include_str!("../../../deploy/examples/fleet.toml"))
+            .expect("deploy/examples/fleet.toml");
+        assert!(f.services.values().all(|s| s.policy == Policy::default()));
     }
 
     #[test]

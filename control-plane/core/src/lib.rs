@@ -1,5 +1,12 @@
 //! Sextant's brain: the fleet model and the decision logic.
 //!
+//! - [`fleet`]: the fleet file, its checks, steering policies;
+//! - [`signals`], [`drain`]: what the solver is told about edges;
+//! - [`solver`]: the routing decision (min-cost flow by network simplex);
+//! - [`explain`]: why each weight is what it is;
+//! - [`n_minus_one`]: what losing a region or provider would do;
+//! - [`diff`]: what a change moves.
+//!
 //! Everything here is pure and deterministic: functions take state and a
 //! time (`now_ms`) and return a decision. Nothing reads a clock, a socket or
 //! the store (DESIGN.md, principle 1); the control plane and the simulator are
@@ -11,9 +18,13 @@
 pub mod diff;
 pub mod domain;
 pub mod drain;
+pub mod drill;
+pub mod explain;
 pub mod fleet;
 pub mod ids;
+pub mod n_minus_one;
 pub mod routing;
+pub mod schedule;
 pub mod signals;
 pub mod solver;
 

@@ -25,6 +25,9 @@ pub struct OriginWeight {
 }
 
 /// Routing of one (service, client group).
+///
+/// Fields added after the first release carry `#[serde(default)]`, so that
+/// tables stored before them still load.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GroupRouting {
     /// Demand of the group for the service, rps.
@@ -39,6 +42,10 @@ pub struct GroupRouting {
     /// Notes about this row, for operators.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// The row moved as far as the service's `max_shift` allows and is not
+    /// yet where the solver wants it: a later solve moves it further.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shift_limited: bool,
 }
 
 impl GroupRouting {
@@ -65,6 +72,48 @@ pub struct EdgeLoad {
     pub utilization: f64,
     /// Upstream split across origins.
     pub origins: Vec<OriginWeight>,
+    /// Load the solver plans for at most: effective capacity × target
+    /// utilization, rps. Above it the edge runs hot (only when the
+    /// alternative is unserved demand).
+    #[serde(default)]
+    pub limit_rps: f64,
+    /// Marginal cost of one more rps on this edge after the solve, in
+    /// objective units: 0 with spare capacity, positive when capacity binds
+    /// (what more capacity here would save).
+    #[serde(default)]
+    pub price: f64,
+}
+
+/// Predicted state of one origin under a routing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OriginLoad {
+    pub predicted_load_rps: f64,
+    /// Capacity left after drains, rps.
+    pub effective_capacity_rps: f64,
+    /// Predicted load over effective capacity.
+    pub utilization: f64,
+}
+
+/// Facts about a solve as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SolveSummary {
+    /// The policies' objective: latency and money weighted, plus penalties
+    /// for running hot and for unserved demand (stability terms excluded).
+    pub objective: f64,
+    /// Demand no edge takes, rps.
+    pub unserved_rps: f64,
+    /// Share of demand that changed edge compared with the previous table.
+    pub churn: f64,
+    /// Rows held back by `max_shift`.
+    pub shift_limited_rows: u64,
+    /// Rows that failed open.
+    pub failed_open_rows: u64,
+    /// Some rows are held back by `max_shift`: solve again after the step
+    /// interval to move further.
+    pub pending_shift: bool,
+    /// Fleet-wide notes (edges running hot, origins short of capacity).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The content of a routing decision.
@@ -72,6 +121,11 @@ pub struct EdgeLoad {
 pub struct Routing {
     pub services: BTreeMap<ServiceId, BTreeMap<GroupId, GroupRouting>>,
     pub edges: BTreeMap<EdgeId, EdgeLoad>,
+    /// Predicted load per origin.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub origins: BTreeMap<OriginId, OriginLoad>,
+    #[serde(default)]
+    pub summary: SolveSummary,
 }
 
 impl Routing {

@@ -1,8 +1,11 @@
 //! Health and capacity signals, as the decision logic sees them.
 //!
-//! For now the control plane has no signal sources, so every edge is
-//! [`Health::Unknown`], which routing treats as usable. The health issue
-//! fills this with verdicts computed from edge reports and probes.
+//! Per edge: a health verdict, and what the edge reports about itself: its
+//! measured capacity and its current load. Edges without an entry are
+//! [`Health::Unknown`], which routing treats as usable, with their declared
+//! capacity. The solver plans with the *effective capacity*:
+//! `min(declared, measured) × drain factor`; current load is shown in
+//! explanations (the solver predicts load from demand, it does not read it).
 
 use std::collections::BTreeMap;
 
@@ -42,6 +45,14 @@ pub struct EdgeSignal {
     pub health: Health,
     /// Why the verdict is what it is.
     pub reason: String,
+    /// Capacity the edge reports it can serve now, rps (e.g. fewer hosts in
+    /// rotation). Routing uses the lower of this and the declared capacity;
+    /// a value that is not a finite number ≥ 0 is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_capacity_rps: Option<f64>,
+    /// Load the edge reports serving now, rps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_load_rps: Option<f64>,
 }
 
 /// Signals about every edge, by id; edges without an entry are unknown.
@@ -53,5 +64,59 @@ pub struct Signals {
 impl Signals {
     pub fn health(&self, edge: &EdgeId) -> Health {
         self.edges.get(edge).map(|s| s.health).unwrap_or_default()
+    }
+
+    /// The capacity to plan with before drains: the declared capacity, or
+    /// the measured one when it is lower.
+    pub fn capacity(&self, edge: &EdgeId, declared_rps: f64) -> f64 {
+        match self.edges.get(edge).and_then(|s| s.measured_capacity_rps) {
+            Some(m) if m.is_finite() && m >= 0.0 => m.min(declared_rps),
+            _ => declared_rps,
+        }
+    }
+
+    /// The load the edge reports, if any.
+    pub fn current_load(&self, edge: &EdgeId) -> Option<f64> {
+        self.edges
+            .get(edge)
+            .and_then(|s| s.current_load_rps)
+            .filter(|l| l.is_finite())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measured_capacity_only_lowers_the_declared_one() {
+        let mut s = Signals::default();
+        let e = EdgeId::from("e");
+        assert_eq!(s.capacity(&e, 100.0), 100.0);
+        for (measured, want) in [
+            (60.0, 60.0),
+            (150.0, 100.0),
+            (f64::NAN, 100.0),
+            (-1.0, 100.0),
+        ] {
+            s.edges.insert(
+                e.clone(),
+                EdgeSignal {
+                    measured_capacity_rps: Some(measured),
+                    ..EdgeSignal::default()
+                },
+            );
+            assert_eq!(s.capacity(&e, 100.0), want, "{measured}");
+        }
+        assert!(Health::Unknown.usable() && Health::Up.usable() && !Health::Down.usable());
+    }
+
+    #[test]
+    fn old_signals_json_still_loads() {
+        let s: Signals =
+            serde_json::from_str(r#"{"edges":{"e":{"health":"down","reason":"probe"}}}"#)
+                .expect("json");
+        assert_eq!(s.health(&EdgeId::from("e")), Health::Down);
+        assert_eq!(s.current_load(&EdgeId::from("e")), None);
     }
 }
