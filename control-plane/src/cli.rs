@@ -105,6 +105,16 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Explain the weights of one (service, group): latency, cost,
+    /// utilization, and which constraint binds each edge.
+    Explain {
+        service: String,
+        #[arg(long)]
+        group: String,
+    },
+    /// What losing each region or provider would do to the others.
+    #[command(name = "n-minus-one")]
+    NMinusOne,
     /// Show the audit log.
     Audit {
         /// Only records newer than this: a duration (15m, 2h, 7d) or unix ms.
@@ -333,6 +343,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             })
             .await?;
             show_audit(&records, json)
+        }
+        Command::Explain { service, group } => {
+            let r = SteeringServiceClient::new(channel)
+                .explain(pb::ExplainRequest { service, group })
+                .await?
+                .into_inner();
+            show_explain(&r, json)
+        }
+        Command::NMinusOne => {
+            let r = SteeringServiceClient::new(channel)
+                .n_minus_one(pb::NMinusOneRequest {})
+                .await?
+                .into_inner();
+            show_n_minus_one(&r, json)
         }
         Command::Status => {
             let r = ClusterServiceClient::new(channel)
@@ -919,6 +943,92 @@ fn show_audit(records: &[pb::AuditRecord], json: bool) -> String {
         ]);
     }
     t.render()
+}
+
+fn show_explain(r: &pb::ExplainResponse, json: bool) -> String {
+    if json {
+        return json!({
+            "version": r.version, "service": r.service, "group": r.group, "mode": r.mode,
+            "demand_rps": r.demand_rps, "unserved": r.unserved, "failed_open": r.failed_open,
+            "shift_limited": r.shift_limited, "notes": r.notes,
+            "edges": r.edges.iter().map(|e| json!({
+                "edge": e.edge, "weight": e.weight, "latency_ms": e.latency_ms,
+                "cost_per_unit": e.cost_per_unit, "utilization": e.utilization,
+                "load_rps": e.load_rps, "limit_rps": e.limit_rps, "marginal_cost": e.marginal_cost,
+                "binding": e.binding, "drains": e.drains, "health": e.health, "reason": e.reason,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+    }
+    let mut out = format!(
+        "routing version {}: {} / {} ({}), demand {:.0} rps, unserved {}\n",
+        r.version,
+        r.service,
+        r.group,
+        r.mode,
+        r.demand_rps,
+        pct(r.unserved)
+    );
+    for n in &r.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    let mut t = Table::new([
+        "EDGE", "WEIGHT", "LATENCY", "COST", "UTIL", "BINDING", "HEALTH", "REASON",
+    ]);
+    for e in &r.edges {
+        t.row([
+            e.edge.clone(),
+            format!("{:.3}", e.weight),
+            format!("{:.0}ms", e.latency_ms),
+            format!("{:.3}", e.cost_per_unit),
+            pct(e.utilization),
+            e.binding.join(","),
+            e.health.clone(),
+            e.reason.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+fn show_n_minus_one(r: &pb::NMinusOneReport, json: bool) -> String {
+    let dom = |d: &pb::DomainUtilization| {
+        json!({"domain": d.domain, "load_rps": d.load_rps, "capacity_rps": d.capacity_rps,
+               "utilization": d.utilization})
+    };
+    if json {
+        return json!({
+            "version": r.version,
+            "baseline": r.baseline.iter().map(dom).collect::<Vec<_>>(),
+            "scenarios": r.scenarios.iter().map(|s| json!({
+                "lost": s.lost, "unserved_rps": s.unserved_rps, "max_utilization": s.max_utilization,
+                "domains": s.domains.iter().map(dom).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+    }
+    let mut t = Table::new(["IF LOST", "UNSERVED RPS", "MAX UTIL", "HOTTEST"]);
+    for s in &r.scenarios {
+        let hottest = s
+            .domains
+            .iter()
+            .max_by(|a, b| a.utilization.total_cmp(&b.utilization))
+            .map_or_else(
+                || "-".to_owned(),
+                |d| format!("{} {}", d.domain, pct(d.utilization)),
+            );
+        t.row([
+            s.lost.clone(),
+            format!("{:.0}", s.unserved_rps),
+            pct(s.max_utilization),
+            hottest,
+        ]);
+    }
+    format!(
+        "N-1 report for routing version {}\n{}",
+        r.version,
+        t.render()
+    )
 }
 
 fn show_status(r: &pb::StatusResponse, json: bool) -> String {

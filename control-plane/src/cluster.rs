@@ -122,12 +122,15 @@ impl Node {
 pub struct ElectionConfig {
     /// Lease TTL: how long a dead leader keeps the key.
     pub lease_ttl: Duration,
+    /// Settings of the loop the leader runs.
+    pub loop_config: control_loop::LoopConfig,
 }
 
 impl Default for ElectionConfig {
     fn default() -> Self {
         Self {
             lease_ttl: Duration::from_secs(3),
+            loop_config: control_loop::LoopConfig::default(),
         }
     }
 }
@@ -255,7 +258,7 @@ async fn run(
         if resp.succeeded {
             info!("elected leader");
             std::mem::replace(&mut source, Source::None).stop().await;
-            match control_loop::start(store.clone(), clock.clone()).await {
+            match control_loop::start(store.clone(), clock.clone(), config.loop_config).await {
                 Ok((handle, task)) => {
                     // Publish the loop's state before announcing the role, so
                     // that nothing reads a leader without its state.

@@ -253,7 +253,30 @@ struct Change {
     details: Vec<String>,
 }
 
+/// How soon to retry scheduled work that failed (store unavailable, ...).
+const RETRY_MS: i64 = 2_000;
+
+/// Settings of the control loop.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Time between the steps of a move held back by a policy's max_shift.
+    pub shift_interval_ms: i64,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            shift_interval_ms: 30_000,
+        }
+    }
+}
+
 struct Loop {
+    config: LoopConfig,
+    /// When to take the next step of a shift-limited move.
+    shift_due_ms: Option<i64>,
+    /// When to retry scheduled work that failed.
+    retry_at_ms: Option<i64>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     state: State,
@@ -266,6 +289,7 @@ struct Loop {
 pub async fn start(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    config: LoopConfig,
 ) -> Result<(LoopHandle, tokio::task::JoinHandle<()>), StateError> {
     let state = state::load(store.as_ref()).await?;
     info!(
@@ -277,6 +301,9 @@ pub async fn start(
     let signals = Signals::default();
     let (publish, snapshots) = watch::channel(Arc::new(Snapshot::of(&state, &signals)));
     let mut lp = Loop {
+        config,
+        shift_due_ms: None,
+        retry_at_ms: None,
         store,
         clock,
         state,
@@ -334,44 +361,139 @@ impl Loop {
     }
 
     fn adopt(&mut self, table: RoutingTable, rev: sextant_store::Revision) {
+        // A move held back by max_shift continues after the step interval.
+        self.shift_due_ms = table
+            .routing
+            .summary
+            .pending_shift
+            .then(|| self.clock.now_ms() + self.config.shift_interval_ms);
         self.state.version = table.meta.version;
         self.state.routing_rev = rev;
         self.state.table = Some(Arc::new(table));
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
-            match cmd {
-                Command::ApplyFleet {
-                    spec,
-                    expected_generation,
-                    intent,
-                    reply,
-                } => {
-                    let r = self.apply_fleet(spec, expected_generation, intent).await;
-                    let _ = reply.send(self.settle(r).await);
+        loop {
+            let wait = self.next_wakeup_ms().map(|at| {
+                std::time::Duration::from_millis(
+                    u64::try_from(at.saturating_sub(self.clock.now_ms())).unwrap_or(0),
+                )
+            });
+            let cmd = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(c) => c,
+                    None => break,
+                },
+                _ = tokio::time::sleep(wait.unwrap_or(std::time::Duration::from_secs(3600))), if wait.is_some() => {
+                    let r = self.on_timer().await;
+                    if let Err(e) = self.settle(r).await {
+                        warn!(error = %e, "scheduled work failed; will retry");
+                        self.retry_at_ms = Some(self.clock.now_ms() + RETRY_MS);
+                    }
+                    continue;
                 }
-                Command::Drain {
-                    domain,
-                    fraction,
-                    owner,
-                    intent,
-                    reply,
-                } => {
-                    let r = self.drain(&domain, fraction, owner, intent).await;
-                    let _ = reply.send(self.settle(r).await);
-                }
-                Command::Undrain {
-                    domain,
-                    intent,
-                    reply,
-                } => {
-                    let r = self.undrain(&domain, intent).await;
-                    let _ = reply.send(self.settle(r).await);
-                }
-            }
+            };
+            self.handle(cmd).await;
         }
         info!("control loop stopped");
+    }
+
+    /// When the loop must act by itself next (a pending shift step, a retry).
+    fn next_wakeup_ms(&self) -> Option<i64> {
+        [self.shift_due_ms, self.retry_at_ms]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Work the loop scheduled for itself.
+    async fn on_timer(&mut self) -> Result<Outcome, OpError> {
+        self.retry_at_ms = None;
+        let now = self.clock.now_ms();
+        match self.shift_due_ms {
+            Some(due) if due <= now => {
+                self.shift_due_ms = None;
+                self.reconcile(
+                    "routing.shift_step",
+                    "the next step of a shift-limited move",
+                )
+                .await
+            }
+            _ => Ok(self.unchanged()),
+        }
+    }
+
+    /// Re-solves with the current state and commits if the routing moves.
+    async fn reconcile(&mut self, action: &'static str, why: &str) -> Result<Outcome, OpError> {
+        let Some(fleet) = self.state.fleet.clone() else {
+            return Ok(self.unchanged());
+        };
+        let preview = self
+            .snapshot()
+            .preview(&fleet, &self.state.drains, self.clock.now_ms());
+        if preview.changes.is_empty() {
+            self.shift_due_ms = None;
+            return Ok(self.unchanged());
+        }
+        let change = Change {
+            fleet,
+            new_fleet: None,
+            drains: self.state.drains.clone(),
+            commit: Commit::default(),
+            action,
+            target: String::new(),
+            details: vec![],
+        };
+        let intent = Intent {
+            actor: "sextant-cp".into(),
+            reason: why.into(),
+        };
+        self.change(change, intent).await
+    }
+
+    fn unchanged(&self) -> Outcome {
+        let v = self.state.version.0;
+        Outcome {
+            version_before: v,
+            version_after: v,
+            fleet_generation: self.state.fleet_generation,
+            changed: false,
+            changes: vec![],
+            shifts: vec![],
+            drain: None,
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::ApplyFleet {
+                spec,
+                expected_generation,
+                intent,
+                reply,
+            } => {
+                let r = self.apply_fleet(spec, expected_generation, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
+            Command::Drain {
+                domain,
+                fraction,
+                owner,
+                intent,
+                reply,
+            } => {
+                let r = self.drain(&domain, fraction, owner, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
+            Command::Undrain {
+                domain,
+                intent,
+                reply,
+            } => {
+                let r = self.undrain(&domain, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
+        }
     }
 
     /// After a failed commit, re-read the store so that the loop's view is

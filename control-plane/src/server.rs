@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub stale_after: Duration,
     /// Leader lease TTL.
     pub lease_ttl: Duration,
+    /// Time between the steps of a move held back by a policy's max_shift.
+    pub shift_interval: Duration,
 }
 
 /// Why the server could not start or stopped.
@@ -189,6 +191,10 @@ pub async fn run(
         me,
         ElectionConfig {
             lease_ttl: config.lease_ttl,
+            loop_config: crate::control_loop::LoopConfig {
+                shift_interval_ms: i64::try_from(config.shift_interval.as_millis())
+                    .unwrap_or(i64::MAX),
+            },
         },
     );
     // Seed on whichever replica leads, whenever it leads, if the store has
@@ -250,6 +256,7 @@ pub async fn run(
     let steering = SteeringApi {
         node: node.clone(),
         store: store.clone(),
+        clock: clock.clone(),
     };
     let operations = OperationsApi {
         node: node.clone(),

@@ -58,16 +58,16 @@ async fn grpc_health_and_unimplemented_services_answer() -> Result<()> {
         status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
         "health status {status}"
     );
-    // Services of the contract that later work fills say so.
-    let mut steering =
-        sextant_proto::v1::steering_service_client::SteeringServiceClient::new(channel.clone());
-    let err = steering
-        .explain(sextant_proto::v1::ExplainRequest::default())
+    // RPCs of the contract that later work fills say so.
+    let mut ops =
+        sextant_proto::v1::operations_service_client::OperationsServiceClient::new(channel.clone());
+    let err = ops
+        .list_drills(sextant_proto::v1::ListDrillsRequest::default())
         .await
         .err()
-        .context("explain succeeded")?;
+        .context("list_drills succeeded")?;
     ensure!(err.code() == tonic::Code::Unimplemented, "{err:?}");
-    ensure!(err.message().contains("not implemented yet"), "{err:?}");
+    ensure!(err.message().contains("not supported yet"), "{err:?}");
     // Without a fleet, routing reads fail with a clear precondition.
     let out = cp.ctl().run(["routes", "www"])?;
     ensure!(

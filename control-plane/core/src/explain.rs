@@ -236,7 +236,7 @@ pub fn explain(
             if at_limit {
                 binding.push(Binding::Capacity);
                 why.push(format!(
-                    "at its planned load ({:.0} of {:.0} rps{}); one more rps here would save {:.3}",
+                    "at its planned load ({:.0} of {:.0} rps{}){}",
                     f.load,
                     f.limit,
                     if f.load > f.limit * (1.0 + 1e-6) {
@@ -244,7 +244,11 @@ pub fn explain(
                     } else {
                         ""
                     },
-                    f.price
+                    if f.price > 1e-9 {
+                        format!("; one more rps of capacity here would save {:.3}", f.price)
+                    } else {
+                        String::new()
+                    }
                 ));
             }
             if f.factor < 1.0 {

@@ -48,6 +48,10 @@ struct Args {
     /// one for longer than this many seconds.
     #[arg(long, env = "SEXTANT_STALE_AFTER", default_value_t = 30)]
     stale_after_seconds: u64,
+    /// Seconds between the steps of a move that a service's max_shift holds
+    /// back.
+    #[arg(long, env = "SEXTANT_SHIFT_INTERVAL", default_value_t = 30)]
+    shift_interval_seconds: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
@@ -102,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             store,
             advertise: args.advertise,
             lease_ttl: std::time::Duration::from_secs(args.lease_ttl_seconds),
+            shift_interval: std::time::Duration::from_secs(args.shift_interval_seconds.max(1)),
             fleet: args.fleet,
             metrics: args.metrics,
             replica_id: args.replica_id,

@@ -12,7 +12,9 @@ use sextant_store::Store;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::Node;
+use crate::control_loop::Clock;
 use crate::state;
+use sextant_core::{explain, n_minus_one};
 
 /// Group rows per chunk are added until a chunk reaches this size, far
 /// below gRPC's default 4 MiB message limit.
@@ -23,6 +25,7 @@ pub const CHUNK_TARGET_BYTES: usize = 1024 * 1024;
 pub struct SteeringApi {
     pub node: Node,
     pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for SteeringApi {
@@ -140,11 +143,98 @@ impl SteeringService for SteeringApi {
 
     async fn explain(
         &self,
-        _: Request<pb::ExplainRequest>,
+        request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
-        Err(Status::unimplemented(
-            "explain is not implemented yet: it arrives with the steering solver",
-        ))
+        let req = request.into_inner();
+        let snap = self.node.snapshot();
+        let (Some(fleet), Some(table)) = (&snap.fleet, &snap.table) else {
+            return Err(Status::failed_precondition(
+                "no routing table yet: apply a fleet first",
+            ));
+        };
+        if req.group.is_empty() {
+            return Err(Status::invalid_argument(
+                "group: required (which client group to explain)",
+            ));
+        }
+        let row = explain::explain(
+            fleet,
+            &snap.signals,
+            &snap.drains,
+            &table.routing,
+            &req.service,
+            &req.group,
+        )
+        .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(pb::ExplainResponse {
+            version: table.meta.version.0,
+            service: row.service.to_string(),
+            group: row.group.to_string(),
+            unserved: row.unserved,
+            demand_rps: row.demand_rps,
+            edges: row
+                .edges
+                .into_iter()
+                .map(|e| pb::WeightExplanation {
+                    edge: e.edge.to_string(),
+                    weight: e.weight,
+                    latency_ms: e.latency_ms,
+                    cost_per_unit: e.cost_per_unit,
+                    utilization: e.utilization,
+                    binding: e.binding.iter().map(|b| b.as_str().to_owned()).collect(),
+                    drains: e.drains,
+                    health: e.health,
+                    reason: e.reason,
+                    load_rps: e.load_rps,
+                    limit_rps: e.limit_rps,
+                    marginal_cost: e.marginal_cost,
+                })
+                .collect(),
+            notes: row.notes,
+            mode: row.mode,
+            failed_open: row.failed_open,
+            shift_limited: row.shift_limited,
+        }))
+    }
+
+    async fn n_minus_one(
+        &self,
+        _: Request<pb::NMinusOneRequest>,
+    ) -> Result<Response<pb::NMinusOneReport>, Status> {
+        let snap = self.node.snapshot();
+        let (Some(fleet), Some(table)) = (snap.fleet.clone(), snap.table.clone()) else {
+            return Err(Status::failed_precondition(
+                "no routing table yet: apply a fleet first",
+            ));
+        };
+        let now = self.clock.now_ms();
+        let version = table.meta.version.0;
+        // One solve per region and provider: off the async workers.
+        let report = tokio::task::spawn_blocking(move || {
+            n_minus_one::n_minus_one(&fleet, &snap.signals, &snap.drains, &table.routing, now)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("N-1 computation failed: {e}")))?;
+        let conv = |d: &n_minus_one::DomainUtilization| pb::DomainUtilization {
+            domain: d.domain.to_string(),
+            load_rps: d.load_rps,
+            capacity_rps: d.capacity_rps,
+            utilization: d.utilization,
+        };
+        Ok(Response::new(pb::NMinusOneReport {
+            version,
+            baseline: report.baseline.iter().map(conv).collect(),
+            scenarios: report
+                .scenarios
+                .iter()
+                .map(|s| pb::LossScenario {
+                    lost: s.lost.to_string(),
+                    unserved_rps: s.unserved_rps,
+                    max_utilization: s.max_utilization,
+                    domains: s.domains.iter().map(conv).collect(),
+                })
+                .collect(),
+        }))
     }
 
     async fn list_versions(
