@@ -4,12 +4,14 @@
 //!   plane's config stream ([`subscriber`]), forwards HTTP to origins by the
 //!   pushed weights ([`proxy`], [`upstream`]), reports its load
 //!   ([`reporter`]) and serves `/healthz` and `/metrics` ([`admin`]).
-//! - `sextant-dns` (GeoDNS) arrives with its own issue and will share the
-//!   subscriber.
+//! - `sextant-dns`, the GeoDNS server ([`dns`]): the same subscriber, an
+//!   authoritative server over UDP (fast path) and TCP (hickory-server)
+//!   steering each query by client subnet and the pushed weights.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod dns;
 pub mod edge;
 pub mod proxy;
 pub mod reporter;

@@ -358,3 +358,90 @@ impl Ctl {
         self.run(all)?.ok()?.json()
     }
 }
+
+/// A `sextant-dns` on loopback (UDP and TCP on one port, admin port).
+#[derive(Debug)]
+pub struct DnsServer {
+    pub process: Process,
+    pub admin: SocketAddr,
+}
+
+impl DnsServer {
+    /// Starts `sextant-dns` with ports 0 and two UDP threads.
+    pub fn start(control_plane: &str, node_id: &str, data_dir: &Path) -> Result<Self> {
+        Self::start_with(control_plane, node_id, data_dir, &[])
+    }
+
+    /// Like [`DnsServer::start`], with extra arguments.
+    pub fn start_with(
+        control_plane: &str,
+        node_id: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut cmd = Command::new(bin("sextant-dns")?);
+        cmd.args(["--control-plane", control_plane, "--node-id", node_id])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--threads", "2"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("SEXTANT_LOG", "info,hickory_server=warn");
+        let process = Process::start(cmd, "dns")?;
+        let admin = logged_addr(&process.log(), "admin")?;
+        Ok(Self { process, admin })
+    }
+
+    /// The DNS address (UDP and TCP).
+    pub fn addr(&self) -> SocketAddr {
+        self.process.addr
+    }
+
+    /// Its metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin, "/metrics")?;
+        ensure!(code == 200, "metrics: status {code}");
+        Ok(body)
+    }
+
+    /// One sample of a metric (the line's value), if present.
+    pub fn metric(&self, line_prefix: &str) -> Result<Option<f64>> {
+        Ok(self.metrics()?.lines().find_map(|l| {
+            l.strip_prefix(line_prefix)
+                .and_then(|v| v.trim().parse().ok())
+        }))
+    }
+
+    /// The config version it serves, 0 for none.
+    pub fn config_version(&self) -> Result<u64> {
+        Ok(self
+            .metric("sextant_dns_config_version ")?
+            .map_or(0, |v| v as u64))
+    }
+
+    /// Runs `dig @127.0.0.1 -p PORT ARGS` (2 s timeout, one try).
+    pub fn dig(&self, args: &[&str]) -> Result<String> {
+        dig(self.addr(), args)
+    }
+}
+
+/// Runs Debian's `dig` against a loopback server and returns its stdout.
+pub fn dig(server: SocketAddr, args: &[&str]) -> Result<String> {
+    ensure!(
+        server.ip().is_loopback(),
+        "dig only against loopback, not {server}"
+    );
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .context("cannot run dig (install bind9-dnsutils: scripts/setup-test-deps)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "dig {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
