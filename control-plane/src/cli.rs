@@ -61,6 +61,12 @@ pub enum Command {
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]
         reason: String,
+        /// Apply even if it moves more traffic at once than allowed.
+        #[arg(long, requires = "force_reason")]
+        force: bool,
+        /// Why the guardrails are overridden (audited).
+        #[arg(long)]
+        force_reason: Option<String>,
     },
     /// Show what applying a fleet file would change, without applying it.
     Diff {
@@ -83,27 +89,70 @@ pub enum Command {
     },
     /// Drain a fault domain (e.g. region/eu-west): withdraw a fraction of its capacity.
     Drain {
+        /// The fault domain, e.g. region/eu-west, provider/cdn-a.
         domain: String,
         /// Why; required.
         #[arg(long, required = true)]
         reason: String,
-        /// Fraction of capacity to withdraw, in (0, 1].
-        #[arg(long, default_value_t = 1.0)]
-        fraction: f64,
+        /// Fraction of capacity to withdraw, in (0, 1] (default: the last
+        /// step, or 1).
+        #[arg(long)]
+        fraction: Option<f64>,
+        /// Step schedule: fractions to reach in order, e.g. 0.25,0.5,1.0.
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<f64>,
+        /// Time between steps, e.g. 5m.
+        #[arg(long)]
+        interval: Option<String>,
+        /// Undrain by itself after this long, e.g. 4h (default and maximum:
+        /// the control plane's settings).
+        #[arg(long)]
+        expires: Option<String>,
         /// Team or person responsible (default: you).
         #[arg(long, default_value = "")]
         owner: String,
-        /// Show the routing changes it would cause; change nothing.
+        /// Show what it would do (routing, per-region load, latency, cost,
+        /// guardrails); change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Go ahead even if guardrails refuse it.
+        #[arg(long, requires = "force_reason")]
+        force: bool,
+        /// Why the guardrails are overridden (audited).
+        #[arg(long)]
+        force_reason: Option<String>,
+        /// Follow its progress until it reaches its target and every edge
+        /// and DNS server holds the config.
+        #[arg(long)]
+        wait: bool,
     },
-    /// Remove the drain of a fault domain.
+    /// Remove the drain of a fault domain (stepping down its schedule).
     Undrain {
+        /// The drained fault domain.
         domain: String,
+        /// Why (for the audit log).
         #[arg(long, default_value = "")]
         reason: String,
+        /// Remove it at once instead of stepping down.
+        #[arg(long = "now")]
+        immediate: bool,
+        /// Show what it would do; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Follow its progress until it is gone and the config is held.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Follow changes as they happen.
+    Watch {
+        #[command(subcommand)]
+        what: WatchWhat,
+    },
+    /// DR drills: a drain run as an exercise, with abort conditions and a
+    /// restore.
+    Drill {
+        #[command(subcommand)]
+        cmd: DrillCmd,
     },
     /// Explain the weights of one (service, group): latency, cost,
     /// utilization, and which constraint binds each edge.
@@ -128,6 +177,58 @@ pub enum Command {
     Status,
     /// List the kept routing versions.
     Versions,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WatchWhat {
+    /// Drain progress: steps, undrains, expiries, and how many edges and DNS
+    /// servers hold each version.
+    Drains {
+        /// Only this domain.
+        domain: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrillCmd {
+    /// Start a drill: drain DOMAIN for DURATION, abort and restore at once
+    /// when a condition holds.
+    Start {
+        /// The fault domain to drain, e.g. region/eu-west.
+        domain: String,
+        /// How long to hold the drain, e.g. 30m.
+        #[arg(long)]
+        duration: String,
+        /// Abort condition, repeatable: METRIC OP NUMBER [for DURATION],
+        /// METRIC one of utilization, error_rate, unserved; e.g.
+        /// 'utilization>0.9', 'error_rate>0.01 for 30s'.
+        #[arg(long = "abort-if", required = true)]
+        abort_if: Vec<String>,
+        /// Step schedule of the drain, e.g. 0.5,1.0 (default: all at once).
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<f64>,
+        /// Time between steps, e.g. 2m.
+        #[arg(long)]
+        interval: Option<String>,
+        /// Why; required (e.g. the drill's ticket).
+        #[arg(long, required = true)]
+        reason: String,
+        /// Check it and show what it would do; start nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Abort a running drill and restore at once.
+    Abort {
+        /// The drill's id (drill list).
+        id: String,
+        /// Why; required.
+        #[arg(long, required = true)]
+        reason: String,
+    },
+    /// List drills, running and past.
+    List,
+    /// A drill's report: timeline, peaks, times to drain and restore, outcome.
+    Report { id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -186,13 +287,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     });
     let json = cli.output == Output::Json;
     let out = match cli.command {
-        Command::Apply { file, reason } => {
+        Command::Apply {
+            file,
+            reason,
+            force,
+            force_reason,
+        } => {
             let document = read(&file)?;
             let format = format_of(&file);
             let mut first = Some(pb::ApplyFleetRequest {
                 format: format.into(),
                 actor,
                 reason,
+                force,
+                force_reason: force_reason.unwrap_or_default(),
                 ..pb::ApplyFleetRequest::default()
             });
             let messages: Vec<pb::ApplyFleetRequest> = split_document(&document)
@@ -252,28 +360,56 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             domain,
             reason,
             fraction,
+            steps,
+            interval,
+            expires,
             owner,
             dry_run,
+            force,
+            force_reason,
+            wait,
         } => {
-            if !(fraction > 0.0 && fraction <= 1.0) {
-                return Err(CliError::Usage(format!(
-                    "--fraction must be in (0, 1], got {fraction}"
-                )));
+            if let Some(f) = fraction {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(CliError::Usage(format!(
+                        "--fraction must be in (0, 1], got {f}"
+                    )));
+                }
             }
-            let r = OperationsServiceClient::new(channel)
+            let secs = |flag: &str, v: Option<String>| -> Result<u64, CliError> {
+                v.map_or(Ok(0), |s| {
+                    parse_duration_ms(&s)
+                        .map(|ms| u64::try_from(ms / 1000).unwrap_or(0))
+                        .map_err(|e| CliError::Usage(format!("{flag}: {e}")))
+                })
+            };
+            let step_interval_seconds = secs("--interval", interval)?;
+            let expires_in_seconds = secs("--expires", expires)?;
+            if steps.len() > 1 && step_interval_seconds == 0 {
+                return Err(CliError::Usage(
+                    "--steps needs --interval (e.g. --interval 5m)".into(),
+                ));
+            }
+            let target = fraction.or(steps.last().copied()).unwrap_or(1.0);
+            let mut ops = OperationsServiceClient::new(channel.clone());
+            let r = ops
                 .drain(pb::DrainRequest {
                     domain: domain.clone(),
-                    fraction,
+                    fraction: fraction.unwrap_or(0.0),
                     reason,
                     actor,
                     dry_run,
+                    steps,
+                    step_interval_seconds,
+                    expires_in_seconds,
+                    force,
+                    force_reason: force_reason.unwrap_or_default(),
                     owner,
-                    ..pb::DrainRequest::default()
                 })
                 .await?
                 .into_inner();
-            show_change(
-                &format!("drain {domain} (fraction {fraction})"),
+            let mut out = show_change(
+                &format!("drain {domain} (target {target})"),
                 Change {
                     dry_run: r.dry_run,
                     before: r.routing_version_before,
@@ -283,23 +419,40 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     shifts: &r.shifts,
                 },
                 json,
-            )
+            );
+            if !json {
+                if let Some(i) = &r.impact {
+                    out.push_str("\n\n");
+                    out.push_str(&show_impact(i));
+                }
+            } else if let Some(i) = &r.impact {
+                out = merge_json(&out, "impact", impact_json(i));
+            }
+            if wait && !dry_run {
+                print_out(&out)?;
+                return follow_drains(ops, &domain, Until::Reached, json).await;
+            }
+            out
         }
         Command::Undrain {
             domain,
             reason,
+            immediate,
             dry_run,
+            wait,
         } => {
-            let r = OperationsServiceClient::new(channel)
+            let mut ops = OperationsServiceClient::new(channel.clone());
+            let r = ops
                 .undrain(pb::UndrainRequest {
                     domain: domain.clone(),
                     reason,
                     actor,
                     dry_run,
+                    immediate,
                 })
                 .await?
                 .into_inner();
-            show_change(
+            let out = show_change(
                 &format!("undrain {domain}"),
                 Change {
                     dry_run: r.dry_run,
@@ -310,8 +463,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     shifts: &r.shifts,
                 },
                 json,
-            )
+            );
+            if wait && !dry_run {
+                print_out(&out)?;
+                return follow_drains(ops, &domain, Until::Gone, json).await;
+            }
+            out
         }
+        Command::Watch {
+            what: WatchWhat::Drains { domain },
+        } => {
+            let ops = OperationsServiceClient::new(channel.clone());
+            return follow_drains(ops, domain.as_deref().unwrap_or(""), Until::Never, json).await;
+        }
+        Command::Drill { cmd } => drill(channel.clone(), cmd, actor, json).await?,
         Command::Audit { since, limit } => {
             let since_unix_ms = match since {
                 None => 0,
@@ -943,6 +1108,308 @@ fn show_audit(records: &[pb::AuditRecord], json: bool) -> String {
         ]);
     }
     t.render()
+}
+
+/// When `follow_drains` stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The drain is at its target and every subscriber holds the version.
+    Reached,
+    /// The drain is gone and every subscriber holds the version.
+    Gone,
+    /// Never (watch).
+    Never,
+}
+
+fn acks(e: &pb::DrainEvent) -> String {
+    format!(
+        "edges {}/{}, dns {}/{}",
+        e.acked_proxies, e.total_proxies, e.acked_dns, e.total_dns
+    )
+}
+
+/// Streams drain events, one line each, until `until` holds.
+async fn follow_drains(
+    mut ops: OperationsServiceClient<Channel>,
+    domain: &str,
+    until: Until,
+    json: bool,
+) -> Result<(), CliError> {
+    // No overall timeout: a stepped drain may take hours.
+    let mut req = tonic::Request::new(pb::WatchDrainsRequest {
+        domain: domain.to_owned(),
+    });
+    req.set_timeout(Duration::from_secs(365 * 86_400));
+    let mut stream = ops.watch_drains(req).await?.into_inner();
+    let mut present = false;
+    let mut at_target = false;
+    while let Some(e) = stream.message().await? {
+        if let Some(d) = &e.drain {
+            present = e.kind != "undrained";
+            at_target =
+                present && d.phase == "draining" && (d.fraction - d.target_fraction).abs() < 1e-12;
+        }
+        let line = if json {
+            json!({"kind": e.kind, "routing_version": e.routing_version,
+                   "drain": e.drain.as_ref().map(|d| json!({"domain": d.domain, "fraction": d.fraction,
+                        "target_fraction": d.target_fraction, "phase": d.phase, "step_index": d.step_index})),
+                   "acked_proxies": e.acked_proxies, "total_proxies": e.total_proxies,
+                   "acked_dns": e.acked_dns, "total_dns": e.total_dns})
+            .to_string()
+        } else {
+            match &e.drain {
+                Some(d) => format!(
+                    "{} {} {}: fraction {} of {} (step {}/{}), version {}, {}",
+                    crate::timefmt::rfc3339(now_ms()),
+                    e.kind,
+                    d.domain,
+                    d.fraction,
+                    d.target_fraction,
+                    d.step_index + 1,
+                    d.steps.len().max(1),
+                    e.routing_version,
+                    acks(&e)
+                ),
+                None => format!(
+                    "{} {} version {}: {}",
+                    crate::timefmt::rfc3339(now_ms()),
+                    e.kind,
+                    e.routing_version,
+                    acks(&e)
+                ),
+            }
+        };
+        print_out(&line)?;
+        let all_acked = e.acked_proxies == e.total_proxies && e.acked_dns == e.total_dns;
+        let done = match until {
+            Until::Reached => at_target && all_acked,
+            Until::Gone => !present && all_acked,
+            Until::Never => false,
+        };
+        if done {
+            return Ok(());
+        }
+    }
+    Err(CliError::Rpc(
+        "the watch ended before the drain finished".into(),
+    ))
+}
+
+async fn drill(
+    channel: Channel,
+    cmd: DrillCmd,
+    actor: Option<pb::Actor>,
+    json: bool,
+) -> Result<String, CliError> {
+    let mut ops = OperationsServiceClient::new(channel);
+    let ms = |flag: &str, v: Option<String>| -> Result<u64, CliError> {
+        v.map_or(Ok(0), |s| {
+            parse_duration_ms(&s)
+                .map(|ms| u64::try_from(ms / 1000).unwrap_or(0))
+                .map_err(|e| CliError::Usage(format!("{flag}: {e}")))
+        })
+    };
+    Ok(match cmd {
+        DrillCmd::Start {
+            domain,
+            duration,
+            abort_if,
+            steps,
+            interval,
+            reason,
+            dry_run,
+        } => {
+            let r = ops
+                .start_drill(pb::StartDrillRequest {
+                    domain,
+                    duration_seconds: ms("--duration", Some(duration))?,
+                    abort_if,
+                    steps,
+                    step_interval_seconds: ms("--interval", interval)?,
+                    reason,
+                    actor,
+                    dry_run,
+                })
+                .await?
+                .into_inner();
+            if json {
+                json!({"drill_id": r.drill_id, "dry_run": dry_run,
+                       "impact": r.impact.as_ref().map(impact_json)})
+                .to_string()
+            } else {
+                let mut out = if dry_run {
+                    "dry run: the drill passes its checks (nothing started)".to_owned()
+                } else {
+                    format!("drill {} started", r.drill_id)
+                };
+                if let Some(i) = &r.impact {
+                    out.push_str("\n\n");
+                    out.push_str(&show_impact(i));
+                }
+                out
+            }
+        }
+        DrillCmd::Abort { id, reason } => {
+            ops.abort_drill(pb::AbortDrillRequest {
+                drill_id: id.clone(),
+                reason,
+                actor,
+            })
+            .await?;
+            if json {
+                json!({"drill_id": id, "aborted": true}).to_string()
+            } else {
+                format!("drill {id} aborted: restoring")
+            }
+        }
+        DrillCmd::List => {
+            let r = ops
+                .list_drills(pb::ListDrillsRequest {})
+                .await?
+                .into_inner();
+            if json {
+                Value::Array(r.drills.iter().map(drill_json).collect()).to_string()
+            } else {
+                let mut t = Table::new(["DRILL", "DOMAIN", "STATE", "STARTED", "OUTCOME"]);
+                for d in &r.drills {
+                    t.row([
+                        d.id.clone(),
+                        d.domain.clone(),
+                        d.state.clone(),
+                        rfc3339(d.started_at_unix_ms),
+                        d.outcome.clone(),
+                    ]);
+                }
+                t.render()
+            }
+        }
+        DrillCmd::Report { id } => {
+            let r = ops
+                .get_drill_report(pb::GetDrillReportRequest { drill_id: id })
+                .await?
+                .into_inner();
+            if json {
+                json!({
+                    "drill": r.drill.as_ref().map(drill_json),
+                    "outcome": r.outcome,
+                    "peak_utilization": r.peak_utilization,
+                    "peak_error_rate": r.peak_error_rate,
+                    "time_to_drain_ms": r.time_to_drain_ms,
+                    "time_to_restore_ms": r.time_to_restore_ms,
+                    "events": r.events.iter().map(|e| json!({"at": rfc3339(e.at_unix_ms), "at_unix_ms": e.at_unix_ms, "text": e.text})).collect::<Vec<_>>(),
+                    "audit": r.timeline.iter().map(|a| json!({"seq": a.seq, "at_unix_ms": a.at_unix_ms,
+                        "action": a.action, "target": a.target, "actor": a.actor, "reason": a.reason,
+                        "routing_version_after": a.routing_version_after})).collect::<Vec<_>>(),
+                })
+                .to_string()
+            } else {
+                let d = r.drill.unwrap_or_default();
+                let mut out = format!(
+                    "drill {} on {} ({}), by {}: {}\noutcome: {}\npeak utilization {} (outside the domain), peak error rate {}\ntime to drain {}, time to restore {}\n",
+                    d.id,
+                    d.domain,
+                    d.abort_if.join(" | "),
+                    d.created_by,
+                    d.reason,
+                    r.outcome,
+                    pct(r.peak_utilization),
+                    pct(r.peak_error_rate),
+                    if r.time_to_drain_ms > 0 { format!("{:.1} s", r.time_to_drain_ms as f64 / 1000.0) } else { "-".into() },
+                    if r.time_to_restore_ms > 0 { format!("{:.1} s", r.time_to_restore_ms as f64 / 1000.0) } else { "-".into() },
+                );
+                let mut t = Table::new(["AT", "EVENT"]);
+                for e in &r.events {
+                    t.row([rfc3339(e.at_unix_ms), e.text.clone()]);
+                }
+                out.push_str(&t.render());
+                out
+            }
+        }
+    })
+}
+
+fn drill_json(d: &pb::DrillInfo) -> Value {
+    json!({"id": d.id, "domain": d.domain, "state": d.state, "outcome": d.outcome,
+           "started_at": rfc3339(d.started_at_unix_ms), "ended_at_unix_ms": d.ended_at_unix_ms,
+           "duration_seconds": d.duration_seconds, "abort_if": d.abort_if, "reason": d.reason,
+           "created_by": d.created_by})
+}
+
+fn impact_json(i: &pb::Impact) -> Value {
+    json!({
+        "scopes": i.scopes.iter().map(|s| json!({"scope": s.scope, "load_before_rps": s.load_before_rps,
+            "load_after_rps": s.load_after_rps, "utilization_before": s.utilization_before,
+            "utilization_after": s.utilization_after})).collect::<Vec<_>>(),
+        "latency": i.latency.iter().map(|l| json!({"service": l.service, "group": l.group,
+            "latency_before_ms": l.latency_before_ms, "latency_after_ms": l.latency_after_ms})).collect::<Vec<_>>(),
+        "unserved_before_rps": i.unserved_before_rps, "unserved_after_rps": i.unserved_after_rps,
+        "overage_before": i.overage_before, "overage_after": i.overage_after,
+        "moved_share": i.moved_share, "violations": i.violations,
+    })
+}
+
+/// Adds a key to a JSON object rendered as text.
+fn merge_json(text: &str, key: &str, value: Value) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(mut m)) => {
+            m.insert(key.to_owned(), value);
+            Value::Object(m).to_string()
+        }
+        _ => text.to_owned(),
+    }
+}
+
+fn show_impact(i: &pb::Impact) -> String {
+    let mut out = String::from("impact at the target:\n");
+    let mut t = Table::new([
+        "SCOPE",
+        "LOAD BEFORE",
+        "LOAD AFTER",
+        "UTIL BEFORE",
+        "UTIL AFTER",
+    ]);
+    for s in &i.scopes {
+        t.row([
+            s.scope.clone(),
+            format!("{:.0}", s.load_before_rps),
+            format!("{:.0}", s.load_after_rps),
+            pct(s.utilization_before),
+            pct(s.utilization_after),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!(
+        "\nunserved {:.0} -> {:.0} rps; third-party overage {:.2} -> {:.2} per s; {} of traffic moves",
+        i.unserved_before_rps,
+        i.unserved_after_rps,
+        i.overage_before,
+        i.overage_after,
+        pct(i.moved_share)
+    ));
+    if !i.latency.is_empty() {
+        let mut l = Table::new(["SERVICE", "GROUP", "LATENCY BEFORE", "LATENCY AFTER"]);
+        for c in i.latency.iter().take(10) {
+            l.row([
+                c.service.clone(),
+                c.group.clone(),
+                format!("{:.0}ms", c.latency_before_ms),
+                format!("{:.0}ms", c.latency_after_ms),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&l.render());
+        if i.latency.len() > 10 {
+            out.push_str(&format!("\n... and {} more groups", i.latency.len() - 10));
+        }
+    }
+    if i.violations.is_empty() {
+        out.push_str("\nguardrails: ok");
+    } else {
+        for v in &i.violations {
+            out.push_str(&format!("\nGUARDRAIL: {v}"));
+        }
+    }
+    out
 }
 
 fn show_explain(r: &pb::ExplainResponse, json: bool) -> String {

@@ -118,7 +118,7 @@ impl Node {
 }
 
 /// Election timing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ElectionConfig {
     /// Lease TTL: how long a dead leader keeps the key.
     pub lease_ttl: Duration,
@@ -139,6 +139,7 @@ impl Default for ElectionConfig {
 pub fn start(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    reports: Arc<crate::inbox::Reports>,
     me: ReplicaInfo,
     config: ElectionConfig,
 ) -> Node {
@@ -153,7 +154,7 @@ pub fn start(
         role,
     };
     let span = tracing::info_span!("cluster", replica = %me.id);
-    tokio::spawn(run(store, clock, me, config, snap_tx, role_tx).instrument(span));
+    tokio::spawn(run(store, clock, reports, me, config, snap_tx, role_tx).instrument(span));
     node
 }
 
@@ -195,6 +196,7 @@ fn encode(info: &ReplicaInfo) -> Vec<u8> {
 async fn run(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    reports: Arc<crate::inbox::Reports>,
     me: ReplicaInfo,
     config: ElectionConfig,
     snap_tx: watch::Sender<Arc<Snapshot>>,
@@ -258,7 +260,14 @@ async fn run(
         if resp.succeeded {
             info!("elected leader");
             std::mem::replace(&mut source, Source::None).stop().await;
-            match control_loop::start(store.clone(), clock.clone(), config.loop_config).await {
+            match control_loop::start(
+                store.clone(),
+                clock.clone(),
+                reports.clone(),
+                config.loop_config.clone(),
+            )
+            .await
+            {
                 Ok((handle, task)) => {
                     // Publish the loop's state before announcing the role, so
                     // that nothing reads a leader without its state.

@@ -12,8 +12,11 @@ use std::sync::Arc;
 
 use sextant_core::diff::{self, RowChange, Shift};
 use sextant_core::drain::{Drain, DrainError};
+use sextant_core::drill::{Drill, DrillAction, DrillState};
 use sextant_core::fleet::FleetError;
+use sextant_core::impact::Impact;
 use sextant_core::routing::{Routing, RoutingMeta, RoutingTable};
+use sextant_core::schedule::{ScheduleError, Transition};
 use sextant_core::signals::Signals;
 use sextant_core::solver::{solve, SolveInput};
 use sextant_core::{DomainPath, DrainSet, Fleet, FleetSpec};
@@ -22,7 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn, Instrument};
 
 use crate::audit::AuditRecord;
+use crate::inbox::Reports;
 use crate::state::{self, Commit, State, StateError};
+use crate::workflow::{self, DrainRequest, DrillRequest, WorkflowConfig};
 
 /// A source of time for the loop. Decision code never reads a clock; the
 /// loop reads this one and passes the time in.
@@ -49,6 +54,8 @@ pub struct Snapshot {
     pub fleet: Option<Arc<Fleet>>,
     pub fleet_generation: u64,
     pub drains: DrainSet,
+    /// Every drill, running or past.
+    pub drills: Arc<std::collections::BTreeMap<String, Drill>>,
     pub signals: Signals,
     pub table: Option<Arc<RoutingTable>>,
     /// False only for the placeholder a replica holds before its first
@@ -67,6 +74,7 @@ impl Snapshot {
             fleet: state.fleet.clone(),
             fleet_generation: state.fleet_generation,
             drains: state.drains.clone(),
+            drills: Arc::new(state.drills.clone()),
             signals: signals.clone(),
             table: state.table.clone(),
             loaded: true,
@@ -82,12 +90,14 @@ impl Snapshot {
     pub fn preview(&self, fleet: &Fleet, drains: &DrainSet, now_ms: i64) -> Preview {
         let empty = Routing::default();
         let before = self.table.as_ref().map_or(&empty, |t| &t.routing);
-        let routing = solve(SolveInput {
-            fleet,
-            signals: &self.signals,
-            drains,
-            previous: self.table.as_ref().map(|t| &t.routing),
-            now_ms,
+        let routing = crate::blocking::heavy(|| {
+            solve(SolveInput {
+                fleet,
+                signals: &self.signals,
+                drains,
+                previous: self.table.as_ref().map(|t| &t.routing),
+                now_ms,
+            })
         });
         Preview {
             changes: diff::row_changes(before, &routing),
@@ -114,10 +124,28 @@ pub enum OpError {
     InvalidFleet(#[from] FleetError),
     #[error(transparent)]
     Drain(#[from] DrainError),
+    #[error("bad step schedule or expiry: {0}")]
+    Schedule(#[from] ScheduleError),
+    #[error("bad drill: {0}")]
+    BadDrill(String),
     #[error("no fleet has been applied yet; apply one first (sextantctl apply -f FLEET)")]
     NoFleet,
     #[error("{0} is not drained")]
     NotDrained(String),
+    #[error("{domain} is drained by drill {drill}: abort the drill instead (sextantctl drill abort {drill})")]
+    OwnedByDrill { domain: String, drill: String },
+    #[error("--force needs a reason (--force-reason TEXT), which the audit log records")]
+    ForceNeedsReason,
+    #[error("{what} refused by guardrails: {}{}", violations.join("; "), if *forceable { "; to override: --force --force-reason TEXT" } else { "" })]
+    Refused {
+        what: String,
+        violations: Vec<String>,
+        forceable: bool,
+    },
+    #[error("drill {id} refused: {reason} (recorded: sextantctl drill report {id})")]
+    DrillRefused { id: String, reason: String },
+    #[error("no drill {0}")]
+    UnknownDrill(String),
     #[error("the stored fleet is at generation {actual}, not the expected {expected}; re-read and retry")]
     GenerationMismatch { expected: u64, actual: u64 },
     #[error("cannot commit the change: {0}")]
@@ -134,7 +162,7 @@ pub struct Intent {
 }
 
 /// The result of an accepted change.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Outcome {
     pub version_before: u64,
     pub version_after: u64,
@@ -145,7 +173,13 @@ pub struct Outcome {
     pub shifts: Vec<Shift>,
     /// The drain as stored, for drains.
     pub drain: Option<Drain>,
+    /// What the change does at its target (drains).
+    pub impact: Option<Impact>,
+    /// The drill, for drill commands.
+    pub drill: Option<Drill>,
 }
+
+type Reply = oneshot::Sender<Result<Outcome, OpError>>;
 
 /// An operator intent for the loop.
 #[derive(Debug)]
@@ -153,20 +187,30 @@ pub enum Command {
     ApplyFleet {
         spec: FleetSpec,
         expected_generation: Option<u64>,
+        force: Option<String>,
         intent: Intent,
-        reply: oneshot::Sender<Result<Outcome, OpError>>,
+        reply: Reply,
     },
     Drain {
-        domain: String,
-        fraction: f64,
-        owner: String,
+        req: DrainRequest,
         intent: Intent,
-        reply: oneshot::Sender<Result<Outcome, OpError>>,
+        reply: Reply,
     },
     Undrain {
         domain: String,
+        immediate: bool,
         intent: Intent,
-        reply: oneshot::Sender<Result<Outcome, OpError>>,
+        reply: Reply,
+    },
+    StartDrill {
+        req: DrillRequest,
+        intent: Intent,
+        reply: Reply,
+    },
+    AbortDrill {
+        id: String,
+        intent: Intent,
+        reply: Reply,
     },
 }
 
@@ -188,10 +232,7 @@ impl LoopHandle {
         self.snapshots.clone()
     }
 
-    async fn call(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<Outcome, OpError>>) -> Command,
-    ) -> Result<Outcome, OpError> {
+    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, OpError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(make(reply))
@@ -206,39 +247,82 @@ impl LoopHandle {
         expected_generation: Option<u64>,
         intent: Intent,
     ) -> Result<Outcome, OpError> {
+        self.apply_fleet_forced(spec, expected_generation, None, intent)
+            .await
+    }
+
+    pub async fn apply_fleet_forced(
+        &self,
+        spec: FleetSpec,
+        expected_generation: Option<u64>,
+        force: Option<String>,
+        intent: Intent,
+    ) -> Result<Outcome, OpError> {
         self.call(|reply| Command::ApplyFleet {
             spec,
             expected_generation,
+            force,
             intent,
             reply,
         })
         .await
     }
 
-    pub async fn drain(
+    pub async fn drain(&self, req: DrainRequest, intent: Intent) -> Result<Outcome, OpError> {
+        self.call(|reply| Command::Drain { req, intent, reply })
+            .await
+    }
+
+    pub async fn undrain(
         &self,
         domain: String,
-        fraction: f64,
-        owner: String,
+        immediate: bool,
         intent: Intent,
     ) -> Result<Outcome, OpError> {
-        self.call(|reply| Command::Drain {
+        self.call(|reply| Command::Undrain {
             domain,
-            fraction,
-            owner,
+            immediate,
             intent,
             reply,
         })
         .await
     }
 
-    pub async fn undrain(&self, domain: String, intent: Intent) -> Result<Outcome, OpError> {
-        self.call(|reply| Command::Undrain {
-            domain,
-            intent,
-            reply,
-        })
-        .await
+    pub async fn start_drill(&self, req: DrillRequest, intent: Intent) -> Result<Outcome, OpError> {
+        self.call(|reply| Command::StartDrill { req, intent, reply })
+            .await
+    }
+
+    pub async fn abort_drill(&self, id: String, intent: Intent) -> Result<Outcome, OpError> {
+        self.call(|reply| Command::AbortDrill { id, intent, reply })
+            .await
+    }
+}
+
+/// One audit record to write with a change.
+#[derive(Debug, Clone)]
+struct Audit {
+    action: &'static str,
+    target: String,
+    actor: String,
+    reason: String,
+    details: Vec<String>,
+}
+
+impl Audit {
+    fn new(
+        action: &'static str,
+        target: impl Into<String>,
+        intent: &Intent,
+        details: Vec<String>,
+    ) -> Self {
+        Self {
+            action,
+            target: target.into(),
+            actor: intent.actor.clone(),
+            reason: intent.reason.clone(),
+            details,
+        }
     }
 }
 
@@ -248,25 +332,28 @@ struct Change {
     new_fleet: Option<(FleetSpec, u64)>,
     drains: DrainSet,
     commit: Commit,
-    action: &'static str,
-    target: String,
-    details: Vec<String>,
+    audits: Vec<Audit>,
+    /// The routing, when already computed (a plan's preview).
+    preview: Option<Preview>,
+    impact: Option<Impact>,
 }
 
 /// How soon to retry scheduled work that failed (store unavailable, ...).
 const RETRY_MS: i64 = 2_000;
 
 /// Settings of the control loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoopConfig {
     /// Time between the steps of a move held back by a policy's max_shift.
     pub shift_interval_ms: i64,
+    pub workflow: WorkflowConfig,
 }
 
 impl Default for LoopConfig {
     fn default() -> Self {
         Self {
             shift_interval_ms: 30_000,
+            workflow: WorkflowConfig::default(),
         }
     }
 }
@@ -279,6 +366,7 @@ struct Loop {
     retry_at_ms: Option<i64>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    reports: Arc<Reports>,
     state: State,
     signals: Signals,
     publish: watch::Sender<Arc<Snapshot>>,
@@ -289,6 +377,7 @@ struct Loop {
 pub async fn start(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    reports: Arc<Reports>,
     config: LoopConfig,
 ) -> Result<(LoopHandle, tokio::task::JoinHandle<()>), StateError> {
     let state = state::load(store.as_ref()).await?;
@@ -296,6 +385,7 @@ pub async fn start(
         routing_version = state.version.0,
         fleet_generation = state.fleet_generation,
         drains = state.drains.len(),
+        drills = state.drills.len(),
         "state loaded"
     );
     let signals = Signals::default();
@@ -306,6 +396,7 @@ pub async fn start(
         retry_at_ms: None,
         store,
         clock,
+        reports,
         state,
         signals,
         publish,
@@ -398,11 +489,27 @@ impl Loop {
         info!("control loop stopped");
     }
 
-    /// When the loop must act by itself next (a pending shift step, a retry).
+    /// When the loop must act by itself next: a shift step, a drain step or
+    /// expiry, a drill's look at the signals, a retry.
     fn next_wakeup_ms(&self) -> Option<i64> {
-        [self.shift_due_ms, self.retry_at_ms]
+        let drains = self
+            .state
+            .drains
+            .iter()
+            .filter_map(|d| d.progress.as_ref().and_then(|p| p.next_due_ms()));
+        let drills = self
+            .state
+            .drills
+            .values()
+            .any(|d| {
+                d.state.active()
+                    || d.ended_at_ms.is_none() && !matches!(d.state, DrillState::Refused { .. })
+            })
+            .then(|| self.clock.now_ms() + self.config.workflow.drill_tick_ms);
+        [self.shift_due_ms, self.retry_at_ms, drills]
             .into_iter()
             .flatten()
+            .chain(drains)
             .min()
     }
 
@@ -410,6 +517,10 @@ impl Loop {
     async fn on_timer(&mut self) -> Result<Outcome, OpError> {
         self.retry_at_ms = None;
         let now = self.clock.now_ms();
+        let out = self.scheduled(now).await?;
+        if out.changed {
+            return Ok(out);
+        }
         match self.shift_due_ms {
             Some(due) if due <= now => {
                 self.shift_due_ms = None;
@@ -419,8 +530,199 @@ impl Loop {
                 )
                 .await
             }
-            _ => Ok(self.unchanged()),
+            _ => Ok(out),
         }
+    }
+
+    /// Drain steps and expiries that are due, and drills' looks at the
+    /// signals, in one commit.
+    async fn scheduled(&mut self, now: i64) -> Result<Outcome, OpError> {
+        let Some(fleet) = self.state.fleet.clone() else {
+            return Ok(self.unchanged());
+        };
+        let auto = Intent {
+            actor: "sextant-cp".into(),
+            reason: String::new(),
+        };
+        let mut drains = self.state.drains.clone();
+        let mut commit = Commit::default();
+        let mut audits = Vec::new();
+        let mut routing_moves = false;
+
+        // Drills first: an abort removes its drain at once.
+        let snap = self.snapshot();
+        let mut drills: Vec<Drill> = self.state.drills.values().cloned().collect();
+        for drill in &mut drills {
+            let before = drill.clone();
+            let drain = drains
+                .get(&drill.domain)
+                .filter(|d| d.drill.as_deref() == Some(drill.id.as_str()))
+                .cloned();
+            let at_target = drain
+                .as_ref()
+                .is_some_and(|d| !d.undraining() && (d.fraction - d.target()).abs() < 1e-12);
+            let obs = if drill.state.active() {
+                workflow::observe(
+                    &snap,
+                    &self.reports,
+                    &drill.domain,
+                    now,
+                    self.config.workflow.report_freshness_ms,
+                )
+            } else {
+                Default::default()
+            };
+            let action = drill.tick(&obs, at_target, drain.is_some(), now);
+            let intent = Intent {
+                actor: "sextant-cp".into(),
+                reason: format!("drill {}", drill.id),
+            };
+            match action {
+                DrillAction::Nothing => {}
+                DrillAction::Abort(reason) => {
+                    if drain.is_some() {
+                        drains.remove(&drill.domain);
+                        commit.delete_drains.push(drill.domain.clone());
+                        routing_moves = true;
+                    }
+                    warn!(drill = %drill.id, %reason, "drill aborted");
+                    audits.push(Audit::new(
+                        "drill.abort",
+                        drill.id.clone(),
+                        &Intent { reason, ..intent },
+                        vec![],
+                    ));
+                }
+                DrillAction::Restore => {
+                    if let Some(mut d) = drain {
+                        match d.progress.as_mut() {
+                            Some(p) if p.schedule.steps.len() > 1 => {
+                                p.undrain(now, false);
+                                d.fraction = p.fraction();
+                                drains.insert(d.clone());
+                                commit.put_drains.push(d);
+                            }
+                            _ => {
+                                drains.remove(&drill.domain);
+                                commit.delete_drains.push(drill.domain.clone());
+                            }
+                        }
+                        routing_moves = true;
+                    }
+                    audits.push(Audit::new(
+                        "drill.restore",
+                        drill.id.clone(),
+                        &intent,
+                        vec![],
+                    ));
+                }
+                DrillAction::Finished => {
+                    audits.push(Audit::new(
+                        "drill.end",
+                        drill.id.clone(),
+                        &intent,
+                        vec![format!("outcome={}", drill.outcome())],
+                    ));
+                }
+            }
+            // Keep the drill record current when something happened to it.
+            if drill.state != before.state
+                || drill.drained_at_ms != before.drained_at_ms
+                || drill.ended_at_ms != before.ended_at_ms
+            {
+                commit.put_drills.push(drill.clone());
+            }
+        }
+
+        // Drain steps, expiries, ends of undrains.
+        let due: Vec<(Drain, Transition)> = drains
+            .iter()
+            .filter_map(|d| {
+                let t = d.progress.as_ref()?.due(now)?;
+                Some((d.clone(), t))
+            })
+            .collect();
+        for (mut d, t) in due {
+            let target = d.domain.to_string();
+            match &t {
+                Transition::Step { fraction, .. } => {
+                    let dir = if *fraction > d.fraction { "up" } else { "down" };
+                    audits.push(Audit::new(
+                        "drain.step",
+                        target,
+                        &Intent {
+                            reason: d.reason.clone(),
+                            ..auto.clone()
+                        },
+                        vec![
+                            format!("fraction={fraction}"),
+                            format!("from={}", d.fraction),
+                            format!("direction={dir}"),
+                        ],
+                    ));
+                }
+                Transition::Expire { fraction } => {
+                    audits.push(Audit::new(
+                        "drain.expire",
+                        target,
+                        &Intent {
+                            reason: format!("expired (was: {})", d.reason),
+                            ..auto.clone()
+                        },
+                        vec![format!("fraction={fraction}")],
+                    ));
+                }
+                Transition::Remove => {
+                    audits.push(Audit::new(
+                        "drain.done",
+                        target,
+                        &Intent {
+                            reason: d.reason.clone(),
+                            ..auto.clone()
+                        },
+                        vec!["undrained".into()],
+                    ));
+                }
+            }
+            if let Some(p) = d.progress.as_mut() {
+                p.apply(&t, now);
+                d.fraction = p.fraction();
+            }
+            if matches!(t, Transition::Remove) || d.fraction <= 0.0 {
+                drains.remove(&d.domain);
+                commit.delete_drains.push(d.domain.clone());
+            } else {
+                drains.insert(d.clone());
+                commit.put_drains.push(d);
+            }
+            routing_moves = true;
+        }
+
+        if audits.is_empty() && commit.put_drills.is_empty() {
+            return Ok(self.unchanged());
+        }
+        let drill_records = commit.put_drills.clone();
+        let out = if routing_moves || !audits.is_empty() {
+            let change = Change {
+                fleet,
+                new_fleet: None,
+                drains,
+                commit,
+                audits,
+                preview: None,
+                impact: None,
+            };
+            self.change(change).await?
+        } else {
+            let rev = state::commit(self.store.as_ref(), &self.state, &commit).await?;
+            self.state.routing_rev = rev;
+            self.unchanged()
+        };
+        for d in drill_records {
+            self.state.drills.insert(d.id.clone(), d);
+        }
+        self.publish();
+        Ok(out)
     }
 
     /// Re-solves with the current state and commits if the routing moves.
@@ -435,20 +737,20 @@ impl Loop {
             self.shift_due_ms = None;
             return Ok(self.unchanged());
         }
+        let intent = Intent {
+            actor: "sextant-cp".into(),
+            reason: why.into(),
+        };
         let change = Change {
             fleet,
             new_fleet: None,
             drains: self.state.drains.clone(),
             commit: Commit::default(),
-            action,
-            target: String::new(),
-            details: vec![],
+            audits: vec![Audit::new(action, String::new(), &intent, vec![])],
+            preview: Some(preview),
+            impact: None,
         };
-        let intent = Intent {
-            actor: "sextant-cp".into(),
-            reason: why.into(),
-        };
-        self.change(change, intent).await
+        self.change(change).await
     }
 
     fn unchanged(&self) -> Outcome {
@@ -457,10 +759,7 @@ impl Loop {
             version_before: v,
             version_after: v,
             fleet_generation: self.state.fleet_generation,
-            changed: false,
-            changes: vec![],
-            shifts: vec![],
-            drain: None,
+            ..Outcome::default()
         }
     }
 
@@ -469,28 +768,34 @@ impl Loop {
             Command::ApplyFleet {
                 spec,
                 expected_generation,
+                force,
                 intent,
                 reply,
             } => {
-                let r = self.apply_fleet(spec, expected_generation, intent).await;
+                let r = self
+                    .apply_fleet(spec, expected_generation, force, intent)
+                    .await;
                 let _ = reply.send(self.settle(r).await);
             }
-            Command::Drain {
-                domain,
-                fraction,
-                owner,
-                intent,
-                reply,
-            } => {
-                let r = self.drain(&domain, fraction, owner, intent).await;
+            Command::Drain { req, intent, reply } => {
+                let r = self.drain(req, intent).await;
                 let _ = reply.send(self.settle(r).await);
             }
             Command::Undrain {
                 domain,
+                immediate,
                 intent,
                 reply,
             } => {
-                let r = self.undrain(&domain, intent).await;
+                let r = self.undrain(&domain, immediate, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
+            Command::StartDrill { req, intent, reply } => {
+                let r = self.start_drill(req, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
+            Command::AbortDrill { id, intent, reply } => {
+                let r = self.abort_drill(&id, intent).await;
                 let _ = reply.send(self.settle(r).await);
             }
         }
@@ -512,44 +817,52 @@ impl Loop {
         r
     }
 
-    /// Commits a new fleet and/or drains with the routing they produce.
-    async fn change(&mut self, change: Change, intent: Intent) -> Result<Outcome, OpError> {
+    /// Commits a new fleet and/or drains with the routing they produce, and
+    /// their audit records.
+    async fn change(&mut self, change: Change) -> Result<Outcome, OpError> {
         let Change {
             fleet,
             new_fleet,
             drains,
             mut commit,
-            action,
-            target,
-            details,
+            audits,
+            preview,
+            impact,
         } = change;
         let now = self.clock.now_ms();
         let snapshot = self.snapshot();
-        let preview = snapshot.preview(&fleet, &drains, now);
+        let preview = preview.unwrap_or_else(|| snapshot.preview(&fleet, &drains, now));
         let before = self.state.version.0;
         if let Some((_, generation)) = &new_fleet {
             self.state.fleet_generation = *generation;
         }
-        let table = self.next_table(
-            preview.routing,
-            preview.churn,
-            &format!("{action} {target}"),
-        );
+        let cause = audits
+            .first()
+            .map(|a| format!("{} {}", a.action, a.target).trim().to_owned())
+            .unwrap_or_default();
+        let table = self.next_table(preview.routing, preview.churn, &cause);
         let after = table.meta.version.0;
-        let record = AuditRecord {
-            seq: self.state.audit_seq + 1,
-            at_ms: now,
-            actor: intent.actor,
-            action: action.to_owned(),
-            target,
-            reason: intent.reason,
-            routing_version_before: before,
-            routing_version_after: after,
-            details,
-        };
+        let mut seq = self.state.audit_seq;
+        let records: Vec<AuditRecord> = audits
+            .into_iter()
+            .map(|a| {
+                seq += 1;
+                AuditRecord {
+                    seq,
+                    at_ms: now,
+                    actor: a.actor,
+                    action: a.action.to_owned(),
+                    target: a.target,
+                    reason: a.reason,
+                    routing_version_before: before,
+                    routing_version_after: after,
+                    details: a.details,
+                }
+            })
+            .collect();
         commit.fleet = new_fleet;
         commit.table = Some(table.clone());
-        commit.audit = vec![record];
+        commit.audit = records;
         let result = state::commit(self.store.as_ref(), &self.state, &commit).await;
         let rev = match result {
             Ok(rev) => rev,
@@ -560,15 +873,13 @@ impl Loop {
         };
         self.state.fleet = Some(fleet);
         self.state.drains = drains;
-        self.state.audit_seq += 1;
+        self.state.audit_seq = seq;
+        for d in &commit.put_drills {
+            self.state.drills.insert(d.id.clone(), d.clone());
+        }
         self.adopt(table, rev);
         self.publish();
-        info!(
-            action,
-            version = after,
-            churn = preview.churn,
-            "routing committed"
-        );
+        info!(cause = %cause, version = after, churn = preview.churn, "routing committed");
         Ok(Outcome {
             version_before: before,
             version_after: after,
@@ -577,6 +888,8 @@ impl Loop {
             changes: preview.changes,
             shifts: preview.shifts,
             drain: commit.put_drains.into_iter().next(),
+            impact,
+            drill: commit.put_drills.into_iter().next(),
         })
     }
 
@@ -584,6 +897,7 @@ impl Loop {
         &mut self,
         spec: FleetSpec,
         expected: Option<u64>,
+        force: Option<String>,
         intent: Intent,
     ) -> Result<Outcome, OpError> {
         if let Some(expected) = expected {
@@ -594,103 +908,278 @@ impl Loop {
                 });
             }
         }
-        let fleet = Fleet::from_spec(spec.clone())?;
+        if matches!(&force, Some(r) if r.trim().is_empty()) {
+            return Err(OpError::ForceNeedsReason);
+        }
+        let fleet = crate::blocking::heavy(|| Fleet::from_spec(spec.clone()))?;
         if self.state.fleet.as_ref().is_some_and(|f| f.spec() == &spec) {
-            let v = self.state.version.0;
-            return Ok(Outcome {
-                version_before: v,
-                version_after: v,
-                fleet_generation: self.state.fleet_generation,
-                changed: false,
-                changes: vec![],
-                shifts: vec![],
-                drain: None,
-            });
+            return Ok(self.unchanged());
+        }
+        let now = self.clock.now_ms();
+        let preview = self.snapshot().preview(&fleet, &self.state.drains, now);
+        // The blast-radius brake: a new fleet takes effect in one step.
+        let limits = &self.config.workflow.limits;
+        if let Some(table) = &self.state.table {
+            let moved = diff::moved_share(&table.routing, &preview.routing);
+            if moved > limits.max_move_share + 1e-9 && force.is_none() {
+                return Err(OpError::Refused {
+                    what: "fleet apply".into(),
+                    violations: vec![sextant_core::impact::Violation::BlastRadius {
+                        moved_share: moved,
+                        max: limits.max_move_share,
+                    }
+                    .to_string()
+                    .replace(
+                        "use steps (--steps) or --force",
+                        "apply it in smaller changes or force it",
+                    )],
+                    forceable: true,
+                });
+            }
         }
         let generation = self.state.fleet_generation + 1;
-        let details = vec![
+        let mut details = vec![
             format!("generation={generation}"),
             format!("edges={}", fleet.edges.len()),
             format!("groups={}", fleet.groups.len()),
             format!("services={}", fleet.services.len()),
         ];
-        let drains = self.state.drains.clone();
+        if let Some(f) = &force {
+            details.push(format!("forced={f}"));
+        }
+        let audits = vec![Audit::new(
+            "fleet.apply",
+            format!("generation {generation}"),
+            &intent,
+            details,
+        )];
         let change = Change {
             fleet: Arc::new(fleet),
             new_fleet: Some((spec, generation)),
-            drains,
+            drains: self.state.drains.clone(),
             commit: Commit::default(),
-            action: "fleet.apply",
-            target: format!("generation {generation}"),
-            details,
+            audits,
+            preview: Some(preview),
+            impact: None,
         };
-        self.change(change, intent).await
+        self.change(change).await
     }
 
-    async fn drain(
+    async fn drain(&mut self, req: DrainRequest, intent: Intent) -> Result<Outcome, OpError> {
+        let fleet = self.state.fleet.clone().ok_or(OpError::NoFleet)?;
+        let now = self.clock.now_ms();
+        let plan =
+            workflow::plan_drain(&self.snapshot(), &req, &intent, &self.config.workflow, now)?;
+        workflow::admit(&plan)?;
+        let d = &plan.drain;
+        let mut details = vec![
+            format!("fraction={}", d.fraction),
+            format!("target={}", d.target()),
+        ];
+        if let Some(p) = &d.progress {
+            if p.schedule.steps.len() > 1 {
+                details.push(format!("steps={:?}", p.schedule.steps));
+                details.push(format!("interval_ms={}", p.schedule.interval_ms));
+            }
+            if let Some(exp) = p.expires_at_ms {
+                details.push(format!("expires_at_ms={exp}"));
+            }
+        }
+        if let Some(f) = &d.forced {
+            details.push(format!("forced={f}"));
+            if !plan.violations.is_empty() {
+                details.push(format!(
+                    "overrode={}",
+                    plan.violations
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+            }
+        }
+        if let Some(p) = self.state.drains.get(&d.domain) {
+            details.push(format!("replaces_fraction={}", p.fraction));
+        }
+        let audits = vec![Audit::new("drain", d.domain.to_string(), &intent, details)];
+        let change = Change {
+            fleet,
+            new_fleet: None,
+            drains: plan.drains_first,
+            commit: Commit {
+                put_drains: vec![plan.drain],
+                ..Commit::default()
+            },
+            audits,
+            preview: Some(plan.first),
+            impact: Some(plan.impact),
+        };
+        self.change(change).await
+    }
+
+    async fn undrain(
         &mut self,
         domain: &str,
-        fraction: f64,
-        owner: String,
+        immediate: bool,
         intent: Intent,
     ) -> Result<Outcome, OpError> {
         let fleet = self.state.fleet.clone().ok_or(OpError::NoFleet)?;
-        let path = Drain::check(&fleet, domain, fraction, &intent.reason)?;
-        let drain = Drain {
-            domain: path.clone(),
-            fraction,
-            reason: intent.reason.clone(),
-            owner: if owner.is_empty() {
-                intent.actor.clone()
-            } else {
-                owner
+        let now = self.clock.now_ms();
+        let (drains, stepping) =
+            workflow::plan_undrain(&self.snapshot(), domain, immediate, None, now)?;
+        let path = DomainPath::parse(domain).map_err(DrainError::from)?;
+        let was = self.state.drains.get(&path).map_or(0.0, |d| d.fraction);
+        let mut details = vec![format!("was_fraction={was}")];
+        let commit = match &stepping {
+            Some(d) => {
+                details.push(format!("stepping_down_to={}", d.fraction));
+                Commit {
+                    put_drains: vec![d.clone()],
+                    ..Commit::default()
+                }
+            }
+            None => Commit {
+                delete_drains: vec![path.clone()],
+                ..Commit::default()
             },
-            created_by: intent.actor.clone(),
-            created_at_ms: self.clock.now_ms(),
         };
-        let mut drains = self.state.drains.clone();
-        let previous = drains.insert(drain.clone());
-        let mut details = vec![format!("fraction={fraction}")];
-        if let Some(p) = previous {
-            details.push(format!("replaces_fraction={}", p.fraction));
-        }
-        let commit = Commit {
-            put_drains: vec![drain],
-            ..Commit::default()
-        };
+        let audits = vec![Audit::new("undrain", path.to_string(), &intent, details)];
         let change = Change {
             fleet,
             new_fleet: None,
             drains,
             commit,
-            action: "drain",
-            target: path.to_string(),
-            details,
+            audits,
+            preview: None,
+            impact: None,
         };
-        self.change(change, intent).await
+        self.change(change).await
     }
 
-    async fn undrain(&mut self, domain: &str, intent: Intent) -> Result<Outcome, OpError> {
+    fn next_drill_id(&self) -> String {
+        let n = self
+            .state
+            .drills
+            .keys()
+            .filter_map(|k| k.strip_prefix("drill-").and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0);
+        format!("drill-{}", n + 1)
+    }
+
+    async fn start_drill(&mut self, req: DrillRequest, intent: Intent) -> Result<Outcome, OpError> {
         let fleet = self.state.fleet.clone().ok_or(OpError::NoFleet)?;
-        let path = DomainPath::parse(domain).map_err(DrainError::from)?;
+        let now = self.clock.now_ms();
+        let id = self.next_drill_id();
+        let (mut drill, plan) = workflow::plan_drill(
+            &self.snapshot(),
+            &req,
+            &intent,
+            &self.config.workflow,
+            id.clone(),
+            now,
+        )?;
+        match plan {
+            Err(reason) => {
+                // Refused drills are recorded too: their report says why.
+                drill.state = DrillState::Refused {
+                    reason: reason.clone(),
+                };
+                drill.ended_at_ms = Some(now);
+                drill.log(now, format!("refused: {reason}"));
+                let commit = Commit {
+                    put_drills: vec![drill.clone()],
+                    ..Commit::default()
+                };
+                let audits = vec![Audit::new(
+                    "drill.refused",
+                    id.clone(),
+                    &intent,
+                    vec![format!("domain={}", drill.domain), format!("why={reason}")],
+                )];
+                let change = Change {
+                    fleet,
+                    new_fleet: None,
+                    drains: self.state.drains.clone(),
+                    commit,
+                    audits,
+                    preview: None,
+                    impact: None,
+                };
+                self.change(change).await?;
+                Err(OpError::DrillRefused { id, reason })
+            }
+            Ok(plan) => {
+                let details = vec![
+                    format!("domain={}", drill.domain),
+                    format!("duration_ms={}", drill.duration_ms),
+                    format!(
+                        "abort_if={}",
+                        drill
+                            .conditions
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ),
+                ];
+                let audits = vec![Audit::new("drill.start", id, &intent, details)];
+                let change = Change {
+                    fleet,
+                    new_fleet: None,
+                    drains: plan.drains_first,
+                    commit: Commit {
+                        put_drains: vec![plan.drain],
+                        put_drills: vec![drill],
+                        ..Commit::default()
+                    },
+                    audits,
+                    preview: Some(plan.first),
+                    impact: Some(plan.impact),
+                };
+                self.change(change).await
+            }
+        }
+    }
+
+    async fn abort_drill(&mut self, id: &str, intent: Intent) -> Result<Outcome, OpError> {
+        let fleet = self.state.fleet.clone().ok_or(OpError::NoFleet)?;
+        let mut drill = self
+            .state
+            .drills
+            .get(id)
+            .cloned()
+            .ok_or_else(|| OpError::UnknownDrill(id.to_owned()))?;
+        let now = self.clock.now_ms();
+        let reason = format!("aborted by {}: {}", intent.actor, intent.reason);
+        if matches!(drill.abort(reason, now), DrillAction::Nothing) {
+            return Ok(Outcome {
+                drill: Some(drill),
+                ..self.unchanged()
+            });
+        }
         let mut drains = self.state.drains.clone();
-        let removed = drains
-            .remove(&path)
-            .ok_or_else(|| OpError::NotDrained(path.to_string()))?;
-        let commit = Commit {
-            delete_drains: vec![path.clone()],
+        let mut commit = Commit {
+            put_drills: vec![drill.clone()],
             ..Commit::default()
         };
-        let details = vec![format!("was_fraction={}", removed.fraction)];
+        if drains
+            .get(&drill.domain)
+            .is_some_and(|d| d.drill.as_deref() == Some(id))
+        {
+            drains.remove(&drill.domain);
+            commit.delete_drains.push(drill.domain.clone());
+        }
+        let audits = vec![Audit::new("drill.abort", id.to_owned(), &intent, vec![])];
         let change = Change {
             fleet,
             new_fleet: None,
             drains,
             commit,
-            action: "undrain",
-            target: path.to_string(),
-            details,
+            audits,
+            preview: None,
+            impact: None,
         };
-        self.change(change, intent).await
+        self.change(change).await
     }
 }

@@ -9,12 +9,15 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod blocking;
 pub mod cli;
 pub mod cluster;
 pub mod control_loop;
 pub mod grpc;
+pub mod inbox;
 pub mod metrics;
 pub mod push;
 pub mod server;
 pub mod state;
 pub mod timefmt;
+pub mod workflow;

@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub lease_ttl: Duration,
     /// Time between the steps of a move held back by a policy's max_shift.
     pub shift_interval: Duration,
+    /// Drain and drill settings: expiry, guardrails, blocking windows.
+    pub workflow: crate::workflow::WorkflowConfig,
 }
 
 /// Why the server could not start or stopped.
@@ -185,15 +187,18 @@ pub async fn run(
         started_at_ms,
         software: env!("CARGO_PKG_VERSION").to_owned(),
     };
+    let reports = Arc::new(Reports::default());
     let node = cluster::start(
         store.clone(),
         clock.clone(),
+        reports.clone(),
         me,
         ElectionConfig {
             lease_ttl: config.lease_ttl,
             loop_config: crate::control_loop::LoopConfig {
                 shift_interval_ms: i64::try_from(config.shift_interval.as_millis())
                     .unwrap_or(i64::MAX),
+                workflow: config.workflow.clone(),
             },
         },
     );
@@ -218,7 +223,6 @@ pub async fn run(
 
     let distribution = Distribution::new(node.subscribe(), clock.clone());
     tokio::spawn(distribution.clone().follow());
-    let reports = Arc::new(Reports::default());
     let stale_after_ms = u64::try_from(config.stale_after.as_millis()).unwrap_or(u64::MAX);
 
     let mut registry = Registry::default();
@@ -252,6 +256,7 @@ pub async fn run(
         node: node.clone(),
         clock: clock.clone(),
         reports: reports.clone(),
+        max_move_share: config.workflow.limits.max_move_share,
     };
     let steering = SteeringApi {
         node: node.clone(),
@@ -262,6 +267,8 @@ pub async fn run(
         node: node.clone(),
         store: store.clone(),
         clock: clock.clone(),
+        distribution: distribution.clone(),
+        workflow: config.workflow.clone(),
     };
     let cluster = ClusterApi {
         node: node.clone(),

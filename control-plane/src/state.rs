@@ -12,6 +12,7 @@
 //! /sextant/v1/routing/v/<ver:020>/<i:06>  chunk i of a kept version (JSON)
 //! /sextant/v1/audit/seq                   the last audit sequence number
 //! /sextant/v1/audit/r/<seq:020>           one audit record (JSON)
+//! /sextant/v1/drills/<id>                 one drill and its timeline (JSON)
 //! ```
 //!
 //! Large values (a fleet or routing table of 10,000 groups is several MB)
@@ -50,6 +51,7 @@ const AUDIT_SEQ: &str = "/sextant/v1/audit/seq";
 const DRAINS: &str = "/sextant/v1/drains/";
 const ROUTING_META: &str = "/sextant/v1/routing/meta/";
 const AUDIT_RECORDS: &str = "/sextant/v1/audit/r/";
+const DRILLS: &str = "/sextant/v1/drills/";
 
 fn fleet_chunks(generation: u64) -> String {
     format!("/sextant/v1/fleet/g/{generation:020}/")
@@ -117,6 +119,8 @@ pub struct State {
     pub fleet: Option<Arc<Fleet>>,
     pub fleet_generation: u64,
     pub drains: DrainSet,
+    /// Every drill, running or past, by id.
+    pub drills: std::collections::BTreeMap<String, sextant_core::drill::Drill>,
     pub table: Option<Arc<RoutingTable>>,
     /// The latest routing version (0: none yet).
     pub version: ConfigVersion,
@@ -127,14 +131,15 @@ pub struct State {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
-    serde_json::from_slice(bytes).map_err(|source| StateError::Decode {
+    crate::blocking::heavy(|| serde_json::from_slice(bytes)).map_err(|source| StateError::Decode {
         key: key.to_owned(),
         source,
     })
 }
 
 fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StateError> {
-    serde_json::to_vec(value).map_err(|source| StateError::Encode { what, source })
+    crate::blocking::heavy(|| serde_json::to_vec(value))
+        .map_err(|source| StateError::Encode { what, source })
 }
 
 async fn read_chunks(
@@ -193,11 +198,12 @@ pub async fn load_since(store: &dyn Store, prev: Option<&State>) -> Result<State
             let prefix = fleet_chunks(ptr.generation);
             let bytes = read_chunks(store, "fleet", &prefix, ptr.chunks).await?;
             let spec: FleetSpec = decode(&prefix, &bytes)?;
-            let fleet =
-                Fleet::from_spec(spec).map_err(|source| StateError::InvalidStoredFleet {
+            let fleet = crate::blocking::heavy(|| Fleet::from_spec(spec)).map_err(|source| {
+                StateError::InvalidStoredFleet {
                     generation: ptr.generation,
                     source,
-                })?;
+                }
+            })?;
             state.fleet = Some(Arc::new(fleet));
             state.fleet_generation = ptr.generation;
         }
@@ -206,6 +212,11 @@ pub async fn load_since(store: &dyn Store, prev: Option<&State>) -> Result<State
     for kv in store.get_prefix(DRAINS).await?.kvs {
         let drain: Drain = decode(&kv.key, &kv.value)?;
         state.drains.insert(drain);
+    }
+
+    for kv in store.get_prefix(DRILLS).await?.kvs {
+        let drill: sextant_core::drill::Drill = decode(&kv.key, &kv.value)?;
+        state.drills.insert(drill.id.clone(), drill);
     }
 
     if let Some(kv) = store.get(ROUTING_CURRENT).await?.kvs.into_iter().next() {
@@ -289,6 +300,7 @@ pub struct Commit {
     pub fleet: Option<(FleetSpec, u64)>,
     pub put_drains: Vec<Drain>,
     pub delete_drains: Vec<DomainPath>,
+    pub put_drills: Vec<sextant_core::drill::Drill>,
     /// The new routing table (its version must be the next one).
     pub table: Option<RoutingTable>,
     /// Audit records (their seq numbers must follow the state's).
@@ -349,6 +361,9 @@ pub async fn commit(store: &dyn Store, state: &State, c: &Commit) -> Result<Revi
     }
     for d in &c.delete_drains {
         ops.push(TxnOp::delete(format!("{DRAINS}{d}")));
+    }
+    for d in &c.put_drills {
+        ops.push(TxnOp::put(format!("{DRILLS}{}", d.id), encode("drill", d)?));
     }
     if let Some(last) = c.audit.last() {
         for r in &c.audit {

@@ -180,7 +180,10 @@ impl ControlPlane {
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("SEXTANT_LOG", "info");
+            .env("SEXTANT_LOG", "info")
+            // Most tests drain whole regions in one step; the blast-radius
+            // brake has tests of its own (they pass --max-move-share).
+            .env("SEXTANT_MAX_MOVE_SHARE", "1");
         if let Some(f) = fleet {
             cmd.arg("--fleet").arg(f);
         }

@@ -59,15 +59,15 @@ async fn grpc_health_and_unimplemented_services_answer() -> Result<()> {
         "health status {status}"
     );
     // RPCs of the contract that later work fills say so.
-    let mut ops =
-        sextant_proto::v1::operations_service_client::OperationsServiceClient::new(channel.clone());
-    let err = ops
-        .list_drills(sextant_proto::v1::ListDrillsRequest::default())
+    let mut signals =
+        sextant_proto::v1::signals_service_client::SignalsServiceClient::new(channel.clone());
+    let err = signals
+        .report_probes(futures_stream())
         .await
         .err()
-        .context("list_drills succeeded")?;
+        .context("report_probes succeeded")?;
     ensure!(err.code() == tonic::Code::Unimplemented, "{err:?}");
-    ensure!(err.message().contains("not supported yet"), "{err:?}");
+    ensure!(err.message().contains("not accepted yet"), "{err:?}");
     // Without a fleet, routing reads fail with a clear precondition.
     let out = cp.ctl().run(["routes", "www"])?;
     ensure!(
@@ -82,4 +82,9 @@ async fn grpc_health_and_unimplemented_services_answer() -> Result<()> {
         out.stderr
     );
     Ok(())
+}
+
+/// An empty client stream of probe batches.
+fn futures_stream() -> tokio_stream::Iter<std::vec::IntoIter<sextant_proto::v1::ProbeBatch>> {
+    tokio_stream::iter(Vec::new())
 }

@@ -24,6 +24,16 @@ pub struct Drain {
     /// Who asked for it.
     pub created_by: String,
     pub created_at_ms: i64,
+    /// Its step schedule and expiry; `None` for a drain that took effect
+    /// in one step and never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::schedule::Progress>,
+    /// Why its guardrails were overridden (`--force`), if they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced: Option<String>,
+    /// The drill it belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
 }
 
 /// Why a drain request cannot be accepted.
@@ -40,6 +50,20 @@ pub enum DrainError {
 }
 
 impl Drain {
+    /// The fraction it moves towards (its last step).
+    pub fn target(&self) -> f64 {
+        self.progress
+            .as_ref()
+            .map_or(self.fraction, |p| p.schedule.target())
+    }
+
+    /// Whether it is on its way out (undraining).
+    pub fn undraining(&self) -> bool {
+        self.progress
+            .as_ref()
+            .is_some_and(|p| matches!(p.phase, crate::schedule::Phase::Undraining { .. }))
+    }
+
     /// Checks a drain request against the fleet.
     pub fn check(
         fleet: &Fleet,
@@ -136,6 +160,9 @@ mod tests {
             owner: "sre".into(),
             created_by: "alice".into(),
             created_at_ms: 0,
+            progress: None,
+            forced: None,
+            drill: None,
         }
     }
 

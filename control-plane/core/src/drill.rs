@@ -432,6 +432,184 @@ impl Watcher {
     }
 }
 
+/// Where a drill is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum DrillState {
+    /// Draining (in steps) or holding the domain drained.
+    Running,
+    /// The duration is over: undraining.
+    Restoring,
+    /// Ran its course and restored.
+    Succeeded,
+    /// An abort condition held (or an operator aborted): restored at once.
+    Aborted { reason: String },
+    /// Refused before it started (a guardrail or a blocking window).
+    Refused { reason: String },
+}
+
+impl DrillState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DrillState::Running => "running",
+            DrillState::Restoring => "restoring",
+            DrillState::Succeeded => "succeeded",
+            DrillState::Aborted { .. } => "aborted",
+            DrillState::Refused { .. } => "refused",
+        }
+    }
+
+    /// Whether it still holds (or is releasing) a drain.
+    pub fn active(&self) -> bool {
+        matches!(self, DrillState::Running | DrillState::Restoring)
+    }
+}
+
+/// One line of a drill's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub at_ms: i64,
+    pub text: String,
+}
+
+/// Timeline entries kept per drill.
+pub const MAX_TIMELINE: usize = 200;
+
+/// A drill, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Drill {
+    pub id: String,
+    pub domain: crate::DomainPath,
+    pub reason: String,
+    pub created_by: String,
+    pub started_at_ms: i64,
+    pub duration_ms: i64,
+    pub conditions: Vec<Condition>,
+    pub schedule: crate::schedule::Schedule,
+    pub state: DrillState,
+    #[serde(default)]
+    pub watcher: Watcher,
+    #[serde(default)]
+    pub peak_utilization: f64,
+    #[serde(default)]
+    pub peak_error_rate: f64,
+    /// When the drain first reached its target.
+    #[serde(default)]
+    pub drained_at_ms: Option<i64>,
+    /// When the restore began (the end of the duration, or the abort).
+    #[serde(default)]
+    pub restore_started_ms: Option<i64>,
+    /// When the drain was gone again.
+    #[serde(default)]
+    pub ended_at_ms: Option<i64>,
+    #[serde(default)]
+    pub timeline: Vec<Event>,
+}
+
+/// What the control loop must do for a drill.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DrillAction {
+    Nothing,
+    /// Remove the drain at once.
+    Abort(String),
+    /// Undrain (in the schedule's steps).
+    Restore,
+    /// The drill is over (nothing left to do).
+    Finished,
+}
+
+impl Drill {
+    pub fn log(&mut self, at_ms: i64, text: impl Into<String>) {
+        if self.timeline.len() < MAX_TIMELINE {
+            self.timeline.push(Event {
+                at_ms,
+                text: text.into(),
+            });
+        }
+    }
+
+    /// The outcome in words.
+    pub fn outcome(&self) -> String {
+        match &self.state {
+            DrillState::Running => "running".into(),
+            DrillState::Restoring => "restoring".into(),
+            DrillState::Succeeded => "succeeded".into(),
+            DrillState::Aborted { reason } => format!("aborted: {reason}"),
+            DrillState::Refused { reason } => format!("refused: {reason}"),
+        }
+    }
+
+    /// Time from the start until the drain reached its target.
+    pub fn time_to_drain_ms(&self) -> Option<i64> {
+        self.drained_at_ms.map(|t| t - self.started_at_ms)
+    }
+
+    /// Time from the start of the restore until the drain was gone.
+    pub fn time_to_restore_ms(&self) -> Option<i64> {
+        Some(self.ended_at_ms? - self.restore_started_ms?)
+    }
+
+    /// Aborts on an operator's request.
+    pub fn abort(&mut self, reason: String, now_ms: i64) -> DrillAction {
+        if !self.state.active() {
+            return DrillAction::Nothing;
+        }
+        self.log(now_ms, format!("aborted: {reason}"));
+        self.state = DrillState::Aborted {
+            reason: reason.clone(),
+        };
+        self.restore_started_ms.get_or_insert(now_ms);
+        DrillAction::Abort(reason)
+    }
+
+    /// One look at the world: `drain_at_target` says the drill's drain has
+    /// reached its last step, `drain_present` that it still exists.
+    pub fn tick(
+        &mut self,
+        obs: &Observation,
+        drain_at_target: bool,
+        drain_present: bool,
+        now_ms: i64,
+    ) -> DrillAction {
+        if !self.state.active() {
+            if drain_present || self.ended_at_ms.is_some() {
+                return DrillAction::Nothing;
+            }
+            self.ended_at_ms = Some(now_ms);
+            self.log(now_ms, "restored");
+            return DrillAction::Finished;
+        }
+        self.peak_utilization = self.peak_utilization.max(obs.utilization);
+        self.peak_error_rate = self.peak_error_rate.max(obs.error_rate);
+        let conditions = self.conditions.clone();
+        if let Some(reason) = self.watcher.observe(&conditions, obs, now_ms) {
+            return self.abort(reason, now_ms);
+        }
+        match self.state {
+            DrillState::Running => {
+                if drain_at_target && self.drained_at_ms.is_none() {
+                    self.drained_at_ms = Some(now_ms);
+                    self.log(now_ms, "drained to the target");
+                }
+                if now_ms >= self.started_at_ms + self.duration_ms {
+                    self.state = DrillState::Restoring;
+                    self.restore_started_ms = Some(now_ms);
+                    self.log(now_ms, "duration over: restoring");
+                    return DrillAction::Restore;
+                }
+                DrillAction::Nothing
+            }
+            DrillState::Restoring if !drain_present => {
+                self.state = DrillState::Succeeded;
+                self.ended_at_ms = Some(now_ms);
+                self.log(now_ms, "restored");
+                DrillAction::Finished
+            }
+            _ => DrillAction::Nothing,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +664,70 @@ mod tests {
             ..Observation::default()
         };
         assert!(Watcher::default().observe(&now, &obs, 0).is_some());
+    }
+
+    fn drill(conditions: &[&str]) -> Drill {
+        Drill {
+            id: "d1".into(),
+            domain: crate::DomainPath::parse("region/eu").expect("path"),
+            reason: "q4".into(),
+            created_by: "t".into(),
+            started_at_ms: 0,
+            duration_ms: 10_000,
+            conditions: conditions
+                .iter()
+                .map(|c| Condition::parse(c).expect("cond"))
+                .collect(),
+            schedule: crate::schedule::Schedule::immediate(1.0),
+            state: DrillState::Running,
+            watcher: Watcher::default(),
+            peak_utilization: 0.0,
+            peak_error_rate: 0.0,
+            drained_at_ms: None,
+            restore_started_ms: None,
+            ended_at_ms: None,
+            timeline: vec![],
+        }
+    }
+
+    #[test]
+    fn a_drill_runs_its_course_and_restores() {
+        let mut d = drill(&["utilization>0.9"]);
+        let calm = Observation {
+            utilization: 0.5,
+            ..Observation::default()
+        };
+        assert_eq!(d.tick(&calm, true, true, 1000), DrillAction::Nothing);
+        assert_eq!(d.time_to_drain_ms(), Some(1000));
+        assert_eq!(d.tick(&calm, true, true, 10_000), DrillAction::Restore);
+        assert_eq!(d.state, DrillState::Restoring);
+        assert_eq!(d.tick(&calm, false, true, 11_000), DrillAction::Nothing);
+        assert_eq!(d.tick(&calm, false, false, 12_000), DrillAction::Finished);
+        assert_eq!(d.state, DrillState::Succeeded);
+        assert_eq!(d.time_to_restore_ms(), Some(2000));
+        assert_eq!(d.peak_utilization, 0.5);
+        assert_eq!(d.outcome(), "succeeded");
+    }
+
+    #[test]
+    fn a_drill_aborts_when_a_condition_holds() {
+        let mut d = drill(&["error_rate>0.01"]);
+        let bad = Observation {
+            error_rate: 0.2,
+            error_rate_at: "ams1".into(),
+            ..Observation::default()
+        };
+        match d.tick(&bad, true, true, 3000) {
+            DrillAction::Abort(r) => assert!(r.contains("error_rate>0.01"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(d
+            .outcome()
+            .starts_with("aborted: abort condition error_rate>0.01"));
+        assert_eq!(d.tick(&bad, false, false, 4000), DrillAction::Finished);
+        assert_eq!(d.time_to_restore_ms(), Some(1000));
+        assert_eq!(d.peak_error_rate, 0.2);
+        assert_eq!(d.tick(&bad, false, false, 5000), DrillAction::Nothing);
     }
 
     #[test]

@@ -483,6 +483,9 @@ mod tests {
             owner: "sre".into(),
             created_by: "t".into(),
             created_at_ms: 0,
+            progress: None,
+            forced: None,
+            drill: None,
         });
         let mut s = Signals::default();
         s.edges.insert(

@@ -22,6 +22,7 @@ pub mod drill;
 pub mod explain;
 pub mod fleet;
 pub mod ids;
+pub mod impact;
 pub mod n_minus_one;
 pub mod routing;
 pub mod schedule;

@@ -116,6 +116,9 @@ pub fn n_minus_one(
             owner: "sextant".into(),
             created_by: "sextant".into(),
             created_at_ms: now_ms,
+            progress: None,
+            forced: None,
+            drill: None,
         });
         let (after, _) = solve_with(
             SolveInput {

@@ -167,6 +167,9 @@ fn random_case(seed: u64, resilience: bool, latency: bool) -> Case {
                 owner: "t".into(),
                 created_by: "t".into(),
                 created_at_ms: 0,
+                progress: None,
+                forced: None,
+                drill: None,
             });
         }
     }

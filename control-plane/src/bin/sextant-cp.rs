@@ -52,6 +52,26 @@ struct Args {
     /// back.
     #[arg(long, env = "SEXTANT_SHIFT_INTERVAL", default_value_t = 30)]
     shift_interval_seconds: u64,
+    /// Expiry of a drain that names none, e.g. 24h.
+    #[arg(long, env = "SEXTANT_DRAIN_DEFAULT_EXPIRY", default_value = "24h")]
+    drain_default_expiry: String,
+    /// Longest expiry a drain may ask for, e.g. 7d.
+    #[arg(long, env = "SEXTANT_DRAIN_MAX_EXPIRY", default_value = "7d")]
+    drain_max_expiry: String,
+    /// Drains (drills included) allowed at once without --force.
+    #[arg(long, env = "SEXTANT_MAX_CONCURRENT_DRAINS", default_value_t = 3)]
+    max_concurrent_drains: usize,
+    /// Largest share of all traffic one change (or one drain step) may move
+    /// at once without --force (the blast-radius brake).
+    #[arg(long, env = "SEXTANT_MAX_MOVE_SHARE", default_value_t = 0.2)]
+    max_move_share: f64,
+    /// When no drill may start, repeatable: weekly `mon-fri 08:00-18:00`
+    /// (UTC) or absolute `2026-12-24T00:00Z/2026-12-27T00:00Z`.
+    #[arg(long, env = "SEXTANT_DRILL_BLOCKING_WINDOW", value_delimiter = ';')]
+    drill_blocking_window: Vec<String>,
+    /// Longest drill, e.g. 24h.
+    #[arg(long, env = "SEXTANT_MAX_DRILL", default_value = "24h")]
+    max_drill: String,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
@@ -101,7 +121,35 @@ fn main() -> anyhow::Result<()> {
         if args.lease_ttl_seconds == 0 {
             anyhow::bail!("--lease-ttl must be at least 1 second");
         }
+        let dur = |flag: &str, v: &str| {
+            sextant_control_plane::timefmt::parse_duration_ms(v)
+                .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+        };
+        let windows = args
+            .drill_blocking_window
+            .iter()
+            .map(|w| sextant_core::drill::Window::parse(w))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--drill-blocking-window {e}"))?;
+        if !(args.max_move_share > 0.0 && args.max_move_share <= 1.0) {
+            anyhow::bail!(
+                "--max-move-share must be in (0, 1], got {}",
+                args.max_move_share
+            );
+        }
+        let workflow = sextant_control_plane::workflow::WorkflowConfig {
+            default_expiry_ms: dur("--drain-default-expiry", &args.drain_default_expiry)?,
+            max_expiry_ms: dur("--drain-max-expiry", &args.drain_max_expiry)?,
+            limits: sextant_core::impact::Limits {
+                max_concurrent_drains: args.max_concurrent_drains,
+                max_move_share: args.max_move_share,
+            },
+            drill_windows: windows,
+            max_drill_ms: dur("--max-drill", &args.max_drill)?,
+            ..Default::default()
+        };
         let config = ServerConfig {
+            workflow,
             listen: args.listen,
             store,
             advertise: args.advertise,

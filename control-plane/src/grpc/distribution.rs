@@ -72,8 +72,13 @@ pub fn resources(snap: &Snapshot) -> Result<push::Snapshot<Resource>, Inconsiste
         version,
         resources: Default::default(),
     };
-    let (Some(fleet), Some(table)) = (&snap.fleet, &snap.table) else {
-        return Ok(out);
+    let (fleet, table) = match (&snap.fleet, &snap.table) {
+        (Some(f), Some(t)) => (f, t),
+        (None, None) => return Ok(out),
+        // Never serve half a state (a table without its fleet or the other
+        // way round): subscribers would drop everything they hold.
+        (None, Some(_)) => return Err(bad("a routing table without a fleet".into())),
+        (Some(_), None) => return Err(bad("a fleet without a routing table".into())),
     };
     let r = &mut out.resources;
     for s in fleet.services.values() {
@@ -418,7 +423,7 @@ impl Distribution {
         loop {
             let snap = state.borrow_and_update().clone();
             if snap.version() > self.publisher.current().version {
-                match resources(&snap) {
+                match crate::blocking::heavy(|| resources(&snap)) {
                     Ok(res) => {
                         let n = res.resources.len();
                         if self.publisher.publish(res, self.now()) {

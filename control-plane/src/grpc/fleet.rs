@@ -22,6 +22,8 @@ pub struct FleetApi {
     pub node: Node,
     pub clock: Arc<dyn Clock>,
     pub reports: Arc<super::signals::Reports>,
+    /// The blast-radius brake's limit, for the preview of `diff`.
+    pub max_move_share: f64,
 }
 
 impl std::fmt::Debug for FleetApi {
@@ -84,7 +86,10 @@ impl FleetService for FleetApi {
         let intent = super::intent(req.actor, req.reason);
         tracing::Span::current().record("actor", intent.actor.as_str());
         let expected = (req.expected_generation != 0).then_some(req.expected_generation);
-        let out = handle.apply_fleet(spec, expected, intent).await?;
+        let force = (req.force || !req.force_reason.is_empty()).then(|| req.force_reason.clone());
+        let out = handle
+            .apply_fleet_forced(spec, expected, force, intent)
+            .await?;
         Ok(Response::new(pb::ApplyFleetResponse {
             generation: out.fleet_generation,
             routing_version_before: out.version_before,
@@ -142,7 +147,7 @@ impl FleetService for FleetApi {
             })
             .await?;
         let spec = parse(&document, req.format)?;
-        let fleet = Fleet::from_spec(spec).map_err(OpError::from)?;
+        let fleet = crate::blocking::heavy(|| Fleet::from_spec(spec)).map_err(OpError::from)?;
         let snap = self.node.snapshot();
         let empty = FleetSpec::default();
         let before = snap.fleet.as_ref().map_or(&empty, |f| f.spec());
@@ -162,11 +167,24 @@ impl FleetService for FleetApi {
             .collect();
         let preview = snap.preview(&fleet, &snap.drains, self.clock.now_ms());
         let (routing_changes, routing_changes_total) = super::row_changes(&preview.changes);
+        let impact = snap.table.as_ref().map(|t| {
+            let imp = sextant_core::impact::impact(&fleet, &t.routing, &preview.routing);
+            let violations: Vec<sextant_core::impact::Violation> = (imp.moved_share
+                > self.max_move_share + 1e-9)
+                .then_some(sextant_core::impact::Violation::BlastRadius {
+                    moved_share: imp.moved_share,
+                    max: self.max_move_share,
+                })
+                .into_iter()
+                .collect();
+            super::impact(&imp, &violations)
+        });
         Ok(Response::new(pb::DiffFleetResponse {
             changes,
             routing_changes,
             shifts: super::shifts(&preview.shifts),
             routing_changes_total,
+            impact,
         }))
     }
 

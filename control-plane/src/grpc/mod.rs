@@ -20,11 +20,17 @@ impl From<OpError> for Status {
     fn from(e: OpError) -> Self {
         let msg = e.to_string();
         match e {
-            OpError::InvalidFleet(_) | OpError::Drain(_) => Status::invalid_argument(msg),
-            OpError::NoFleet | OpError::GenerationMismatch { .. } => {
-                Status::failed_precondition(msg)
-            }
-            OpError::NotDrained(_) => Status::not_found(msg),
+            OpError::InvalidFleet(_)
+            | OpError::Drain(_)
+            | OpError::Schedule(_)
+            | OpError::BadDrill(_)
+            | OpError::ForceNeedsReason => Status::invalid_argument(msg),
+            OpError::NoFleet
+            | OpError::GenerationMismatch { .. }
+            | OpError::OwnedByDrill { .. }
+            | OpError::Refused { .. }
+            | OpError::DrillRefused { .. } => Status::failed_precondition(msg),
+            OpError::NotDrained(_) | OpError::UnknownDrill(_) => Status::not_found(msg),
             OpError::State(_) | OpError::Stopped => Status::unavailable(msg),
         }
     }
@@ -173,6 +179,58 @@ pub fn split_document(doc: &str) -> Vec<String> {
         out.push(String::new());
     }
     out
+}
+
+/// An impact preview on the wire (latency changes capped at 100).
+pub(crate) fn impact(
+    i: &sextant_core::impact::Impact,
+    violations: &[sextant_core::impact::Violation],
+) -> pb::Impact {
+    pb::Impact {
+        scopes: i
+            .scopes
+            .iter()
+            .map(|s| pb::ScopeImpact {
+                scope: s.scope.clone(),
+                load_before_rps: s.load_before_rps,
+                load_after_rps: s.load_after_rps,
+                utilization_before: s.utilization_before,
+                utilization_after: s.utilization_after,
+            })
+            .collect(),
+        latency: i
+            .latency
+            .iter()
+            .take(100)
+            .map(|l| pb::LatencyChange {
+                service: l.service.clone(),
+                group: l.group.clone(),
+                latency_before_ms: l.latency_before_ms,
+                latency_after_ms: l.latency_after_ms,
+            })
+            .collect(),
+        unserved_before_rps: i.unserved_before_rps,
+        unserved_after_rps: i.unserved_after_rps,
+        overage_before: i.overage_before,
+        overage_after: i.overage_after,
+        moved_share: i.moved_share,
+        violations: violations.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+/// An audit record on the wire.
+pub(crate) fn audit_record(r: crate::audit::AuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        seq: r.seq,
+        at_unix_ms: r.at_ms,
+        actor: r.actor,
+        action: r.action,
+        target: r.target,
+        reason: r.reason,
+        routing_version_before: r.routing_version_before,
+        routing_version_after: r.routing_version_after,
+        details: r.details,
+    }
 }
 
 /// The first [`MAX_CHANGED_ROWS`] row changes, and how many there are.

@@ -2,8 +2,7 @@
 //! edge, shown by `sextantctl get edges`); turning them into health
 //! verdicts and probe results arrive with the health issue.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::signals_service_server::SignalsService;
@@ -12,31 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, instrument};
 
 use crate::control_loop::{Clock, Snapshot};
-
-/// The latest report of one edge, and when it arrived.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Received {
-    pub report: pb::EdgeReport,
-    pub received_at_ms: i64,
-}
-
-/// Latest edge reports by edge id.
-#[derive(Debug, Default)]
-pub struct Reports {
-    latest: Mutex<BTreeMap<String, Received>>,
-}
-
-impl Reports {
-    pub fn get(&self, edge: &str) -> Option<Received> {
-        self.latest.lock().ok()?.get(edge).cloned()
-    }
-
-    fn put(&self, edge: String, r: Received) {
-        if let Ok(mut m) = self.latest.lock() {
-            m.insert(edge, r);
-        }
-    }
-}
+pub use crate::inbox::{Received, Reports};
 
 /// Serves signal streams.
 #[derive(Clone)]

@@ -103,6 +103,9 @@ fn drain(domain: &str, fraction: f64) -> Drain {
         owner: "sre".into(),
         created_by: "t".into(),
         created_at_ms: 0,
+        progress: None,
+        forced: None,
+        drill: None,
     }
 }
 
