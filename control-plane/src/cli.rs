@@ -686,6 +686,10 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                     "reported_capacity_rps": e.reported_capacity_rps,
                     "reported_config_version": e.reported_config_version,
                     "last_report": (e.last_report_unix_ms > 0).then(|| rfc3339(e.last_report_unix_ms)),
+                    "health_reason": e.health_reason,
+                    "health_since": (e.health_since_unix_ms > 0).then(|| rfc3339(e.health_since_unix_ms)),
+                    "damping_penalty": e.damping_penalty, "damped": e.damped,
+                    "failover_held": e.failover_held, "utilization": e.utilization,
                 })).collect()).to_string()
             } else {
                 let mut t = Table::new([
@@ -696,9 +700,23 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                     "EFFECTIVE",
                     "LOAD",
                     "UTIL",
+                    "REPORTED",
                     "HEALTH",
+                    "SINCE",
+                    "PENALTY",
                 ]);
+                let mut reasons = Vec::new();
                 for e in &edges {
+                    let mut health = e.health.clone();
+                    if e.damped {
+                        health.push_str(" (damped)");
+                    }
+                    if e.failover_held {
+                        health.push_str(" (held: bound)");
+                    }
+                    if e.health != "up" && !e.health_reason.is_empty() {
+                        reasons.push(format!("{}: {}", e.id, e.health_reason));
+                    }
                     t.row([
                         e.id.clone(),
                         e.kind.clone(),
@@ -707,10 +725,25 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
                         format!("{:.0}", e.effective_capacity_rps),
                         format!("{:.0}", e.predicted_load_rps),
                         pct(e.predicted_load_rps / e.capacity_rps.max(f64::MIN_POSITIVE)),
-                        e.health.clone(),
+                        if e.last_report_unix_ms > 0 {
+                            pct(e.utilization)
+                        } else {
+                            "-".to_owned()
+                        },
+                        health,
+                        if e.health_since_unix_ms > 0 {
+                            rfc3339(e.health_since_unix_ms)
+                        } else {
+                            "-".to_owned()
+                        },
+                        format!("{:.0}", e.damping_penalty),
                     ]);
                 }
-                t.render()
+                let mut out = t.render();
+                for r in reasons {
+                    out.push_str(&format!("\n{r}"));
+                }
+                out
             }
         }
         GetWhat::Domains => {

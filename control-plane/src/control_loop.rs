@@ -13,7 +13,9 @@ use std::sync::Arc;
 use sextant_core::diff::{self, RowChange, Shift};
 use sextant_core::drain::{Drain, DrainError};
 use sextant_core::drill::{Drill, DrillAction, DrillState};
+use sextant_core::failover::Bounds;
 use sextant_core::fleet::FleetError;
+use sextant_core::health::HealthConfig;
 use sextant_core::impact::Impact;
 use sextant_core::routing::{Routing, RoutingMeta, RoutingTable};
 use sextant_core::schedule::{ScheduleError, Transition};
@@ -25,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn, Instrument};
 
 use crate::audit::AuditRecord;
+use crate::health_state::{FailoverView, HealthState};
 use crate::inbox::Reports;
 use crate::state::{self, Commit, State, StateError};
 use crate::workflow::{self, DrainRequest, DrillRequest, WorkflowConfig};
@@ -57,6 +60,8 @@ pub struct Snapshot {
     /// Every drill, running or past.
     pub drills: Arc<std::collections::BTreeMap<String, Drill>>,
     pub signals: Signals,
+    /// Automated failover: held edges (alarms) and counters.
+    pub failover: Arc<FailoverView>,
     pub table: Option<Arc<RoutingTable>>,
     /// False only for the placeholder a replica holds before its first
     /// read of the store.
@@ -66,16 +71,17 @@ pub struct Snapshot {
 impl Snapshot {
     /// A snapshot of committed state, as a follower sees it.
     pub fn from_state(state: &State) -> Self {
-        Self::of(state, &Signals::default())
+        Self::of(state, &Signals::default(), Arc::default())
     }
 
-    fn of(state: &State, signals: &Signals) -> Self {
+    fn of(state: &State, signals: &Signals, failover: Arc<FailoverView>) -> Self {
         Self {
             fleet: state.fleet.clone(),
             fleet_generation: state.fleet_generation,
             drains: state.drains.clone(),
             drills: Arc::new(state.drills.clone()),
             signals: signals.clone(),
+            failover,
             table: state.table.clone(),
             loaded: true,
         }
@@ -347,6 +353,13 @@ pub struct LoopConfig {
     /// Time between the steps of a move held back by a policy's max_shift.
     pub shift_interval_ms: i64,
     pub workflow: WorkflowConfig,
+    /// How verdicts are reached.
+    pub health: HealthConfig,
+    /// How much capacity automated failover may remove.
+    pub bounds: Bounds,
+    /// How often verdicts are re-evaluated without new signals (missed
+    /// heartbeats, stale votes, damping decay).
+    pub health_tick_ms: i64,
 }
 
 impl Default for LoopConfig {
@@ -354,6 +367,9 @@ impl Default for LoopConfig {
         Self {
             shift_interval_ms: 30_000,
             workflow: WorkflowConfig::default(),
+            health: HealthConfig::default(),
+            bounds: Bounds::default(),
+            health_tick_ms: 500,
         }
     }
 }
@@ -369,6 +385,12 @@ struct Loop {
     reports: Arc<Reports>,
     state: State,
     signals: Signals,
+    health: HealthState,
+    /// When verdicts are next re-evaluated by timer.
+    health_due_ms: Option<i64>,
+    /// When scheduled work (drain steps, drills' looks) last ran: drills
+    /// look again a tick later, however often other events wake the loop.
+    scheduled_at_ms: i64,
     publish: watch::Sender<Arc<Snapshot>>,
 }
 
@@ -389,8 +411,13 @@ pub async fn start(
         "state loaded"
     );
     let signals = Signals::default();
-    let (publish, snapshots) = watch::channel(Arc::new(Snapshot::of(&state, &signals)));
+    let (publish, snapshots) =
+        watch::channel(Arc::new(Snapshot::of(&state, &signals, Arc::default())));
+    let health = HealthState::new(config.health.clone(), config.bounds);
     let mut lp = Loop {
+        health,
+        health_due_ms: None,
+        scheduled_at_ms: 0,
         config,
         shift_due_ms: None,
         retry_at_ms: None,
@@ -431,7 +458,11 @@ impl Loop {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot::of(&self.state, &self.signals)
+        Snapshot::of(
+            &self.state,
+            &self.signals,
+            Arc::new(self.health.view.clone()),
+        )
     }
 
     fn publish(&self) {
@@ -470,11 +501,20 @@ impl Loop {
                     u64::try_from(at.saturating_sub(self.clock.now_ms())).unwrap_or(0),
                 )
             });
+            let reports = self.reports.clone();
             let cmd = tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(c) => c,
                     None => break,
                 },
+                () = reports.arrived() => {
+                    let r = self.on_signals().await;
+                    if let Err(e) = self.settle(r).await {
+                        warn!(error = %e, "failover commit failed; will retry");
+                        self.retry_at_ms = Some(self.clock.now_ms() + RETRY_MS);
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(wait.unwrap_or(std::time::Duration::from_secs(3600))), if wait.is_some() => {
                     let r = self.on_timer().await;
                     if let Err(e) = self.settle(r).await {
@@ -505,18 +545,29 @@ impl Loop {
                 d.state.active()
                     || d.ended_at_ms.is_none() && !matches!(d.state, DrillState::Refused { .. })
             })
-            .then(|| self.clock.now_ms() + self.config.workflow.drill_tick_ms);
-        [self.shift_due_ms, self.retry_at_ms, drills]
-            .into_iter()
-            .flatten()
-            .chain(drains)
-            .min()
+            .then(|| self.scheduled_at_ms + self.config.workflow.drill_tick_ms);
+        [
+            self.shift_due_ms,
+            self.retry_at_ms,
+            drills,
+            self.health_due_ms,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(drains)
+        .min()
     }
 
     /// Work the loop scheduled for itself.
     async fn on_timer(&mut self) -> Result<Outcome, OpError> {
         self.retry_at_ms = None;
         let now = self.clock.now_ms();
+        if self.health_due_ms.is_some_and(|d| d <= now) {
+            let out = self.on_signals().await?;
+            if out.changed {
+                return Ok(out);
+            }
+        }
         let out = self.scheduled(now).await?;
         if out.changed {
             return Ok(out);
@@ -537,6 +588,7 @@ impl Loop {
     /// Drain steps and expiries that are due, and drills' looks at the
     /// signals, in one commit.
     async fn scheduled(&mut self, now: i64) -> Result<Outcome, OpError> {
+        self.scheduled_at_ms = now;
         let Some(fleet) = self.state.fleet.clone() else {
             return Ok(self.unchanged());
         };
@@ -726,6 +778,78 @@ impl Loop {
     }
 
     /// Re-solves with the current state and commits if the routing moves.
+    /// Takes in queued health observations, re-evaluates verdicts, and
+    /// fails over (or back) when they change what routing may use.
+    async fn on_signals(&mut self) -> Result<Outcome, OpError> {
+        let obs = self.reports.take();
+        let now = self.clock.now_ms();
+        let Some(fleet) = self.state.fleet.clone() else {
+            return Ok(self.unchanged());
+        };
+        let decision = self.health.step(&fleet, &self.reports, obs, now);
+        self.health_due_ms = self
+            .health
+            .active()
+            .then(|| now + self.config.health_tick_ms);
+        for t in &decision.transitions {
+            info!(edge = %t.edge, from = t.from.as_str(), to = t.to.as_str(), reason = %t.verdict.reason, "health verdict changed");
+        }
+        let shown = decision.signals != self.signals;
+        self.signals = decision.signals;
+        if !decision.routing {
+            if shown {
+                self.publish();
+            }
+            return Ok(self.unchanged());
+        }
+        let audits = if decision.audits.is_empty() {
+            vec![Audit::new(
+                "capacity.update",
+                String::new(),
+                &Intent {
+                    actor: "sextant-cp".into(),
+                    reason: "edges report a different capacity".into(),
+                },
+                vec![],
+            )]
+        } else {
+            decision
+                .audits
+                .into_iter()
+                .map(|a| {
+                    Audit::new(
+                        a.action,
+                        a.target,
+                        &Intent {
+                            actor: "sextant-cp".into(),
+                            reason: a.reason,
+                        },
+                        a.details,
+                    )
+                })
+                .collect()
+        };
+        for a in &audits {
+            if a.action == "failover.held" {
+                warn!(edge = %a.target, reason = %a.reason, "automated failover held at its bound");
+            }
+        }
+        let change = Change {
+            fleet,
+            new_fleet: None,
+            drains: self.state.drains.clone(),
+            commit: Commit::default(),
+            audits,
+            preview: None,
+            impact: None,
+        };
+        let out = self.change(change).await?;
+        self.health.committed();
+        // Publish again so readers see the counters of the commit.
+        self.publish();
+        Ok(out)
+    }
+
     async fn reconcile(&mut self, action: &'static str, why: &str) -> Result<Outcome, OpError> {
         let Some(fleet) = self.state.fleet.clone() else {
             return Ok(self.unchanged());

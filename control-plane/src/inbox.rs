@@ -1,10 +1,13 @@
 //! Signals that arrive from the data plane, kept for the control loop and
-//! the read APIs: the latest report of each edge.
+//! the read APIs: the latest report of each edge, and the health results
+//! (probes, agent reports) queued for the loop's verdicts, with a wake-up.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use sextant_proto::v1 as pb;
+use tokio::sync::Notify;
 
 /// The latest report of one edge, and when it arrived.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,10 +16,30 @@ pub struct Received {
     pub received_at_ms: i64,
 }
 
-/// Latest edge reports by edge id.
+/// One health result for the verdict logic: `voter` (a vantage id, or
+/// `agent` for the edge's own report) saw `edge` pass or fail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub edge: String,
+    pub voter: String,
+    pub ok: bool,
+    /// When it arrived, by the control plane's clock (probers' clocks may
+    /// be off; arrival order is what counts).
+    pub at_ms: i64,
+    pub error: String,
+}
+
+/// Most observations queued before the loop takes them; beyond, the
+/// oldest are dropped (and counted): verdicts want the newest.
+const MAX_QUEUED: usize = 200_000;
+
+/// Latest edge reports by edge id, and the observation queue.
 #[derive(Debug, Default)]
 pub struct Reports {
     latest: Mutex<BTreeMap<String, Received>>,
+    queue: Mutex<Vec<Observation>>,
+    wake: Notify,
+    dropped: AtomicU64,
 }
 
 impl Reports {
@@ -24,14 +47,68 @@ impl Reports {
         self.latest.lock().ok()?.get(edge).cloned()
     }
 
-    pub fn put(&self, edge: String, r: Received) {
+    /// Keeps `r` as the edge's latest report, without a vote (a follower
+    /// forwards the vote to the leader).
+    pub fn keep(&self, edge: String, r: Received) {
         if let Ok(mut m) = self.latest.lock() {
             m.insert(edge, r);
         }
     }
-}
 
-impl Reports {
+    /// Keeps `r` as the edge's latest report and queues it as the agent's
+    /// vote.
+    pub fn put(&self, edge: String, r: Received) {
+        let obs = Observation {
+            edge: edge.clone(),
+            voter: sextant_core::health::AGENT.to_owned(),
+            ok: r.report.healthy,
+            at_ms: r.received_at_ms,
+            error: if r.report.healthy {
+                String::new()
+            } else {
+                "the edge reports itself unhealthy".to_owned()
+            },
+        };
+        if let Ok(mut m) = self.latest.lock() {
+            m.insert(edge, r);
+        }
+        self.push(vec![obs]);
+    }
+
+    /// Queues observations and wakes the loop.
+    pub fn push(&self, obs: Vec<Observation>) {
+        if obs.is_empty() {
+            return;
+        }
+        if let Ok(mut q) = self.queue.lock() {
+            q.extend(obs);
+            if q.len() > MAX_QUEUED {
+                let extra = q.len() - MAX_QUEUED;
+                q.drain(..extra);
+                self.dropped.fetch_add(extra as u64, Ordering::Relaxed);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Takes every queued observation.
+    pub fn take(&self) -> Vec<Observation> {
+        self.queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
+
+    /// Resolves when observations were queued since the last call.
+    pub async fn arrived(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Observations dropped because the loop fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Every edge's latest report received at or after `since_ms`.
     pub fn fresh(&self, since_ms: i64) -> Vec<(String, Received)> {
         self.latest

@@ -10,6 +10,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -35,6 +36,11 @@ pub struct Metrics {
     subscribers: Family<Labels, Gauge>,
     subscribers_stale: Gauge,
     config_rejected: Gauge,
+    verdict_changes: Family<Labels, Counter>,
+    failover_actions: Family<Labels, Counter>,
+    failover_held: Gauge,
+    failover_removed: Gauge<f64, AtomicU64>,
+    edge_health: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -51,6 +57,11 @@ impl Metrics {
             subscribers: Family::default(),
             subscribers_stale: Gauge::default(),
             config_rejected: Gauge::default(),
+            verdict_changes: Family::default(),
+            failover_actions: Family::default(),
+            failover_held: Gauge::default(),
+            failover_removed: Gauge::default(),
+            edge_health: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("sextant");
         r.register(
@@ -99,6 +110,31 @@ impl Metrics {
             "1 when the latest routing version failed its consistency check and is not served",
             m.config_rejected.clone(),
         );
+        r.register(
+            "health_verdict_changes",
+            "Edge health verdict changes, by the verdict reached",
+            m.verdict_changes.clone(),
+        );
+        r.register(
+            "failover_actions",
+            "Automated failover actions: failover (edge taken out), restore, held (beyond the bound)",
+            m.failover_actions.clone(),
+        );
+        r.register(
+            "failover_held_edges",
+            "Edges that look down but stay in the routing because automation reached its bound (alarm)",
+            m.failover_held.clone(),
+        );
+        r.register(
+            "failover_removed_capacity_ratio",
+            "Share of total capacity automated failover has taken out",
+            m.failover_removed.clone(),
+        );
+        r.register(
+            "edge_health",
+            "Edge health verdict: 1 up, 0 down, -1 unknown",
+            m.edge_health.clone(),
+        );
         m
     }
 
@@ -134,6 +170,45 @@ impl Metrics {
             .set(i64::try_from(snap.fleet_generation).unwrap_or(i64::MAX));
         self.drains_active
             .set(i64::try_from(snap.drains.len()).unwrap_or(i64::MAX));
+        let f = &snap.failover;
+        for (fam, counts) in [
+            (
+                &self.verdict_changes,
+                f.verdict_changes
+                    .iter()
+                    .map(|(k, v)| (("to", *k), *v))
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                &self.failover_actions,
+                f.actions
+                    .iter()
+                    .map(|(k, v)| (("action", *k), *v))
+                    .collect(),
+            ),
+        ] {
+            for ((label, value), n) in counts {
+                let c = fam.get_or_create(&vec![(label.to_owned(), value.to_owned())]);
+                let seen = c.get();
+                if n > seen {
+                    c.inc_by(n - seen);
+                }
+            }
+        }
+        self.failover_held.set(f.held.len() as i64);
+        self.failover_removed.set(f.removed_share);
+        self.edge_health.clear();
+        for (edge, s) in &snap.signals.edges {
+            let v = match s.health {
+                _ if s.held => 0,
+                sextant_core::signals::Health::Up => 1,
+                sextant_core::signals::Health::Down => 0,
+                sextant_core::signals::Health::Unknown => -1,
+            };
+            self.edge_health
+                .get_or_create(&vec![("edge".to_owned(), edge.to_string())])
+                .set(v);
+        }
         if let Some(t) = &snap.table {
             let rows = || t.routing.rows().map(|(_, _, r)| r);
             self.unserved_rows

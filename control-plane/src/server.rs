@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub shift_interval: Duration,
     /// Drain and drill settings: expiry, guardrails, blocking windows.
     pub workflow: crate::workflow::WorkflowConfig,
+    /// Health verdicts: quorum, thresholds, damping.
+    pub health: sextant_core::health::HealthConfig,
+    /// How much capacity automated failover may remove.
+    pub bounds: sextant_core::failover::Bounds,
 }
 
 /// Why the server could not start or stopped.
@@ -199,6 +203,9 @@ pub async fn run(
                 shift_interval_ms: i64::try_from(config.shift_interval.as_millis())
                     .unwrap_or(i64::MAX),
                 workflow: config.workflow.clone(),
+                health: config.health.clone(),
+                bounds: config.bounds,
+                health_tick_ms: 500,
             },
         },
     );
@@ -280,6 +287,7 @@ pub async fn run(
         stale_after_ms,
     };
     let signals = SignalsApi {
+        node: node.clone(),
         state: node.subscribe(),
         reports,
         clock: clock.clone(),

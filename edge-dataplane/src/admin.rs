@@ -1,4 +1,5 @@
-//! The edge's admin port: `/healthz` and `/metrics` (Prometheus text).
+//! The edge's admin port: `/healthz` and `/metrics` (Prometheus text), and
+//! [`serve_with`], the admin server the other binaries share.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -6,7 +7,7 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
@@ -109,8 +110,8 @@ impl Admin {
         }
     }
 
-    fn respond<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
-        let (status, body) = match req.uri().path() {
+    fn respond(&self, uri: &Uri) -> (StatusCode, String) {
+        match uri.path() {
             "/metrics" => (StatusCode::OK, self.metrics()),
             "/healthz" => match self.current.load_full() {
                 Some(c) => (
@@ -120,16 +121,22 @@ impl Admin {
                 None => (StatusCode::SERVICE_UNAVAILABLE, "no config yet\n".into()),
             },
             _ => (StatusCode::NOT_FOUND, "not found\n".into()),
-        };
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r
+        }
     }
 }
 
 /// Serves the admin port forever.
 pub async fn serve(listener: TcpListener, admin: Admin) {
-    let admin = Arc::new(admin);
+    serve_with(listener, move |uri| admin.respond(uri)).await;
+}
+
+/// Serves an admin port forever, answering every request with the status
+/// and text body `respond` gives for its URI (shared by the binaries).
+pub async fn serve_with<F>(listener: TcpListener, respond: F)
+where
+    F: Fn(&Uri) -> (StatusCode, String) + Send + Sync + 'static,
+{
+    let respond = Arc::new(respond);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -138,11 +145,13 @@ pub async fn serve(listener: TcpListener, admin: Admin) {
                 continue;
             }
         };
-        let admin = admin.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.respond(&req)) }
+                let (status, body) = respond(req.uri());
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                *r.status_mut() = status;
+                async move { Ok::<_, std::convert::Infallible>(r) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

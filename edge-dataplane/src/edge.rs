@@ -54,7 +54,9 @@ pub enum EdgeError {
     },
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, EdgeError> {
+/// Binds a TCP listener and logs `listening for WHAT on ADDR` with the
+/// address actually bound (port 0 picks one).
+pub(crate) async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, EdgeError> {
     let l = TcpListener::bind(addr)
         .await
         .map_err(|source| EdgeError::Bind { addr, source })?;

@@ -7,12 +7,16 @@
 //! - `sextant-dns`, the GeoDNS server ([`dns`]): the same subscriber, an
 //!   authoritative server over UDP (fast path) and TCP (hickory-server)
 //!   steering each query by client subnet and the pushed weights.
+//! - `sextant-probe`, the active health prober ([`probe`]): probes every
+//!   edge's health check from one vantage point each interval and streams
+//!   the results to the control plane.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod dns;
 pub mod edge;
+pub mod probe;
 pub mod proxy;
 pub mod reporter;
 pub mod subscriber;

@@ -88,7 +88,8 @@ fn config_path(dir: &Path) -> PathBuf {
     dir.join("last-good-config.pb")
 }
 
-fn now_ms() -> i64 {
+/// Unix time in milliseconds (0 before 1970).
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

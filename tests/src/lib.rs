@@ -448,3 +448,51 @@ pub fn dig(server: SocketAddr, args: &[&str]) -> Result<String> {
     );
     Ok(stdout)
 }
+
+/// A `sextant-probe` on loopback.
+#[derive(Debug)]
+pub struct Prober {
+    pub process: Process,
+    /// Its admin address (/healthz, /metrics).
+    pub admin: SocketAddr,
+}
+
+impl Prober {
+    /// Starts `sextant-probe --control-plane URL --vantage-id ID` with
+    /// `--interval 1s --timeout 500ms --refresh 1s --admin 127.0.0.1:0`
+    /// (each left out when `extra` gives the flag, as a separate argument)
+    /// and `extra`; returns once it listens for admin.
+    pub fn start(control_plane: &str, vantage_id: &str, extra: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin("sextant-probe")?);
+        cmd.args(["--control-plane", control_plane, "--vantage-id", vantage_id]);
+        for (flag, value) in [
+            ("--interval", "1s"),
+            ("--timeout", "500ms"),
+            ("--refresh", "1s"),
+            ("--admin", "127.0.0.1:0"),
+        ] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra).env("SEXTANT_LOG", "info");
+        let process = Process::start(cmd, "admin")?;
+        let admin = process.addr;
+        Ok(Self { process, admin })
+    }
+
+    /// Its metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin, "/metrics")?;
+        ensure!(code == 200, "metrics: status {code}");
+        Ok(body)
+    }
+
+    /// One sample of a metric (the line's value), if present.
+    pub fn metric(&self, line_prefix: &str) -> Result<Option<f64>> {
+        Ok(self.metrics()?.lines().find_map(|l| {
+            l.strip_prefix(line_prefix)
+                .and_then(|v| v.trim().parse().ok())
+        }))
+    }
+}

@@ -297,3 +297,77 @@ fn an_etcd_outage_keeps_reads_refuses_writes_and_heals() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn a_drill_runs_on_across_a_leader_change() -> Result<()> {
+    let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir()?;
+    let origins = [
+        Origin::start("o1")?,
+        Origin::start("o2")?,
+        Origin::start("o3")?,
+    ];
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(&fleet, two_edges_three_origins(&refs, None))?;
+    let mut a = Some(replica(dir.path(), &endpoint, "cp-1", Some(&fleet))?);
+    let mut b = Some(replica(dir.path(), &endpoint, "cp-2", Some(&fleet))?);
+    let ctl_a = a.as_ref().map(ControlPlane::ctl).context("cp-1")?;
+    let (leader, _) = eventually(Duration::from_secs(15), "a leader", || {
+        leader_of(&ctl_a).ok().filter(|(_, v)| *v >= 1)
+    })?;
+    let follower = if leader == "cp-1" { &b } else { &a }
+        .as_ref()
+        .map(ControlPlane::ctl)
+        .context("follower")?;
+    // Started through the follower; 8 s long.
+    follower
+        .run([
+            "drill",
+            "start",
+            "region/r2/origin/o2",
+            "--duration",
+            "8s",
+            "--abort-if",
+            "error_rate>0.5",
+            "--reason",
+            "HA drill",
+        ])?
+        .ok()?;
+    // (The follower sees the leader's commit through its watch of etcd.)
+    eventually(
+        Duration::from_secs(5),
+        "the drill's drain on the follower",
+        || {
+            drains(&follower)
+                .ok()?
+                .iter()
+                .any(|(d, _)| d == "region/r2/origin/o2")
+                .then_some(())
+        },
+    )?;
+    // The leader dies mid-drill; the other replica takes over and ends it.
+    let dead = if leader == "cp-1" { a.take() } else { b.take() };
+    dead.context("leader")?.process.kill()?;
+    let killed = Instant::now();
+    let report = eventually(
+        Duration::from_secs(25),
+        "the drill to end on the new leader",
+        || {
+            let r = follower.json(["drill", "report", "drill-1"]).ok()?;
+            (r["outcome"] == "succeeded").then_some(r)
+        },
+    )?;
+    ensure!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "ended before the new leader could have"
+    );
+    ensure!(
+        drains(&follower)?.is_empty(),
+        "the drill's drain was left behind: {report}"
+    );
+    let (new_leader, _) = leader_of(&follower)?;
+    ensure!(new_leader != leader, "no new leader");
+    Ok(())
+}

@@ -1,6 +1,5 @@
 //! What a control plane serves besides its own API: Prometheus metrics, the
-//! standard gRPC health service, and the UNIMPLEMENTED answers of services
-//! that later work fills.
+//! standard gRPC health service, and clear refusals of bad signal input.
 
 use anyhow::{ensure, Context, Result};
 use sextant_tests::{example_fleet, http_get, ControlPlane};
@@ -39,7 +38,7 @@ fn metrics_follow_the_routing_version() -> Result<()> {
 }
 
 #[tokio::test]
-async fn grpc_health_and_unimplemented_services_answer() -> Result<()> {
+async fn grpc_health_answers_and_bad_signals_are_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cp = ControlPlane::start(dir.path(), None)?;
     let channel = tonic::transport::Endpoint::from_shared(cp.url())?
@@ -58,16 +57,26 @@ async fn grpc_health_and_unimplemented_services_answer() -> Result<()> {
         status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
         "health status {status}"
     );
-    // RPCs of the contract that later work fills say so.
+    // A malformed probe batch is refused, naming the field.
     let mut signals =
         sextant_proto::v1::signals_service_client::SignalsServiceClient::new(channel.clone());
     let err = signals
-        .report_probes(futures_stream())
+        .report_probes(probe_batches("probe-1", f64::NAN))
         .await
         .err()
         .context("report_probes succeeded")?;
-    ensure!(err.code() == tonic::Code::Unimplemented, "{err:?}");
-    ensure!(err.message().contains("not accepted yet"), "{err:?}");
+    ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
+    ensure!(
+        err.message()
+            .contains("results[0].latency_ms must be a finite number"),
+        "{err:?}"
+    );
+    let err = signals
+        .report_probes(probe_batches("", 1.0))
+        .await
+        .err()
+        .context("an empty vantage id was accepted")?;
+    ensure!(err.message().contains("vantage_id must be"), "{err:?}");
     // Without a fleet, routing reads fail with a clear precondition.
     let out = cp.ctl().run(["routes", "www"])?;
     ensure!(
@@ -84,7 +93,19 @@ async fn grpc_health_and_unimplemented_services_answer() -> Result<()> {
     Ok(())
 }
 
-/// An empty client stream of probe batches.
-fn futures_stream() -> tokio_stream::Iter<std::vec::IntoIter<sextant_proto::v1::ProbeBatch>> {
-    tokio_stream::iter(Vec::new())
+/// A client stream of one probe batch from `vantage` about edge ams1.
+fn probe_batches(
+    vantage: &str,
+    latency_ms: f64,
+) -> tokio_stream::Iter<std::vec::IntoIter<sextant_proto::v1::ProbeBatch>> {
+    tokio_stream::iter(vec![sextant_proto::v1::ProbeBatch {
+        vantage_id: vantage.into(),
+        results: vec![sextant_proto::v1::ProbeResult {
+            edge: "ams1".into(),
+            at_unix_ms: 0,
+            ok: true,
+            latency_ms,
+            error: String::new(),
+        }],
+    }])
 }

@@ -53,6 +53,19 @@ pub struct EdgeSignal {
     /// Load the edge reports serving now, rps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_load_rps: Option<f64>,
+    /// Since when (ms) the verdict holds (0: unknown).
+    #[serde(default)]
+    pub since_ms: i64,
+    /// Flap-damping penalty.
+    #[serde(default)]
+    pub penalty: f64,
+    /// Held down by flap damping.
+    #[serde(default)]
+    pub damped: bool,
+    /// Looks down, but automation's bound keeps it in the routing (an
+    /// alarm; `health` is then `up` so that routing uses it).
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// Signals about every edge, by id; edges without an entry are unknown.

@@ -152,6 +152,7 @@ fn random_case(seed: u64, resilience: bool, latency: bool) -> Case {
                     reason: "random".into(),
                     measured_capacity_rps: r.chance(30).then(|| (r.below(1500)) as f64),
                     current_load_rps: None,
+                    ..EdgeSignal::default()
                 },
             );
         }

@@ -72,6 +72,43 @@ struct Args {
     /// Longest drill, e.g. 24h.
     #[arg(long, env = "SEXTANT_MAX_DRILL", default_value = "24h")]
     max_drill: String,
+    /// Health: vantage points (an edge's own agent counts as one) that
+    /// must see an edge fail before it is down.
+    #[arg(long, env = "SEXTANT_HEALTH_QUORUM", default_value_t = 2)]
+    health_quorum: usize,
+    /// Health: consecutive failures before a vantage point votes down.
+    #[arg(long, env = "SEXTANT_HEALTH_DOWN_AFTER", default_value_t = 2)]
+    health_down_after: u32,
+    /// Health: consecutive passes before a vantage point votes up.
+    #[arg(long, env = "SEXTANT_HEALTH_UP_AFTER", default_value_t = 3)]
+    health_up_after: u32,
+    /// Health: a vantage point's results older than this do not vote.
+    #[arg(long, env = "SEXTANT_HEALTH_STALE_AFTER", default_value = "5s")]
+    health_stale_after: String,
+    /// Health: an edge agent silent this long votes down (missed heartbeat).
+    #[arg(long, env = "SEXTANT_HEARTBEAT_TIMEOUT", default_value = "3s")]
+    heartbeat_timeout: String,
+    /// Flap damping: penalty added at each fall.
+    #[arg(long, env = "SEXTANT_DAMPING_PENALTY", default_value_t = 1000.0)]
+    damping_penalty: f64,
+    /// Flap damping: an edge is held down while its penalty is at or above this...
+    #[arg(long, env = "SEXTANT_DAMPING_SUPPRESS", default_value_t = 1000.0)]
+    damping_suppress: f64,
+    /// ...until it decays below this.
+    #[arg(long, env = "SEXTANT_DAMPING_REUSE", default_value_t = 500.0)]
+    damping_reuse: f64,
+    /// Flap damping: the penalty halves every this long.
+    #[arg(long, env = "SEXTANT_DAMPING_HALF_LIFE", default_value = "10s")]
+    damping_half_life: String,
+    /// Flap damping: the highest penalty (bounds the hold once flapping stops).
+    #[arg(long, env = "SEXTANT_DAMPING_MAX", default_value_t = 4000.0)]
+    damping_max: f64,
+    /// Automated failover removes at most this share of total capacity.
+    #[arg(long, env = "SEXTANT_FAILOVER_MAX_TOTAL", default_value_t = 0.25)]
+    failover_max_total: f64,
+    /// Automated failover removes at most this share of a region's capacity.
+    #[arg(long, env = "SEXTANT_FAILOVER_MAX_REGION", default_value_t = 0.5)]
+    failover_max_region: f64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
@@ -148,7 +185,38 @@ fn main() -> anyhow::Result<()> {
             max_drill_ms: dur("--max-drill", &args.max_drill)?,
             ..Default::default()
         };
+        let health = sextant_core::health::HealthConfig {
+            quorum: args.health_quorum,
+            down_after: args.health_down_after,
+            up_after: args.health_up_after,
+            stale_after_ms: dur("--health-stale-after", &args.health_stale_after)?,
+            heartbeat_timeout_ms: dur("--heartbeat-timeout", &args.heartbeat_timeout)?,
+            damping: sextant_core::health::Damping {
+                penalty: args.damping_penalty,
+                suppress: args.damping_suppress,
+                reuse: args.damping_reuse,
+                half_life_ms: dur("--damping-half-life", &args.damping_half_life)?,
+                max_penalty: args.damping_max,
+            },
+        };
+        health
+            .check()
+            .map_err(|e| anyhow::anyhow!("health settings: {e}"))?;
+        for (flag, v) in [
+            ("--failover-max-total", args.failover_max_total),
+            ("--failover-max-region", args.failover_max_region),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                anyhow::bail!("{flag} must be in [0, 1], got {v}");
+            }
+        }
+        let bounds = sextant_core::failover::Bounds {
+            max_total_share: args.failover_max_total,
+            max_region_share: args.failover_max_region,
+        };
         let config = ServerConfig {
+            health,
+            bounds,
             workflow,
             listen: args.listen,
             store,

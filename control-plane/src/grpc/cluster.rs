@@ -81,9 +81,26 @@ impl ClusterService for ClusterApi {
             alarms.push(a);
         }
         if let Some(t) = &snap.table {
-            let failed_open = t.routing.rows().filter(|(_, _, r)| r.failed_open).count();
-            if failed_open > 0 {
-                alarms.push(format!("{failed_open} group rows failed open"));
+            let failed_open: Vec<String> = t
+                .routing
+                .rows()
+                .filter(|(_, _, r)| r.failed_open)
+                .map(|(s, g, _)| format!("{s}/{g}"))
+                .collect();
+            if !failed_open.is_empty() {
+                let names = failed_open
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let more = failed_open.len().saturating_sub(10);
+                alarms.push(format!(
+                    "{} group rows failed open: every candidate edge looks down, so the signals are \
+                     suspect and traffic is steered as if all were up ({names}{})",
+                    failed_open.len(),
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                ));
             }
             let unserved = t
                 .routing
@@ -93,6 +110,12 @@ impl ClusterService for ClusterApi {
             if unserved > 0 {
                 alarms.push(format!("{unserved} group rows have unserved demand"));
             }
+        }
+        for h in &snap.failover.held {
+            alarms.push(format!(
+                "automated failover held: edge {} looks down but stays in the routing: {}; drain it or fix the signals",
+                h.edge, h.why
+            ));
         }
         let leader_id = match self.node.role() {
             Role::Leader(_) => Some(self.node.me.id.clone()),

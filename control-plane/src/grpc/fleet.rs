@@ -47,6 +47,9 @@ fn parse(document: &str, format: i32) -> Result<FleetSpec, Status> {
     spec.map_err(|e| OpError::InvalidFleet(e).into())
 }
 
+/// A report older than this does not count for utilization.
+const REPORT_FRESH_MS: i64 = 5_000;
+
 #[tonic::async_trait]
 impl FleetService for FleetApi {
     #[instrument(skip_all, fields(actor))]
@@ -223,7 +226,26 @@ impl FleetService for FleetApi {
                 };
                 let reported = self.reports.get(e.id.as_str());
                 let report = reported.as_ref().map(|r| &r.report);
+                let sig = snap.signals.edges.get(&e.id);
+                let effective = snap.signals.capacity(&e.id, e.capacity_rps) * factor;
+                let fresh = reported
+                    .as_ref()
+                    .is_some_and(|r| self.clock.now_ms() - r.received_at_ms <= REPORT_FRESH_MS);
+                let health = match sig {
+                    Some(s) if s.held => "down",
+                    Some(s) => s.health.as_str(),
+                    None => "unknown",
+                };
                 pb::Edge {
+                    health_reason: sig.map(|s| s.reason.clone()).unwrap_or_default(),
+                    health_since_unix_ms: sig.map_or(0, |s| s.since_ms),
+                    damping_penalty: sig.map_or(0.0, |s| s.penalty),
+                    damped: sig.is_some_and(|s| s.damped),
+                    failover_held: sig.is_some_and(|s| s.held),
+                    utilization: match report {
+                        Some(r) if fresh && effective > 0.0 => r.rps / effective,
+                        _ => 0.0,
+                    },
                     reported_rps: report.map_or(0.0, |r| r.rps),
                     reported_error_rate: report.map_or(0.0, |r| r.error_rate),
                     reported_capacity_rps: report.map_or(0.0, |r| r.capacity_rps),
@@ -240,9 +262,9 @@ impl FleetService for FleetApi {
                     addresses,
                     cname,
                     capacity_rps: e.capacity_rps,
-                    effective_capacity_rps: e.capacity_rps * factor,
+                    effective_capacity_rps: effective,
                     drain_factor: factor,
-                    health: snap.signals.health(&e.id).as_str().to_owned(),
+                    health: health.to_owned(),
                     predicted_load_rps: load,
                     health_check: e.health_check.clone(),
                     cost_per_unit: e.cost_per_unit,

@@ -1,0 +1,89 @@
+//! `sextant-probe`: the active health prober.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ipnet::IpNet;
+use sextant_edge::probe::{parse_duration, run, ProbeConfig, DEFAULT_CONCURRENCY};
+use tracing_subscriber::EnvFilter;
+
+/// Active health prober: probes the health check of every edge of the fleet
+/// from this vantage point each interval (HTTP GET or TCP connect) and
+/// streams the results to the control plane. Third-party edges run no
+/// agent: these probes are their only health signal.
+#[derive(Debug, Parser)]
+// No `about`: it would show the package description instead of this.
+#[command(name = "sextant-probe", version)]
+struct Args {
+    /// Control-plane gRPC URL; several replicas comma-separated (tried in
+    /// turn when one fails).
+    #[arg(long, env = "SEXTANT_CONTROL_PLANE")]
+    control_plane: String,
+    /// This vantage point's name, sent with every batch (e.g. probe-ams-1).
+    #[arg(long, env = "SEXTANT_VANTAGE_ID")]
+    vantage_id: String,
+    /// Time between probe rounds (500ms, 1s, 2m).
+    #[arg(long, env = "SEXTANT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Time one probe may take, connection included (at most --interval).
+    #[arg(long, env = "SEXTANT_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Time between two listings of the fleet's edges.
+    #[arg(long, env = "SEXTANT_REFRESH", default_value = "10s", value_parser = parse_duration)]
+    refresh: Duration,
+    /// Only probe addresses inside these ranges (comma-separated CIDRs); an
+    /// edge whose health check is elsewhere is reported as failed. Default:
+    /// any.
+    #[arg(long, env = "SEXTANT_ALLOW_TARGETS", value_delimiter = ',')]
+    allow_targets: Vec<IpNet>,
+    /// Admin address for /healthz and /metrics (port 0: pick one; the log
+    /// says which).
+    #[arg(long, env = "SEXTANT_ADMIN")]
+    admin: Option<SocketAddr>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("SEXTANT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let config = ProbeConfig {
+        control_plane: args.control_plane,
+        vantage_id: args.vantage_id,
+        interval: args.interval,
+        timeout: args.timeout,
+        refresh: args.refresh,
+        allow_targets: args.allow_targets,
+        admin: args.admin,
+        concurrency: DEFAULT_CONCURRENCY,
+    }
+    .validate()?;
+    // Probing is waiting on sockets: one thread carries it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
