@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use sextant_core::automation::{Automation, FailoverView, Reported};
 use sextant_core::diff::{self, RowChange, Shift};
 use sextant_core::drain::{Drain, DrainError};
 use sextant_core::drill::{Drill, DrillAction, DrillState};
@@ -27,7 +28,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn, Instrument};
 
 use crate::audit::AuditRecord;
-use crate::health_state::{FailoverView, HealthState};
 use crate::inbox::Reports;
 use crate::state::{self, Commit, State, StateError};
 use crate::workflow::{self, DrainRequest, DrillRequest, WorkflowConfig};
@@ -385,7 +385,7 @@ struct Loop {
     reports: Arc<Reports>,
     state: State,
     signals: Signals,
-    health: HealthState,
+    health: Automation,
     /// When verdicts are next re-evaluated by timer.
     health_due_ms: Option<i64>,
     /// When scheduled work (drain steps, drills' looks) last ran: drills
@@ -413,7 +413,7 @@ pub async fn start(
     let signals = Signals::default();
     let (publish, snapshots) =
         watch::channel(Arc::new(Snapshot::of(&state, &signals, Arc::default())));
-    let health = HealthState::new(config.health.clone(), config.bounds);
+    let health = Automation::new(config.health.clone(), config.bounds);
     let mut lp = Loop {
         health,
         health_due_ms: None,
@@ -786,7 +786,24 @@ impl Loop {
         let Some(fleet) = self.state.fleet.clone() else {
             return Ok(self.unchanged());
         };
-        let decision = self.health.step(&fleet, &self.reports, obs, now);
+        let fresh = self.health.config().stale_after_ms;
+        let reported: std::collections::BTreeMap<_, _> = self
+            .reports
+            .fresh(now - fresh)
+            .into_iter()
+            .map(|(id, r)| {
+                (
+                    sextant_core::EdgeId::from(id.as_str()),
+                    Reported {
+                        capacity_rps: Some(r.report.capacity_rps),
+                        load_rps: Some(r.report.rps),
+                    },
+                )
+            })
+            .collect();
+        let decision = self
+            .health
+            .step(&fleet, &reported, obs, now, &crate::timefmt::rfc3339);
         self.health_due_ms = self
             .health
             .active()

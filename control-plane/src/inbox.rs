@@ -16,18 +16,7 @@ pub struct Received {
     pub received_at_ms: i64,
 }
 
-/// One health result for the verdict logic: `voter` (a vantage id, or
-/// `agent` for the edge's own report) saw `edge` pass or fail.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observation {
-    pub edge: String,
-    pub voter: String,
-    pub ok: bool,
-    /// When it arrived, by the control plane's clock (probers' clocks may
-    /// be off; arrival order is what counts).
-    pub at_ms: i64,
-    pub error: String,
-}
+pub use sextant_core::automation::Observation;
 
 /// Most observations queued before the loop takes them; beyond, the
 /// oldest are dropped (and counted): verdicts want the newest.

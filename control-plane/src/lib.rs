@@ -14,7 +14,6 @@ pub mod cli;
 pub mod cluster;
 pub mod control_loop;
 pub mod grpc;
-pub mod health_state;
 pub mod inbox;
 pub mod metrics;
 pub mod push;

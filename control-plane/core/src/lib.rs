@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod automation;
 pub mod diff;
 pub mod domain;
 pub mod drain;

@@ -1,17 +1,36 @@
-//! The leader's health state between the inbox and the loop: feeds the
-//! pure verdict logic (`sextant_core::health`) with observations, bounds
-//! automated failover (`sextant_core::failover`), and says whether the
-//! routing must change, with the audit lines that explain why.
+//! Automated failover, as the control loop (and the simulator) run it:
+//! feeds the verdict logic ([`crate::health`]) with observations, bounds
+//! automated failover ([`crate::failover`]), builds the [`Signals`] the
+//! solver sees, and says whether the routing must change, with the audit
+//! lines that explain why. Pure: time and reports come in as arguments.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sextant_core::failover::{self, Bounds, Held};
-use sextant_core::health::{HealthConfig, HealthTracker, Transition, Verdict};
-use sextant_core::ids::EdgeId;
-use sextant_core::signals::{EdgeSignal, Health, Signals};
-use sextant_core::Fleet;
+use crate::failover::{self, Bounds, Held};
+use crate::health::{HealthConfig, HealthTracker, Transition, Verdict};
+use crate::ids::EdgeId;
+use crate::signals::{EdgeSignal, Health, Signals};
+use crate::Fleet;
 
-use crate::inbox::{Observation, Reports};
+/// One health result: `voter` (a vantage id, or [`crate::health::AGENT`]
+/// for the edge's own report) saw `edge` pass or fail at `at_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub edge: String,
+    pub voter: String,
+    pub ok: bool,
+    pub at_ms: i64,
+    pub error: String,
+}
+
+/// What an edge's latest fresh report says about it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reported {
+    /// The capacity it says it can take now, rps.
+    pub capacity_rps: Option<f64>,
+    /// The load it serves now, rps.
+    pub load_rps: Option<f64>,
+}
 
 /// What readers see of automated failover (status, metrics).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -62,11 +81,9 @@ struct Pending {
 
 /// Health verdicts, the failover bound, and what was last committed.
 #[derive(Debug, Clone)]
-pub struct HealthState {
+pub struct Automation {
     tracker: HealthTracker,
     bounds: Bounds,
-    /// How long a report's load and capacity count.
-    fresh_ms: i64,
     committed_down: BTreeSet<EdgeId>,
     committed_held: BTreeSet<EdgeId>,
     committed_caps: BTreeMap<EdgeId, f64>,
@@ -74,13 +91,11 @@ pub struct HealthState {
     pub view: FailoverView,
 }
 
-impl HealthState {
+impl Automation {
     pub fn new(config: HealthConfig, bounds: Bounds) -> Self {
-        let fresh_ms = config.stale_after_ms;
         Self {
             tracker: HealthTracker::new(config),
             bounds,
-            fresh_ms,
             committed_down: BTreeSet::new(),
             committed_held: BTreeSet::new(),
             committed_caps: BTreeMap::new(),
@@ -95,13 +110,20 @@ impl HealthState {
         !self.tracker.is_empty()
     }
 
-    /// Takes in `obs`, evaluates at `now_ms`, and decides.
+    /// The verdict settings.
+    pub fn config(&self) -> &HealthConfig {
+        self.tracker.config()
+    }
+
+    /// Takes in `obs`, evaluates at `now_ms`, and decides. `reported` holds
+    /// the edges' fresh reports; `fmt_time` renders a time for the audit.
     pub fn step(
         &mut self,
         fleet: &Fleet,
-        reports: &Reports,
+        reported: &BTreeMap<EdgeId, Reported>,
         obs: Vec<Observation>,
         now_ms: i64,
+        fmt_time: &dyn Fn(i64) -> String,
     ) -> Decision {
         self.view.observations += obs.len() as u64;
         for o in obs {
@@ -132,12 +154,9 @@ impl HealthState {
         let mut signals = Signals::default();
         let mut caps = BTreeMap::new();
         for id in fleet.edges.keys() {
-            let report = reports
-                .get(id.as_str())
-                .filter(|r| now_ms - r.received_at_ms <= self.fresh_ms);
+            let report = reported.get(id);
             let measured = report
-                .as_ref()
-                .map(|r| r.report.capacity_rps)
+                .and_then(|r| r.capacity_rps)
                 .filter(|c| *c > 0.0 && c.is_finite());
             if let Some(c) = measured {
                 caps.insert(id.clone(), c);
@@ -172,7 +191,7 @@ impl HealthState {
                     health,
                     reason,
                     measured_capacity_rps: measured,
-                    current_load_rps: report.as_ref().map(|r| r.report.rps),
+                    current_load_rps: report.and_then(|r| r.load_rps),
                     since_ms: v.map_or(0, |v| v.since_ms),
                     penalty: v.map_or(0.0, |v| v.penalty),
                     damped: v.is_some_and(|v| v.damped),
@@ -198,10 +217,7 @@ impl HealthState {
                 .failing
                 .iter()
                 .map(|(voter, since, err)| {
-                    format!(
-                        "{voter} failing since {}: {err}",
-                        crate::timefmt::rfc3339(*since)
-                    )
+                    format!("{voter} failing since {}: {err}", fmt_time(*since))
                 })
                 .collect();
             details.push(removed.clone());
@@ -274,5 +290,118 @@ impl HealthState {
             self.committed_held = held;
             self.committed_caps = caps;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four edges of 100 rps in two regions.
+    fn fleet() -> Fleet {
+        let mut text = String::from(
+            "[[services]]\nid = \"www\"\nhostname = \"www.example.com\"\nzone = \"example.com\"\n\
+             default_group = \"g\"\nnameservers = [\"ns1.example.com\"]\n\n",
+        );
+        for i in 1..=4 {
+            let r = if i <= 2 { "r1" } else { "r2" };
+            text.push_str(&format!(
+                "[[edges]]\nid = \"e{i}\"\nkind = \"self_built\"\nsite = \"region/{r}/metro/m{i}/site/s{i}\"\n\
+                 addresses = [\"127.0.0.{i}\"]\ncapacity_rps = 100\nhealth_check = \"127.0.0.{i}:80\"\n\n"
+            ));
+        }
+        text.push_str(
+            "[[groups]]\nid = \"g\"\nprefixes = [\"10.0.0.0/8\"]\ndemand_rps = { www = 10 }\n\
+             latency_ms = { \"region/r1\" = 10, \"region/r2\" = 20 }\n",
+        );
+        Fleet::from_toml(&text).expect("valid fleet")
+    }
+
+    fn obs(edge: &str, ok: bool, t: i64) -> Vec<Observation> {
+        ["p1", "p2"]
+            .iter()
+            .map(|v| Observation {
+                edge: edge.into(),
+                voter: (*v).into(),
+                ok,
+                at_ms: t,
+                error: if ok { String::new() } else { "refused".into() },
+            })
+            .collect()
+    }
+
+    fn step(a: &mut Automation, f: &Fleet, o: Vec<Observation>, t: i64) -> Decision {
+        let none = BTreeMap::new();
+        a.step(f, &none, o, t, &|ms| format!("t={ms}"))
+    }
+
+    #[test]
+    fn a_fall_fails_over_and_the_second_is_held_at_the_bound() {
+        let f = fleet();
+        let mut a = Automation::new(HealthConfig::default(), Bounds::default());
+        for t in 0..3 {
+            let mut o = obs("e1", true, t * 1000);
+            o.extend(obs("e2", true, t * 1000));
+            let d = step(&mut a, &f, o, t * 1000);
+            assert!(!d.routing, "t={t}");
+        }
+        step(&mut a, &f, obs("e1", false, 3000), 3000);
+        let d = step(&mut a, &f, obs("e1", false, 4000), 4000);
+        assert!(d.routing);
+        assert_eq!(d.audits.len(), 1);
+        assert_eq!(
+            (d.audits[0].action, d.audits[0].target.as_str()),
+            ("failover.down", "e1")
+        );
+        assert!(
+            d.audits[0]
+                .details
+                .iter()
+                .any(|x| x.contains("p1 failing since t=3000")),
+            "{:?}",
+            d.audits[0].details
+        );
+        assert_eq!(d.signals.health(&EdgeId::from("e1")), Health::Down);
+        a.committed();
+        assert_eq!(a.view.actions.get("failover"), Some(&1));
+
+        // 25% of 400 rps is one edge: the next is held, and stays usable.
+        step(&mut a, &f, obs("e2", false, 5000), 5000);
+        let d = step(&mut a, &f, obs("e2", false, 6000), 6000);
+        assert!(d.routing);
+        assert_eq!(d.audits[0].action, "failover.held");
+        let s = &d.signals.edges[&EdgeId::from("e2")];
+        assert!(s.held && s.health == Health::Up, "{s:?}");
+        a.committed();
+        assert_eq!(a.view.held.len(), 1);
+        // Nothing new: no routing change.
+        let d = step(&mut a, &f, vec![], 6500);
+        assert!(!d.routing);
+    }
+
+    #[test]
+    fn a_reported_capacity_change_re_solves_only_when_it_matters() {
+        let f = fleet();
+        let mut a = Automation::new(HealthConfig::default(), Bounds::default());
+        let rep = |c: f64| {
+            BTreeMap::from([(
+                EdgeId::from("e1"),
+                Reported {
+                    capacity_rps: Some(c),
+                    load_rps: Some(5.0),
+                },
+            )])
+        };
+        let d = a.step(&f, &rep(80.0), vec![], 0, &|_| String::new());
+        assert!(d.routing);
+        assert_eq!(
+            d.signals.edges[&EdgeId::from("e1")].measured_capacity_rps,
+            Some(80.0)
+        );
+        a.committed();
+        let d = a.step(&f, &rep(78.0), vec![], 1000, &|_| String::new());
+        assert!(!d.routing, "a 2.5% change does not re-solve");
+        let d = a.step(&f, &rep(50.0), vec![], 2000, &|_| String::new());
+        assert!(d.routing);
     }
 }
