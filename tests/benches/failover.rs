@@ -50,8 +50,7 @@ fn start_edge(cp: &str, port: u16, dir: &Path) -> Result<Process> {
     ])
     .args(["--allow-upstream", "127.0.0.0/8"])
     .arg("--data-dir")
-    .arg(dir)
-    .env("SEXTANT_LOG", "warn");
+    .arg(dir);
     Process::start(cmd, "http")
 }
 

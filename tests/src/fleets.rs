@@ -37,3 +37,20 @@ pub fn two_edges_three_origins(origins: &[&Origin], third_endpoint: Option<&str>
     );
     f
 }
+
+/// Starts origins `o1`, `o2`, `o3` on loopback and writes the
+/// [`two_edges_three_origins`] fleet for them to `DIR/fleet.toml`; keep the
+/// origins alive as long as the fleet is used.
+pub fn origins_and_fleet(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<Origin>, std::path::PathBuf)> {
+    let origins = vec![
+        Origin::start("o1")?,
+        Origin::start("o2")?,
+        Origin::start("o3")?,
+    ];
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let path = dir.join("fleet.toml");
+    std::fs::write(&path, two_edges_three_origins(&refs, None))?;
+    Ok((origins, path))
+}

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use sextant_store::etcd_server::EtcdServer;
-use sextant_tests::fleets::{two_edges_three_origins, SITE1};
-use sextant_tests::origin::Origin;
+use sextant_tests::fleets::{origins_and_fleet, SITE1};
 use sextant_tests::{eventually, split, ControlPlane, Ctl, EdgeProxy};
 
 fn replica(dir: &Path, etcd: &str, id: &str, fleet: Option<&Path>) -> Result<ControlPlane> {
@@ -72,19 +71,35 @@ fn drains(ctl: &Ctl) -> Result<Vec<(String, f64)>> {
         .collect())
 }
 
+/// The kept routing versions as one replica lists them, checked to be
+/// consecutive: no gap, no duplicate. Returns (lowest, highest).
+fn consecutive_versions(ctl: &Ctl) -> Result<(u64, u64)> {
+    let versions: Vec<u64> = ctl
+        .json(["versions"])?
+        .as_array()
+        .context("versions")?
+        .iter()
+        .filter_map(|v| v["version"].as_u64())
+        .collect();
+    let set: BTreeSet<u64> = versions.iter().copied().collect();
+    ensure!(
+        set.len() == versions.len(),
+        "duplicate versions: {versions:?}"
+    );
+    let (lo, hi) = (
+        set.first().copied().unwrap_or(0),
+        set.last().copied().unwrap_or(0),
+    );
+    ensure!((hi - lo + 1) as usize == set.len(), "gaps in {versions:?}");
+    Ok((lo, hi))
+}
+
 #[test]
 fn the_leader_dies_five_times_and_nothing_is_lost() -> Result<()> {
     let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
     let endpoint = etcd.endpoint();
     let dir = tempfile::tempdir()?;
-    let origins = [
-        Origin::start("o1")?,
-        Origin::start("o2")?,
-        Origin::start("o3")?,
-    ];
-    let refs: Vec<&Origin> = origins.iter().collect();
-    let fleet = dir.path().join("fleet.toml");
-    std::fs::write(&fleet, two_edges_three_origins(&refs, None))?;
+    let (_origins, fleet) = origins_and_fleet(dir.path())?;
 
     let ids = ["cp-1", "cp-2", "cp-3"];
     let mut replicas: Vec<Option<ControlPlane>> = Vec::new();
@@ -189,26 +204,8 @@ fn the_leader_dies_five_times_and_nothing_is_lost() -> Result<()> {
     }
     // Versions kept are consecutive: no gap, no duplicate.
     let ctl = any(&replicas, "").context("a replica")?;
-    let versions: Vec<u64> = ctl
-        .json(["versions"])?
-        .as_array()
-        .context("versions")?
-        .iter()
-        .filter_map(|v| v["version"].as_u64())
-        .collect();
-    let set: BTreeSet<u64> = versions.iter().copied().collect();
-    ensure!(
-        set.len() == versions.len(),
-        "duplicate versions: {versions:?}"
-    );
-    let (lo, hi) = (
-        set.first().copied().unwrap_or(0),
-        set.last().copied().unwrap_or(0),
-    );
-    ensure!(
-        hi == last && (hi - lo + 1) as usize == set.len(),
-        "gaps in {versions:?}"
-    );
+    let (_, hi) = consecutive_versions(&ctl)?;
+    ensure!(hi == last, "last version {hi}, expected {last}");
     // Every failover took less than 5 s (3 s lease TTL).
     for (i, t) in failovers.iter().enumerate() {
         ensure!(*t < Duration::from_secs(5), "failover {i} took {t:?}");
@@ -303,14 +300,7 @@ fn a_drill_runs_on_across_a_leader_change() -> Result<()> {
     let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
     let endpoint = etcd.endpoint();
     let dir = tempfile::tempdir()?;
-    let origins = [
-        Origin::start("o1")?,
-        Origin::start("o2")?,
-        Origin::start("o3")?,
-    ];
-    let refs: Vec<&Origin> = origins.iter().collect();
-    let fleet = dir.path().join("fleet.toml");
-    std::fs::write(&fleet, two_edges_three_origins(&refs, None))?;
+    let (_origins, fleet) = origins_and_fleet(dir.path())?;
     let mut a = Some(replica(dir.path(), &endpoint, "cp-1", Some(&fleet))?);
     let mut b = Some(replica(dir.path(), &endpoint, "cp-2", Some(&fleet))?);
     let ctl_a = a.as_ref().map(ControlPlane::ctl).context("cp-1")?;
@@ -369,5 +359,77 @@ fn a_drill_runs_on_across_a_leader_change() -> Result<()> {
     );
     let (new_leader, _) = leader_of(&follower)?;
     ensure!(new_leader != leader, "no new leader");
+    Ok(())
+}
+
+#[test]
+fn a_stepped_drain_completes_across_leader_kills() -> Result<()> {
+    let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir()?;
+    let (_origins, fleet) = origins_and_fleet(dir.path())?;
+    let ids = ["cp-1", "cp-2", "cp-3"];
+    let mut replicas: Vec<Option<ControlPlane>> = Vec::new();
+    for id in ids {
+        replicas.push(Some(replica(dir.path(), &endpoint, id, Some(&fleet))?));
+    }
+    let ctl_of = |replicas: &[Option<ControlPlane>], except: &str| -> Option<Ctl> {
+        replicas
+            .iter()
+            .zip(ids)
+            .find(|(r, id)| r.is_some() && *id != except)
+            .and_then(|(r, _)| r.as_ref().map(ControlPlane::ctl))
+    };
+    let ctl = ctl_of(&replicas, "").context("a replica")?;
+    let (leader, v0) = eventually(Duration::from_secs(15), "a leader", || {
+        leader_of(&ctl).ok().filter(|(_, v)| *v >= 1)
+    })?;
+    let follower = ctl_of(&replicas, &leader).context("a follower")?;
+    // Four steps, 2 s apart, started through a follower.
+    follower
+        .run([
+            "drain",
+            "region/r2/origin/o2",
+            "--steps",
+            "0.25,0.5,0.75,1.0",
+            "--interval",
+            "2s",
+            "--reason",
+            "maintenance across failovers",
+        ])?
+        .ok()?;
+    // Kill the leader twice while it steps.
+    let mut leader = leader;
+    for _ in 0..2 {
+        let i = ids
+            .iter()
+            .position(|id| *id == leader)
+            .context("leader index")?;
+        if let Some(cp) = replicas[i].take() {
+            cp.process.kill()?;
+        }
+        let survivor = ctl_of(&replicas, &leader).context("a survivor")?;
+        let old = leader.clone();
+        leader = eventually(Duration::from_secs(10), "a new leader", || {
+            let (l, _) = leader_of(&survivor).ok()?;
+            (l != old).then_some(l)
+        })?;
+        replicas[i] = Some(replica(dir.path(), &endpoint, &old, None)?);
+    }
+    let ctl = ctl_of(&replicas, "").context("a replica")?;
+    eventually(
+        Duration::from_secs(20),
+        "the drain to reach its target",
+        || {
+            let d = drains(&ctl).ok()?;
+            (d == vec![("region/r2/origin/o2".to_owned(), 1.0)]).then_some(())
+        },
+    )?;
+    // One version per step, none lost or repeated.
+    let (_, hi) = consecutive_versions(&ctl)?;
+    ensure!(
+        hi >= v0 + 4,
+        "version {hi}: fewer versions than steps after {v0}"
+    );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use sextant_tests::fleets::{two_edges_three_origins, SITE1};
+use sextant_tests::fleets::{origins_and_fleet, SITE1};
 use sextant_tests::origin::Origin;
 use sextant_tests::{eventually, example_fleet, split, ControlPlane, Ctl, DnsServer, EdgeProxy};
 
@@ -58,14 +58,7 @@ struct Rig {
 
 fn rig(extra: &[&str]) -> Result<Rig> {
     let dir = tempfile::tempdir()?;
-    let origins = vec![
-        Origin::start("o1")?,
-        Origin::start("o2")?,
-        Origin::start("o3")?,
-    ];
-    let refs: Vec<&Origin> = origins.iter().collect();
-    let fleet = dir.path().join("fleet.toml");
-    std::fs::write(&fleet, two_edges_three_origins(&refs, None))?;
+    let (origins, fleet) = origins_and_fleet(dir.path())?;
     let cp = ControlPlane::start_with(&dir.path().join("cp"), Some(&fleet), extra)?;
     let edge = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
     let v = version(&cp.ctl())?;
