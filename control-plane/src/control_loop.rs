@@ -18,8 +18,9 @@ use sextant_core::failover::Bounds;
 use sextant_core::fleet::FleetError;
 use sextant_core::health::HealthConfig;
 use sextant_core::impact::Impact;
+use sextant_core::operate;
 use sextant_core::routing::{Routing, RoutingMeta, RoutingTable};
-use sextant_core::schedule::{ScheduleError, Transition};
+use sextant_core::schedule::ScheduleError;
 use sextant_core::signals::Signals;
 use sextant_core::solver::{solve, SolveInput};
 use sextant_core::{DomainPath, DrainSet, Fleet, FleetSpec};
@@ -592,173 +593,49 @@ impl Loop {
         let Some(fleet) = self.state.fleet.clone() else {
             return Ok(self.unchanged());
         };
-        let auto = Intent {
-            actor: "sextant-cp".into(),
-            reason: String::new(),
-        };
-        let mut drains = self.state.drains.clone();
-        let mut commit = Commit::default();
-        let mut audits = Vec::new();
-        let mut routing_moves = false;
-
-        // Drills first: an abort removes its drain at once.
         let snap = self.snapshot();
-        let mut drills: Vec<Drill> = self.state.drills.values().cloned().collect();
-        for drill in &mut drills {
-            let before = drill.clone();
-            let drain = drains
-                .get(&drill.domain)
-                .filter(|d| d.drill.as_deref() == Some(drill.id.as_str()))
-                .cloned();
-            let at_target = drain
-                .as_ref()
-                .is_some_and(|d| !d.undraining() && (d.fraction - d.target()).abs() < 1e-12);
-            let obs = if drill.state.active() {
-                workflow::observe(
-                    &snap,
-                    &self.reports,
-                    &drill.domain,
-                    now,
-                    self.config.workflow.report_freshness_ms,
-                )
-            } else {
-                Default::default()
-            };
-            let action = drill.tick(&obs, at_target, drain.is_some(), now);
-            let intent = Intent {
-                actor: "sextant-cp".into(),
-                reason: format!("drill {}", drill.id),
-            };
-            match action {
-                DrillAction::Nothing => {}
-                DrillAction::Abort(reason) => {
-                    if drain.is_some() {
-                        drains.remove(&drill.domain);
-                        commit.delete_drains.push(drill.domain.clone());
-                        routing_moves = true;
-                    }
-                    warn!(drill = %drill.id, %reason, "drill aborted");
-                    audits.push(Audit::new(
-                        "drill.abort",
-                        drill.id.clone(),
-                        &Intent { reason, ..intent },
-                        vec![],
-                    ));
-                }
-                DrillAction::Restore => {
-                    if let Some(mut d) = drain {
-                        match d.progress.as_mut() {
-                            Some(p) if p.schedule.steps.len() > 1 => {
-                                p.undrain(now, false);
-                                d.fraction = p.fraction();
-                                drains.insert(d.clone());
-                                commit.put_drains.push(d);
-                            }
-                            _ => {
-                                drains.remove(&drill.domain);
-                                commit.delete_drains.push(drill.domain.clone());
-                            }
-                        }
-                        routing_moves = true;
-                    }
-                    audits.push(Audit::new(
-                        "drill.restore",
-                        drill.id.clone(),
-                        &intent,
-                        vec![],
-                    ));
-                }
-                DrillAction::Finished => {
-                    audits.push(Audit::new(
-                        "drill.end",
-                        drill.id.clone(),
-                        &intent,
-                        vec![format!("outcome={}", drill.outcome())],
-                    ));
-                }
-            }
-            // Keep the drill record current when something happened to it.
-            if drill.state != before.state
-                || drill.drained_at_ms != before.drained_at_ms
-                || drill.ended_at_ms != before.ended_at_ms
-            {
-                commit.put_drills.push(drill.clone());
-            }
+        let samples =
+            workflow::samples(&self.reports, now, self.config.workflow.report_freshness_ms);
+        let empty = Routing::default();
+        let routing = snap.table.as_ref().map_or(&empty, |t| &t.routing);
+        let observe = |d: &DomainPath| operate::observe(&fleet, routing, &samples, d);
+        let adv = operate::advance(&self.state.drains, &self.state.drills, &observe, now);
+        // Watchers and peaks live in memory between looks.
+        for d in &adv.ticked {
+            self.state.drills.insert(d.id.clone(), d.clone());
         }
-
-        // Drain steps, expiries, ends of undrains.
-        let due: Vec<(Drain, Transition)> = drains
-            .iter()
-            .filter_map(|d| {
-                let t = d.progress.as_ref()?.due(now)?;
-                Some((d.clone(), t))
-            })
-            .collect();
-        for (mut d, t) in due {
-            let target = d.domain.to_string();
-            match &t {
-                Transition::Step { fraction, .. } => {
-                    let dir = if *fraction > d.fraction { "up" } else { "down" };
-                    audits.push(Audit::new(
-                        "drain.step",
-                        target,
-                        &Intent {
-                            reason: d.reason.clone(),
-                            ..auto.clone()
-                        },
-                        vec![
-                            format!("fraction={fraction}"),
-                            format!("from={}", d.fraction),
-                            format!("direction={dir}"),
-                        ],
-                    ));
-                }
-                Transition::Expire { fraction } => {
-                    audits.push(Audit::new(
-                        "drain.expire",
-                        target,
-                        &Intent {
-                            reason: format!("expired (was: {})", d.reason),
-                            ..auto.clone()
-                        },
-                        vec![format!("fraction={fraction}")],
-                    ));
-                }
-                Transition::Remove => {
-                    audits.push(Audit::new(
-                        "drain.done",
-                        target,
-                        &Intent {
-                            reason: d.reason.clone(),
-                            ..auto.clone()
-                        },
-                        vec!["undrained".into()],
-                    ));
-                }
-            }
-            if let Some(p) = d.progress.as_mut() {
-                p.apply(&t, now);
-                d.fraction = p.fraction();
-            }
-            if matches!(t, Transition::Remove) || d.fraction <= 0.0 {
-                drains.remove(&d.domain);
-                commit.delete_drains.push(d.domain.clone());
-            } else {
-                drains.insert(d.clone());
-                commit.put_drains.push(d);
-            }
-            routing_moves = true;
-        }
-
-        if audits.is_empty() && commit.put_drills.is_empty() {
+        if adv.is_empty() {
             return Ok(self.unchanged());
         }
-        let drill_records = commit.put_drills.clone();
-        let out = if routing_moves || !audits.is_empty() {
+        let audits: Vec<Audit> = adv
+            .lines
+            .iter()
+            .map(|l| {
+                if l.action == "drill.abort" {
+                    warn!(drill = %l.target, reason = %l.reason, "drill aborted");
+                }
+                Audit::new(
+                    l.action,
+                    l.target.clone(),
+                    &Intent {
+                        actor: "sextant-cp".into(),
+                        reason: l.reason.clone(),
+                    },
+                    l.details.clone(),
+                )
+            })
+            .collect();
+        let commit = Commit {
+            put_drains: adv.put_drains,
+            delete_drains: adv.delete_drains,
+            put_drills: adv.put_drills.clone(),
+            ..Commit::default()
+        };
+        let out = if adv.routing_moves || !audits.is_empty() {
             let change = Change {
                 fleet,
                 new_fleet: None,
-                drains,
+                drains: adv.drains,
                 commit,
                 audits,
                 preview: None,
@@ -770,7 +647,7 @@ impl Loop {
             self.state.routing_rev = rev;
             self.unchanged()
         };
-        for d in drill_records {
+        for d in adv.put_drills {
             self.state.drills.insert(d.id.clone(), d);
         }
         self.publish();

@@ -5,8 +5,9 @@
 //! loop, so a preview is exactly what the change would do.
 
 use sextant_core::drain::Drain;
-use sextant_core::drill::{self, Condition, Drill, DrillState, Observation, Watcher, Window};
+use sextant_core::drill::{self, Condition, Drill, DrillState, Watcher, Window};
 use sextant_core::impact::{self, Impact, Limits, Violation};
+use sextant_core::operate::EdgeSample;
 use sextant_core::schedule::{self, Progress, Schedule};
 use sextant_core::{DomainPath, DrainSet, Fleet};
 
@@ -311,58 +312,25 @@ pub fn plan_drill(
     Ok((drill, Ok(plan)))
 }
 
-/// What a drill sees now: the highest utilization among edges outside its
-/// domain (predicted, or reported when a fresh report says more), the
-/// highest error rate an edge reports, and the unserved share.
-pub fn observe(
-    snap: &Snapshot,
+/// The edges' fresh reports (received at or after `now_ms - freshness_ms`),
+/// as drills see them.
+pub fn samples(
     reports: &Reports,
-    domain: &DomainPath,
     now_ms: i64,
     freshness_ms: i64,
-) -> Observation {
-    let mut obs = Observation::default();
-    let (Some(fleet), Some(table)) = (&snap.fleet, &snap.table) else {
-        return obs;
-    };
-    let fresh: std::collections::BTreeMap<String, crate::inbox::Received> =
-        reports.fresh(now_ms - freshness_ms).into_iter().collect();
-    for (id, edge) in &fleet.edges {
-        let inside = edge.domains().any(|d| domain.covers(&d));
-        let predicted = table
-            .routing
-            .edges
-            .get(id)
-            .map_or(0.0, |l| l.predicted_load_rps / edge.capacity_rps);
-        let report = fresh.get(id.as_str());
-        let reported = report.map_or(0.0, |r| {
-            let cap = if r.report.capacity_rps > 0.0 {
-                r.report.capacity_rps.min(edge.capacity_rps)
-            } else {
-                edge.capacity_rps
-            };
-            r.report.rps / cap
-        });
-        if !inside {
-            let u = predicted.max(reported);
-            if u > obs.utilization {
-                obs.utilization = u;
-                obs.utilization_at = id.to_string();
-            }
-        }
-        if let Some(r) = report {
-            if r.report.error_rate > obs.error_rate {
-                obs.error_rate = r.report.error_rate;
-                obs.error_rate_at = id.to_string();
-            }
-        }
-    }
-    let demand: f64 = table.routing.rows().map(|(_, _, r)| r.demand_rps).sum();
-    let unserved: f64 = table
-        .routing
-        .rows()
-        .map(|(_, _, r)| r.demand_rps * r.unserved)
-        .sum();
-    obs.unserved = if demand > 0.0 { unserved / demand } else { 0.0 };
-    obs
+) -> std::collections::BTreeMap<sextant_core::EdgeId, EdgeSample> {
+    reports
+        .fresh(now_ms - freshness_ms)
+        .into_iter()
+        .map(|(id, r)| {
+            (
+                sextant_core::EdgeId::from(id.as_str()),
+                EdgeSample {
+                    load_rps: r.report.rps,
+                    capacity_rps: r.report.capacity_rps,
+                    error_rate: r.report.error_rate,
+                },
+            )
+        })
+        .collect()
 }

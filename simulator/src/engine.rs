@@ -24,8 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use sextant_core::automation::{AuditLine, Automation, Observation, Reported};
 use sextant_core::drain::Drain;
 use sextant_core::drill::{Drill, DrillAction, DrillState, Watcher};
+use sextant_core::operate;
 use sextant_core::routing::Routing;
-use sextant_core::schedule::{Progress, Schedule, Transition};
+use sextant_core::schedule::{Progress, Schedule};
 use sextant_core::signals::Signals;
 use sextant_core::solver::{solve, SolveInput};
 use sextant_core::{DomainPath, DrainSet, EdgeId, Fleet};
@@ -432,143 +433,49 @@ impl<'a> Engine<'a> {
         self.cp.automation.committed();
     }
 
-    /// What a drill sees: `workflow::observe` of the server.
-    fn observe(&self, domain: &DomainPath, now: i64) -> sextant_core::drill::Observation {
-        let mut obs = sextant_core::drill::Observation::default();
-        let Some(table) = &self.cp.table else {
-            return obs;
-        };
+    /// The edges' fresh reports, as drills see them.
+    fn samples(&self, now: i64) -> BTreeMap<sextant_core::EdgeId, operate::EdgeSample> {
         let fresh = now - self.sc.health.stale_after_ms;
-        for (i, (id, edge)) in self.fleet.edges.iter().enumerate() {
-            let inside = edge.domains().any(|d| domain.covers(&d));
-            let predicted = table
-                .edges
-                .get(id)
-                .map_or(0.0, |l| l.predicted_load_rps / edge.capacity_rps);
-            let report = self.reports[i].filter(|r| r.at_ms >= fresh);
-            let reported = report.map_or(0.0, |r| {
-                let cap = if r.capacity_rps > 0.0 {
-                    r.capacity_rps.min(edge.capacity_rps)
-                } else {
-                    edge.capacity_rps
-                };
-                r.load_rps / cap
-            });
-            if !inside {
-                let u = predicted.max(reported);
-                if u > obs.utilization {
-                    obs.utilization = u;
-                    obs.utilization_at = id.to_string();
-                }
-            }
-            if let Some(r) = report {
-                if r.error_rate > obs.error_rate {
-                    obs.error_rate = r.error_rate;
-                    obs.error_rate_at = id.to_string();
-                }
-            }
-        }
-        let demand: f64 = table.rows().map(|(_, _, r)| r.demand_rps).sum();
-        let unserved: f64 = table
-            .rows()
-            .map(|(_, _, r)| r.demand_rps * r.unserved)
-            .sum();
-        obs.unserved = if demand > 0.0 { unserved / demand } else { 0.0 };
-        obs
+        self.fleet
+            .edges
+            .keys()
+            .zip(&self.reports)
+            .filter_map(|(id, r)| {
+                let r = r.filter(|r| r.at_ms >= fresh)?;
+                Some((
+                    id.clone(),
+                    operate::EdgeSample {
+                        load_rps: r.load_rps,
+                        capacity_rps: r.capacity_rps,
+                        error_rate: r.error_rate,
+                    },
+                ))
+            })
+            .collect()
     }
 
-    /// Drill looks and drain steps: `scheduled` of the loop.
+    /// Drill looks and drain steps: the loop's timer, through
+    /// `sextant_core::operate::advance` as the server calls it.
     fn scheduled(&mut self, now: i64) {
-        let mut drains = self.cp.drains.clone();
-        let mut audits = Vec::new();
-        let ids: Vec<String> = self.cp.drills.keys().cloned().collect();
-        for id in ids {
-            let Some(mut drill) = self.cp.drills.get(&id).cloned() else {
-                continue;
-            };
-            if drill.ended_at_ms.is_some() && !drill.state.active() {
-                continue;
-            }
-            let drain = drains
-                .get(&drill.domain)
-                .filter(|d| d.drill.as_deref() == Some(drill.id.as_str()))
-                .cloned();
-            let at_target = drain
-                .as_ref()
-                .is_some_and(|d| !d.undraining() && (d.fraction - d.target()).abs() < 1e-12);
-            let obs = if drill.state.active() {
-                self.observe(&drill.domain, now)
-            } else {
-                Default::default()
-            };
-            match drill.tick(&obs, at_target, drain.is_some(), now) {
-                DrillAction::Nothing => {}
-                DrillAction::Abort(reason) => {
-                    if drain.is_some() {
-                        drains.remove(&drill.domain);
-                    }
-                    audits.push(Self::line("drill.abort", drill.id.clone(), reason));
-                }
-                DrillAction::Restore => {
-                    if let Some(mut d) = drain {
-                        match d.progress.as_mut() {
-                            Some(p) if p.schedule.steps.len() > 1 => {
-                                p.undrain(now, false);
-                                d.fraction = p.fraction();
-                                drains.insert(d);
-                            }
-                            _ => {
-                                drains.remove(&drill.domain);
-                            }
-                        }
-                    }
-                    audits.push(Self::line(
-                        "drill.restore",
-                        drill.id.clone(),
-                        "duration over".into(),
-                    ));
-                }
-                DrillAction::Finished => {
-                    audits.push(Self::line(
-                        "drill.end",
-                        drill.id.clone(),
-                        format!("outcome={}", drill.outcome()),
-                    ));
-                }
-            }
-            self.cp.drills.insert(id, drill);
+        let samples = self.samples(now);
+        let empty = Routing::default();
+        let routing = self.cp.table.as_ref().unwrap_or(&empty);
+        let fleet = self.fleet;
+        let observe = |d: &DomainPath| operate::observe(fleet, routing, &samples, d);
+        let adv = operate::advance(&self.cp.drains, &self.cp.drills, &observe, now);
+        for d in adv.ticked {
+            self.cp.drills.insert(d.id.clone(), d);
         }
-        let due: Vec<(Drain, Transition)> = drains
-            .iter()
-            .filter_map(|d| Some((d.clone(), d.progress.as_ref()?.due(now)?)))
-            .collect();
-        for (mut d, t) in due {
-            let (action, why) = match &t {
-                Transition::Step { fraction, .. } => (
-                    "drain.step",
-                    format!("fraction {} → {fraction}", d.fraction),
-                ),
-                Transition::Expire { fraction } => {
-                    ("drain.expire", format!("expired; fraction {fraction}"))
-                }
-                Transition::Remove => ("drain.done", "undrained".to_owned()),
-            };
-            audits.push(Self::line(action, d.domain.to_string(), why));
-            if let Some(p) = d.progress.as_mut() {
-                p.apply(&t, now);
-                d.fraction = p.fraction();
-            }
-            if matches!(t, Transition::Remove) || d.fraction <= 0.0 {
-                drains.remove(&d.domain);
-            } else {
-                drains.insert(d);
-            }
-        }
-        if audits.is_empty() {
+        if adv.lines.is_empty() {
             return;
         }
-        let routing = self.solve_with(&drains, now);
-        self.commit(drains, routing, now, &audits);
+        let audits: Vec<AuditLine> = adv
+            .lines
+            .into_iter()
+            .map(|l| Self::line(l.action, l.target, l.reason))
+            .collect();
+        let routing = self.solve_with(&adv.drains, now);
+        self.commit(adv.drains, routing, now, &audits);
     }
 
     /// `plan_drain` of the workflow: the drain, the drains after its first

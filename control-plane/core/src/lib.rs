@@ -27,6 +27,7 @@ pub mod health;
 pub mod ids;
 pub mod impact;
 pub mod n_minus_one;
+pub mod operate;
 pub mod routing;
 pub mod schedule;
 pub mod signals;
