@@ -95,9 +95,13 @@ impl Snapshot {
     /// The routing that `fleet` and `drains` would produce now, starting
     /// from this snapshot's table, and how it differs from it.
     pub fn preview(&self, fleet: &Fleet, drains: &DrainSet, now_ms: i64) -> Preview {
-        let empty = Routing::default();
-        let before = self.table.as_ref().map_or(&empty, |t| &t.routing);
-        let routing = crate::blocking::heavy(|| {
+        let routing = self.solve(fleet, drains, now_ms);
+        self.preview_of(fleet, routing)
+    }
+
+    /// The routing that `fleet` and `drains` would produce now.
+    pub fn solve(&self, fleet: &Fleet, drains: &DrainSet, now_ms: i64) -> Routing {
+        crate::blocking::heavy(|| {
             solve(SolveInput {
                 fleet,
                 signals: &self.signals,
@@ -105,7 +109,13 @@ impl Snapshot {
                 previous: self.table.as_ref().map(|t| &t.routing),
                 now_ms,
             })
-        });
+        })
+    }
+
+    /// How `routing` differs from this snapshot's table.
+    pub fn preview_of(&self, fleet: &Fleet, routing: Routing) -> Preview {
+        let empty = Routing::default();
+        let before = self.table.as_ref().map_or(&empty, |t| &t.routing);
         Preview {
             changes: diff::row_changes(before, &routing),
             shifts: diff::shifts(fleet, before, &routing),

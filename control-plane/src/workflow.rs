@@ -7,8 +7,8 @@
 use sextant_core::drain::Drain;
 use sextant_core::drill::{self, Condition, Drill, DrillState, Watcher, Window};
 use sextant_core::impact::{self, Impact, Limits, Violation};
-use sextant_core::operate::EdgeSample;
-use sextant_core::schedule::{self, Progress, Schedule};
+use sextant_core::operate::{self, EdgeSample};
+use sextant_core::schedule::Schedule;
 use sextant_core::{DomainPath, DrainSet, Fleet};
 
 use crate::control_loop::{Intent, OpError, Preview, Snapshot};
@@ -89,72 +89,49 @@ pub fn plan_drain(
     now_ms: i64,
 ) -> Result<DrainPlan, OpError> {
     let fleet = snap.fleet.clone().ok_or(OpError::NoFleet)?;
-    let target = match (req.fraction, req.steps.last()) {
-        (f, _) if f != 0.0 => f,
-        (_, Some(last)) => *last,
-        _ => 1.0,
-    };
-    let path = Drain::check(&fleet, &req.domain, target, &intent.reason)?;
-    if let Some(existing) = snap.drains.get(&path) {
-        if let Some(id) = &existing.drill {
-            if req.drill.as_deref() != Some(id.as_str()) {
-                return Err(OpError::OwnedByDrill {
-                    domain: path.to_string(),
-                    drill: id.clone(),
-                });
-            }
-        }
-    }
-    if matches!(&req.force, Some(r) if r.trim().is_empty()) {
-        return Err(OpError::ForceNeedsReason);
-    }
-    let sched = Schedule::new(&req.steps, req.interval_ms, target)?;
-    let expires = schedule::expiry(req.expires_in_ms, cfg.default_expiry_ms, cfg.max_expiry_ms)?;
-    let progress = Progress::new(sched.clone(), now_ms, Some(now_ms + expires));
-    let drain = Drain {
-        domain: path,
-        fraction: progress.fraction(),
+    let spec = operate::DrainSpec {
+        domain: req.domain.clone(),
+        fraction: req.fraction,
+        steps: req.steps.clone(),
+        interval_ms: req.interval_ms,
+        expires_in_ms: req.expires_in_ms,
+        owner: req.owner.clone(),
+        actor: intent.actor.clone(),
         reason: intent.reason.clone(),
-        owner: if req.owner.is_empty() {
-            intent.actor.clone()
-        } else {
-            req.owner.clone()
-        },
-        created_by: intent.actor.clone(),
-        created_at_ms: now_ms,
-        progress: Some(progress),
-        forced: req.force.clone(),
+        force: req.force.clone(),
         drill: req.drill.clone(),
-    };
-    let mut drains_first = snap.drains.clone();
-    drains_first.insert(drain.clone());
-    let first = snap.preview(&fleet, &drains_first, now_ms);
-    let at_target = if sched.steps.len() > 1 {
-        let mut d = drains_first.clone();
-        let mut full = drain.clone();
-        full.fraction = target;
-        d.insert(full);
-        snap.preview(&fleet, &d, now_ms)
-    } else {
-        first.clone()
     };
     let empty = sextant_core::Routing::default();
     let before = snap.table.as_ref().map_or(&empty, |t| &t.routing);
-    let impact = impact::impact(&fleet, before, &at_target.routing);
-    let violations = impact::check(
+    let expiry = operate::Expiry {
+        default_ms: cfg.default_expiry_ms,
+        max_ms: cfg.max_expiry_ms,
+    };
+    let planned = operate::plan_drain(
         &fleet,
+        &snap.drains,
         before,
-        &at_target.routing,
-        &first.routing,
-        drains_first.len(),
+        &spec,
+        expiry,
         &cfg.limits,
-    );
+        now_ms,
+        &|d| snap.solve(&fleet, d, now_ms),
+    )
+    .map_err(|e| match e {
+        operate::PlanError::Drain(e) => OpError::Drain(e),
+        operate::PlanError::Schedule(e) => OpError::Schedule(e),
+        operate::PlanError::OwnedByDrill { domain, drill } => {
+            OpError::OwnedByDrill { domain, drill }
+        }
+        operate::PlanError::ForceNeedsReason => OpError::ForceNeedsReason,
+    })?;
+    let impact = impact::impact(&fleet, before, &planned.at_target);
     Ok(DrainPlan {
-        drain,
-        drains_first,
-        first,
+        drain: planned.drain,
+        drains_first: planned.drains_first,
+        first: snap.preview_of(&fleet, planned.first),
         impact,
-        violations,
+        violations: planned.violations,
     })
 }
 

@@ -22,11 +22,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use sextant_core::automation::{AuditLine, Automation, Observation, Reported};
-use sextant_core::drain::Drain;
 use sextant_core::drill::{Drill, DrillAction, DrillState, Watcher};
 use sextant_core::operate;
 use sextant_core::routing::Routing;
-use sextant_core::schedule::{Progress, Schedule};
+use sextant_core::schedule::Schedule;
 use sextant_core::signals::Signals;
 use sextant_core::solver::{solve, SolveInput};
 use sextant_core::{DomainPath, DrainSet, EdgeId, Fleet};
@@ -478,8 +477,9 @@ impl<'a> Engine<'a> {
         self.commit(adv.drains, routing, now, &audits);
     }
 
-    /// `plan_drain` of the workflow: the drain, the drains after its first
-    /// step, the routing then, and the guardrails' objections.
+    /// A drain planned by `sextant_core::operate::plan_drain`, as the
+    /// server plans it: the drains after its first step, the routing then,
+    /// and the guardrails' objections.
     #[allow(clippy::too_many_arguments)]
     fn plan_drain(
         &mut self,
@@ -493,55 +493,48 @@ impl<'a> Engine<'a> {
         force: Option<String>,
         now: i64,
     ) -> Result<(DrainSet, Routing, Vec<String>), String> {
-        let path = Drain::check(self.fleet, domain, target, reason).map_err(|e| e.to_string())?;
-        if let Some(existing) = self.cp.drains.get(&path) {
-            if let Some(id) = &existing.drill {
-                if drill.as_deref() != Some(id.as_str()) {
-                    return Err(format!("{path} is drained by {id}"));
-                }
-            }
-        }
-        let sched = Schedule::new(steps, interval_ms, target).map_err(|e| e.to_string())?;
-        let expires = sextant_core::schedule::expiry(expires_ms, DEFAULT_EXPIRY_MS, MAX_EXPIRY_MS)
-            .map_err(|e| e.to_string())?;
-        let progress = Progress::new(sched.clone(), now, Some(now + expires));
-        let drain = Drain {
-            domain: path,
-            fraction: progress.fraction(),
-            reason: reason.to_owned(),
+        let spec = operate::DrainSpec {
+            domain: domain.to_owned(),
+            fraction: target,
+            steps: steps.to_vec(),
+            interval_ms,
+            expires_in_ms: expires_ms,
             owner: "sextant-sim".into(),
-            created_by: "operator".into(),
-            created_at_ms: now,
-            progress: Some(progress),
-            forced: force,
+            actor: "operator".into(),
+            reason: reason.to_owned(),
+            force,
             drill,
-        };
-        let mut first_drains = self.cp.drains.clone();
-        first_drains.insert(drain.clone());
-        let first = self.solve_with(&first_drains, now);
-        let at_target = if sched.steps.len() > 1 {
-            let mut d = first_drains.clone();
-            let mut full = drain.clone();
-            full.fraction = target;
-            d.insert(full);
-            self.solve_with(&d, now)
-        } else {
-            first.clone()
         };
         let empty = Routing::default();
         let before = self.cp.table.as_ref().unwrap_or(&empty);
-        let violations = sextant_core::impact::check(
-            self.fleet,
+        let solves = std::cell::Cell::new(0u64);
+        let (fleet, signals, previous) = (self.fleet, &self.cp.signals, self.cp.table.as_ref());
+        let planned = operate::plan_drain(
+            fleet,
+            &self.cp.drains,
             before,
-            &at_target,
-            &first,
-            first_drains.len(),
+            &spec,
+            operate::Expiry {
+                default_ms: DEFAULT_EXPIRY_MS,
+                max_ms: MAX_EXPIRY_MS,
+            },
             &self.sc.limits,
-        )
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
-        Ok((first_drains, first, violations))
+            now,
+            &|drains| {
+                solves.set(solves.get() + 1);
+                solve(SolveInput {
+                    fleet,
+                    signals,
+                    drains,
+                    previous,
+                    now_ms: now,
+                })
+            },
+        );
+        self.solves += solves.get();
+        let planned = planned.map_err(|e| e.to_string())?;
+        let violations = planned.violations.iter().map(|v| v.to_string()).collect();
+        Ok((planned.drains_first, planned.first, violations))
     }
 
     fn operator(&mut self, action: &Action, label: &str, now: i64) {

@@ -247,6 +247,138 @@ pub fn advance(
     out
 }
 
+/// A drain as an operator (or a drill) asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct DrainSpec {
+    pub domain: String,
+    /// Target fraction; 0: the last step, or 1.
+    pub fraction: f64,
+    pub steps: Vec<f64>,
+    pub interval_ms: i64,
+    /// `None`: the default expiry.
+    pub expires_in_ms: Option<i64>,
+    /// Responsible team or person (default: the actor).
+    pub owner: String,
+    pub actor: String,
+    pub reason: String,
+    /// Override guardrails, for this reason.
+    pub force: Option<String>,
+    /// The drill this drain belongs to.
+    pub drill: Option<String>,
+}
+
+/// Default and longest drain expiry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Expiry {
+    pub default_ms: i64,
+    pub max_ms: i64,
+}
+
+/// Why a drain cannot be planned.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Drain(#[from] crate::drain::DrainError),
+    #[error("bad step schedule or expiry: {0}")]
+    Schedule(#[from] crate::schedule::ScheduleError),
+    #[error("{domain} is drained by drill {drill}: abort the drill instead")]
+    OwnedByDrill { domain: String, drill: String },
+    #[error("--force needs a reason (--force-reason)")]
+    ForceNeedsReason,
+}
+
+/// A drain ready to commit, what it does at once and at its target, and
+/// the guardrails' objections.
+#[derive(Debug, Clone)]
+pub struct PlannedDrain {
+    pub drain: Drain,
+    /// All drains once it takes its first step.
+    pub drains_first: DrainSet,
+    /// The routing after the first step (what is committed now).
+    pub first: Routing,
+    /// The routing at the target (all steps done).
+    pub at_target: Routing,
+    pub violations: Vec<crate::impact::Violation>,
+}
+
+/// Plans a drain on top of `drains` and the routing `before`: checks the
+/// request, builds its schedule and expiry, solves (`solve`) for its first
+/// step and its target, and checks guardrails.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_drain(
+    fleet: &Fleet,
+    drains: &DrainSet,
+    before: &Routing,
+    spec: &DrainSpec,
+    expiry: Expiry,
+    limits: &crate::impact::Limits,
+    now_ms: i64,
+    solve: &dyn Fn(&DrainSet) -> Routing,
+) -> Result<PlannedDrain, PlanError> {
+    let target = match (spec.fraction, spec.steps.last()) {
+        (f, _) if f != 0.0 => f,
+        (_, Some(last)) => *last,
+        _ => 1.0,
+    };
+    let path = Drain::check(fleet, &spec.domain, target, &spec.reason)?;
+    if let Some(id) = drains.get(&path).and_then(|d| d.drill.as_ref()) {
+        if spec.drill.as_deref() != Some(id.as_str()) {
+            return Err(PlanError::OwnedByDrill {
+                domain: path.to_string(),
+                drill: id.clone(),
+            });
+        }
+    }
+    if matches!(&spec.force, Some(r) if r.trim().is_empty()) {
+        return Err(PlanError::ForceNeedsReason);
+    }
+    let sched = crate::schedule::Schedule::new(&spec.steps, spec.interval_ms, target)?;
+    let expires = crate::schedule::expiry(spec.expires_in_ms, expiry.default_ms, expiry.max_ms)?;
+    let progress = crate::schedule::Progress::new(sched.clone(), now_ms, Some(now_ms + expires));
+    let drain = Drain {
+        domain: path,
+        fraction: progress.fraction(),
+        reason: spec.reason.clone(),
+        owner: if spec.owner.is_empty() {
+            spec.actor.clone()
+        } else {
+            spec.owner.clone()
+        },
+        created_by: spec.actor.clone(),
+        created_at_ms: now_ms,
+        progress: Some(progress),
+        forced: spec.force.clone(),
+        drill: spec.drill.clone(),
+    };
+    let mut drains_first = drains.clone();
+    drains_first.insert(drain.clone());
+    let first = solve(&drains_first);
+    let at_target = if sched.steps.len() > 1 {
+        let mut d = drains_first.clone();
+        let mut full = drain.clone();
+        full.fraction = target;
+        d.insert(full);
+        solve(&d)
+    } else {
+        first.clone()
+    };
+    let violations = crate::impact::check(
+        fleet,
+        before,
+        &at_target,
+        &first,
+        drains_first.len(),
+        limits,
+    );
+    Ok(PlannedDrain {
+        drain,
+        drains_first,
+        first,
+        at_target,
+        violations,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
