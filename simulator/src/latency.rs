@@ -17,13 +17,6 @@ pub struct Histogram {
     log_sum: Vec<f64>,
 }
 
-fn bucket(ms: f64) -> usize {
-    if ms <= LOW_MS {
-        return 0;
-    }
-    (((ms / LOW_MS).ln() / RATIO.ln()) as usize).min(BUCKETS - 1)
-}
-
 impl Histogram {
     pub fn new() -> Self {
         Self::default()
@@ -37,9 +30,15 @@ impl Histogram {
             self.weight = vec![0.0; BUCKETS];
             self.log_sum = vec![0.0; BUCKETS];
         }
-        let b = bucket(ms);
+        // One logarithm serves both the bucket and the mean inside it.
+        let l = ms.max(1e-3).ln();
+        let b = if ms <= LOW_MS {
+            0
+        } else {
+            (((l - LOW_MS.ln()) / RATIO.ln()) as usize).min(BUCKETS - 1)
+        };
         self.weight[b] += weight;
-        self.log_sum[b] += weight * ms.max(1e-3).ln();
+        self.log_sum[b] += weight * l;
     }
 
     /// Empty, keeping its memory.

@@ -83,6 +83,8 @@ struct Pending {
 #[derive(Debug, Clone)]
 pub struct Automation {
     tracker: HealthTracker,
+    /// Steps taken (for occasional housekeeping).
+    steps: u64,
     bounds: Bounds,
     committed_down: BTreeSet<EdgeId>,
     committed_held: BTreeSet<EdgeId>,
@@ -95,6 +97,7 @@ impl Automation {
     pub fn new(config: HealthConfig, bounds: Bounds) -> Self {
         Self {
             tracker: HealthTracker::new(config),
+            steps: 0,
             bounds,
             committed_down: BTreeSet::new(),
             committed_held: BTreeSet::new(),
@@ -126,23 +129,28 @@ impl Automation {
         fmt_time: &dyn Fn(i64) -> String,
     ) -> Decision {
         self.view.observations += obs.len() as u64;
-        for o in obs {
-            let edge = EdgeId::from(o.edge.as_str());
-            if fleet.edges.contains_key(&edge) {
+        for o in &obs {
+            if let Some((edge, _)) = fleet.edges.get_key_value(o.edge.as_str()) {
                 self.tracker
-                    .observe(&edge, &o.voter, o.ok, o.at_ms, &o.error);
+                    .observe(edge, &o.voter, o.ok, o.at_ms, &o.error);
             }
         }
-        self.tracker.retain(|e| fleet.edges.contains_key(e));
+        // Forget edges the fleet lost (cheaply: now and then, or when there
+        // are more tracked than the fleet has).
+        self.steps += 1;
+        if self.tracker.len() > fleet.edges.len() || self.steps.is_multiple_of(64) {
+            self.tracker.retain(|e| fleet.edges.contains_key(e));
+        }
         let transitions = self.tracker.evaluate(now_ms);
         for t in &transitions {
             *self.view.verdict_changes.entry(t.to.as_str()).or_default() += 1;
         }
-        let verdicts = self.tracker.verdicts();
+        let verdicts: BTreeMap<&EdgeId, &Verdict> = self.tracker.verdict_refs().collect();
 
         // Edges that look down, earliest first.
         let mut looks_down: Vec<(&EdgeId, &Verdict)> = verdicts
             .iter()
+            .map(|(e, v)| (*e, *v))
             .filter(|(_, v)| v.health == Health::Down)
             .collect();
         looks_down.sort_by(|a, b| a.1.since_ms.cmp(&b.1.since_ms).then(a.0.cmp(b.0)));
@@ -212,7 +220,7 @@ impl Automation {
             bounded.removed_share * 100.0
         );
         for e in bounded.down.difference(&self.committed_down) {
-            let v = &verdicts[e];
+            let v = verdicts[e];
             let mut details: Vec<String> = v
                 .failing
                 .iter()

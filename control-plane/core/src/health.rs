@@ -189,6 +189,10 @@ struct EdgeState {
     falls: u32,
     /// As of the last evaluation.
     verdict: Option<Verdict>,
+    /// The voters' reason in words, and the key of the voter states it
+    /// was written for: words are written again only when those change
+    /// (evaluation runs every interval for every edge).
+    words: (u64, String),
 }
 
 /// A change of verdict, for the caller to act on and audit.
@@ -222,8 +226,16 @@ impl HealthTracker {
     /// One result from `voter` (a vantage id, or [`AGENT`]) about `edge`.
     /// Results older than the voter's last one are ignored (reordering).
     pub fn observe(&mut self, edge: &EdgeId, voter: &str, ok: bool, at_ms: i64, error: &str) {
-        let st = self.edges.entry(edge.clone()).or_default();
-        let v = st.voters.entry(voter.to_owned()).or_default();
+        let st = match self.edges.get_mut(edge) {
+            Some(st) => st,
+            None => self.edges.entry(edge.clone()).or_default(),
+        };
+        if !st.voters.contains_key(voter) {
+            st.voters.insert(voter.to_owned(), Voter::default());
+        }
+        let Some(v) = st.voters.get_mut(voter) else {
+            return;
+        };
         if at_ms < v.last_at_ms {
             return;
         }
@@ -237,17 +249,21 @@ impl HealthTracker {
             v.fails = v.fails.saturating_add(1);
             v.passes = 0;
             v.failing_since_ms.get_or_insert(at_ms);
-            v.last_error = if error.is_empty() {
-                "failed".to_owned()
-            } else {
-                error.to_owned()
-            };
+            let error = if error.is_empty() { "failed" } else { error };
+            if v.last_error != error {
+                v.last_error = error.to_owned();
+            }
         }
     }
 
     /// Forgets edges not in `known` (removed from the fleet).
     pub fn retain(&mut self, known: impl Fn(&EdgeId) -> bool) {
         self.edges.retain(|e, _| known(e));
+    }
+
+    /// How many edges are tracked.
+    pub fn len(&self) -> usize {
+        self.edges.len()
     }
 
     /// Whether any edge is tracked (the caller then re-evaluates on a timer).
@@ -261,7 +277,11 @@ impl HealthTracker {
         let mut out = Vec::new();
         for (id, st) in &mut self.edges {
             let from = st.health;
-            let (raw, failing, reason) = raw_verdict(&cfg, st, now_ms);
+            let (raw, failing, key) = raw_verdict(&cfg, st, now_ms);
+            if key != st.words.0 || st.words.1.is_empty() {
+                st.words = (key, describe(&cfg, st, now_ms, raw, failing.len()));
+            }
+            let reason = st.words.1.clone();
             // Damping: a fall adds penalty; a held edge stays down until
             // the penalty decays below reuse.
             let decayed = cfg.damping.decay(st.penalty, now_ms - st.penalty_at_ms);
@@ -325,6 +345,14 @@ impl HealthTracker {
         out
     }
 
+    /// The verdict of every evaluated edge, as of the last
+    /// [`Self::evaluate`], borrowed.
+    pub fn verdict_refs(&self) -> impl Iterator<Item = (&EdgeId, &Verdict)> {
+        self.edges
+            .iter()
+            .filter_map(|(id, st)| Some((id, st.verdict.as_ref()?)))
+    }
+
     /// The verdict of every evaluated edge, as of the last [`Self::evaluate`].
     pub fn verdicts(&self) -> BTreeMap<EdgeId, Verdict> {
         self.edges
@@ -334,52 +362,78 @@ impl HealthTracker {
     }
 }
 
+/// Where one voter stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Stand {
+    /// An agent that stopped reporting: a failing vote.
+    Silent,
+    /// Too old to vote.
+    Stale,
+    /// Votes down.
+    Failing,
+    /// Votes up.
+    Ok,
+    /// Failed, not yet K times.
+    Failed,
+    /// Passed, not yet M times.
+    Recovering,
+}
+
+fn stand(cfg: &HealthConfig, name: &str, v: &Voter, now_ms: i64) -> Stand {
+    let age = now_ms - v.last_at_ms;
+    if name == AGENT && age > cfg.heartbeat_timeout_ms {
+        Stand::Silent
+    } else if age > cfg.stale_after_ms {
+        Stand::Stale
+    } else if v.fails >= cfg.down_after {
+        Stand::Failing
+    } else if v.passes >= cfg.up_after {
+        Stand::Ok
+    } else if v.fails > 0 {
+        Stand::Failed
+    } else {
+        Stand::Recovering
+    }
+}
+
 /// What the voters say now: `Some(Down)`, `Some(Up)`, or `None` (not
 /// enough fresh votes either way: keep the verdict); the failing voters;
-/// and the reason in words.
+/// and a key of the voters' stands (for [`describe`]).
 fn raw_verdict(
     cfg: &HealthConfig,
     st: &EdgeState,
     now_ms: i64,
-) -> (Option<Health>, Vec<(String, i64, String)>, String) {
+) -> (Option<Health>, Vec<(String, i64, String)>, u64) {
+    use std::hash::{Hash, Hasher};
     let mut failing = Vec::new();
     let mut up = 0usize;
     let mut fresh = 0usize;
-    let mut words = Vec::new();
+    let mut key = std::collections::hash_map::DefaultHasher::new();
     for (name, v) in &st.voters {
-        let age = now_ms - v.last_at_ms;
-        if name == AGENT && age > cfg.heartbeat_timeout_ms {
-            let since = v.last_at_ms;
-            failing.push((
-                name.clone(),
-                since,
-                format!("no report for {}s", age / 1000),
-            ));
-            words.push(format!("agent silent for {}s", age / 1000));
-            fresh += 1;
-            continue;
-        }
-        if age > cfg.stale_after_ms {
-            words.push(format!("{name} stale ({}s)", age / 1000));
-            continue;
-        }
-        fresh += 1;
-        if v.fails >= cfg.down_after {
-            let since = v.failing_since_ms.unwrap_or(v.last_at_ms);
-            failing.push((name.clone(), since, v.last_error.clone()));
-            words.push(format!(
-                "{name} failing {} in a row since {}s ago: {}",
-                v.fails,
-                (now_ms - since) / 1000,
-                v.last_error
-            ));
-        } else if v.passes >= cfg.up_after {
-            up += 1;
-            words.push(format!("{name} ok"));
-        } else if v.fails > 0 {
-            words.push(format!("{name} failed {} ({})", v.fails, v.last_error));
-        } else {
-            words.push(format!("{name} passed {}", v.passes));
+        let s = stand(cfg, name, v, now_ms);
+        name.hash(&mut key);
+        s.hash(&mut key);
+        match s {
+            Stand::Silent => {
+                failing.push((name.clone(), v.last_at_ms, "no report".to_owned()));
+                fresh += 1;
+            }
+            Stand::Stale => {}
+            Stand::Failing => {
+                let since = v.failing_since_ms.unwrap_or(v.last_at_ms);
+                failing.push((name.clone(), since, v.last_error.clone()));
+                v.last_error.hash(&mut key);
+                fresh += 1;
+            }
+            Stand::Ok => {
+                up += 1;
+                fresh += 1;
+            }
+            Stand::Failed => {
+                v.last_error.hash(&mut key);
+                fresh += 1;
+            }
+            Stand::Recovering => fresh += 1,
         }
     }
     let raw = if failing.len() >= cfg.quorum {
@@ -389,22 +443,51 @@ fn raw_verdict(
     } else {
         None
     };
+    (raw, failing, key.finish())
+}
+
+/// The voters' reason in words.
+fn describe(
+    cfg: &HealthConfig,
+    st: &EdgeState,
+    now_ms: i64,
+    raw: Option<Health>,
+    failing: usize,
+) -> String {
+    let mut up = 0usize;
+    let mut fresh = 0usize;
+    let words: Vec<String> = st
+        .voters
+        .iter()
+        .map(|(name, v)| {
+            let s = stand(cfg, name, v, now_ms);
+            if s != Stand::Stale {
+                fresh += 1;
+            }
+            match s {
+                Stand::Silent => "agent silent".to_owned(),
+                Stand::Stale => format!("{name} stale"),
+                Stand::Failing => format!("{name} failing: {}", v.last_error),
+                Stand::Ok => {
+                    up += 1;
+                    format!("{name} ok")
+                }
+                Stand::Failed => format!("{name} failed ({})", v.last_error),
+                Stand::Recovering => format!("{name} recovering"),
+            }
+        })
+        .collect();
+    let n = st.voters.len();
     let head = match raw {
         Some(Health::Down) => format!(
-            "{} of {} voters see it down (quorum {})",
-            failing.len(),
-            st.voters.len(),
+            "{failing} of {n} voters see it down (quorum {})",
             cfg.quorum
         ),
-        Some(_) => format!("{up} of {} voters see it up", st.voters.len()),
+        Some(_) => format!("{up} of {n} voters see it up"),
         None if fresh == 0 => "no fresh signals: holding the last verdict".to_owned(),
-        None => format!(
-            "{} of {} voters see it down, {up} up: holding the last verdict",
-            failing.len(),
-            st.voters.len()
-        ),
+        None => format!("{failing} of {n} voters see it down, {up} up: holding the last verdict"),
     };
-    (raw, failing, format!("{head}: {}", words.join("; ")))
+    format!("{head}: {}", words.join("; "))
 }
 
 #[cfg(test)]
