@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use sextant_sim::scenario::Action;
 use sextant_sim::{simulate, to_json, Scenario};
 
 fn scenarios() -> PathBuf {
@@ -200,4 +201,38 @@ kind = "meteor"
     )
     .expect_err("no fleet");
     assert!(e.problems[0].location.starts_with("line 3, column"), "{e}");
+}
+
+#[test]
+fn one_partitioned_vantage_point_moves_nothing_two_do() {
+    // One of three vantage points sees every edge fail for 20 minutes: no
+    // quorum, no failover, nothing unserved.
+    let sc = load("vantage-partition.toml");
+    let r = simulate(&sc, &mut |_, _| {});
+    assert_eq!(r.summary.failovers, 0);
+    assert!(
+        r.expectations.iter().all(|e| e.pass),
+        "{:?}",
+        r.expectations
+    );
+    // The same with a second vantage point cut off: a quorum sees every
+    // edge fail, and automation acts (within its bound).
+    let mut two = sc.clone();
+    let mut more = Vec::new();
+    for e in &two.events {
+        let mut e = e.clone();
+        match &mut e.action {
+            Action::Partition { vantage } | Action::Heal { vantage } => *vantage = "vp-us".into(),
+            _ => continue,
+        }
+        more.push(e);
+    }
+    assert_eq!(more.len(), 2, "a partition and its heal");
+    two.events.extend(more);
+    two.events.sort_by_key(|e| e.at_ms);
+    let r = simulate(&two, &mut |_, _| {});
+    assert!(
+        r.summary.failovers > 0,
+        "two partitioned vantage points moved nothing"
+    );
 }
