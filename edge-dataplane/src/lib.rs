@@ -17,6 +17,7 @@ pub mod admin;
 pub mod dns;
 pub mod edge;
 pub mod probe;
+pub mod process;
 pub mod proxy;
 pub mod reporter;
 pub mod subscriber;

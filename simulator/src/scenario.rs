@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sextant_core::drill::Condition;
-use sextant_core::fleet::{FleetSpec, Problem};
+use sextant_core::fleet::{line_col, FleetSpec, Problem};
 use sextant_core::schedule::Schedule;
 use sextant_core::{DomainPath, Fleet};
 use toml::Spanned;
@@ -488,17 +488,6 @@ impl fmt::Display for ScenarioError {
         }
         Ok(())
     }
-}
-
-fn line_col(text: &str, offset: usize) -> String {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    format!("line {line}, column {col}")
 }
 
 // ---------------------------------------------------------------------------

@@ -73,6 +73,13 @@ impl Drop for Target {
     }
 }
 
+/// Four health targets, up, and the fleet's `health_check` for each.
+fn four_targets() -> Result<(Vec<Target>, [String; 4])> {
+    let targets = (0..4).map(|_| Target::new()).collect::<Result<Vec<_>>>()?;
+    let checks = [0, 1, 2, 3].map(|i| format!("127.0.0.1:{}", targets[i].port));
+    Ok((targets, checks))
+}
+
 /// Four edges, two per region, 1000 rps each; one group (10.0.0.0/8, 100
 /// rps of www) that prefers e1, then e2, e3, e4 by latency. `checks[i]`
 /// is edge i+1's health target.
@@ -322,11 +329,7 @@ fn a_killed_edge_leaves_dns_and_returns_after_the_up_threshold() -> Result<()> {
 
 #[test]
 fn a_partitioned_vantage_point_moves_nothing() -> Result<()> {
-    let mut targets = Vec::new();
-    for _ in 0..4 {
-        targets.push(Target::new()?);
-    }
-    let checks = [0, 1, 2, 3].map(|i| format!("127.0.0.1:{}", targets[i].port));
+    let (_targets, checks) = four_targets()?;
     let rig = Rig::start(&fleet(&checks), &[], 1)?;
     eventually(Duration::from_secs(10), "verdicts", || {
         (rig.edge("e1").ok()?["health"] == "up").then_some(())
@@ -349,11 +352,7 @@ fn a_partitioned_vantage_point_moves_nothing() -> Result<()> {
 
 #[test]
 fn a_flapping_edge_is_damped_instead_of_oscillating() -> Result<()> {
-    let mut targets = Vec::new();
-    for _ in 0..4 {
-        targets.push(Target::new()?);
-    }
-    let checks = [0, 1, 2, 3].map(|i| format!("127.0.0.1:{}", targets[i].port));
+    let (mut targets, checks) = four_targets()?;
     // No hysteresis to hide behind: one failure or pass flips a vote.
     let rig = Rig::start(
         &fleet(&checks),
@@ -402,11 +401,7 @@ fn a_flapping_edge_is_damped_instead_of_oscillating() -> Result<()> {
 
 #[test]
 fn automation_stops_at_its_bound_and_raises_the_alarm() -> Result<()> {
-    let mut targets = Vec::new();
-    for _ in 0..4 {
-        targets.push(Target::new()?);
-    }
-    let checks = [0, 1, 2, 3].map(|i| format!("127.0.0.1:{}", targets[i].port));
+    let (mut targets, checks) = four_targets()?;
     // Default bounds: 25% of total (one edge of four), 50% of a region.
     let rig = Rig::start(&fleet(&checks), &[], 0)?;
     eventually(Duration::from_secs(10), "verdicts", || {
@@ -464,11 +459,7 @@ fn automation_stops_at_its_bound_and_raises_the_alarm() -> Result<()> {
 
 #[test]
 fn every_edge_down_fails_open_and_says_so() -> Result<()> {
-    let mut targets = Vec::new();
-    for _ in 0..4 {
-        targets.push(Target::new()?);
-    }
-    let checks = [0, 1, 2, 3].map(|i| format!("127.0.0.1:{}", targets[i].port));
+    let (mut targets, checks) = four_targets()?;
     // Automation may take everything out: the solver must still fail open.
     let rig = Rig::start(
         &fleet(&checks),
@@ -504,11 +495,7 @@ fn every_edge_down_fails_open_and_says_so() -> Result<()> {
 fn signals_sent_to_a_follower_reach_the_leader() -> Result<()> {
     let etcd = sextant_store::etcd_server::EtcdServer::start().map_err(|e| anyhow::anyhow!(e))?;
     let dir = tempfile::tempdir()?;
-    let mut targets = Vec::new();
-    for _ in 0..4 {
-        targets.push(Target::new()?);
-    }
-    let checks = [0, 1, 2, 3].map(|i| format!("127.0.0.1:{}", targets[i].port));
+    let (mut targets, checks) = four_targets()?;
     let fleet_path = dir.path().join("fleet.toml");
     std::fs::write(&fleet_path, fleet(&checks))?;
     let replica = |id: &str| {

@@ -397,7 +397,7 @@ impl FleetError {
 }
 
 /// Turns a byte offset into `line L, column C` (1-based).
-fn line_col(text: &str, offset: usize) -> String {
+pub fn line_col(text: &str, offset: usize) -> String {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;

@@ -1,13 +1,11 @@
 //! `sextant-dns`: the GeoDNS server.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
 use sextant_edge::dns::{run, DnsConfig};
-use tracing_subscriber::EnvFilter;
 
 /// Authoritative GeoDNS: answers the steered names of the fleet by client
 /// location (EDNS Client Subnet or the resolver's address) and the weights
@@ -48,13 +46,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // hickory-server logs every TCP request at info: keep it at warn.
-    let filter = EnvFilter::try_from_env("SEXTANT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    sextant_edge::process::init_logging("info,hickory_server=warn");
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -76,21 +68,6 @@ fn main() -> anyhow::Result<()> {
         threads,
         geo_map: args.geo_map,
     };
-    runtime.block_on(run(config, shutdown_signal()))?;
+    runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }

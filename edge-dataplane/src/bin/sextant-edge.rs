@@ -1,6 +1,5 @@
 //! `sextant-edge`: the edge proxy agent.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -8,7 +7,6 @@ use anyhow::Context;
 use clap::Parser;
 use ipnet::IpNet;
 use sextant_edge::edge::{run, EdgeConfig};
-use tracing_subscriber::EnvFilter;
 
 /// Edge proxy: forwards HTTP to origins by the weights the control plane
 /// pushes, keeps serving its last config when the control plane is away.
@@ -53,12 +51,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_env("SEXTANT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    sextant_edge::process::init_logging("info");
     if !(args.report_interval > 0.0 && args.report_interval.is_finite()) {
         anyhow::bail!("--report-interval must be a positive number of seconds");
     }
@@ -83,21 +76,6 @@ fn main() -> anyhow::Result<()> {
         report_interval: std::time::Duration::from_secs_f64(args.report_interval),
         workers,
     };
-    runtime.block_on(run(config, shutdown_signal()))?;
+    runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }

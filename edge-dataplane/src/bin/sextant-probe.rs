@@ -1,6 +1,5 @@
 //! `sextant-probe`: the active health prober.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -8,7 +7,6 @@ use anyhow::Context;
 use clap::Parser;
 use ipnet::IpNet;
 use sextant_edge::probe::{parse_duration, run, ProbeConfig, DEFAULT_CONCURRENCY};
-use tracing_subscriber::EnvFilter;
 
 /// Active health prober: probes the health check of every edge of the fleet
 /// from this vantage point each interval (HTTP GET or TCP connect) and
@@ -47,12 +45,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_env("SEXTANT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    sextant_edge::process::init_logging("info");
     let config = ProbeConfig {
         control_plane: args.control_plane,
         vantage_id: args.vantage_id,
@@ -69,21 +62,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config, shutdown_signal()))?;
+    runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
