@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "sextant/v1/signals.proto",
     "sextant/v1/distribution.proto",
     "sextant/v1/cluster.proto",
+    "sextant/v1/bgp.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -157,6 +157,7 @@ pub struct State {
     pub routes: BTreeMap<String, pb::GroupRouting>,
     pub origins: BTreeMap<String, pb::OriginTarget>,
     pub upstream: Vec<pb::OriginWeight>,
+    pub asn_prefixes: BTreeMap<u32, pb::AsnPrefixes>,
 }
 
 impl State {
@@ -186,6 +187,9 @@ impl State {
         if !c.upstream.is_empty() {
             self.upstream = c.upstream.clone();
         }
+        for x in &c.asn_prefixes {
+            self.asn_prefixes.insert(x.asn, x.clone());
+        }
     }
 
     /// Applies one update (all of whose chunks are given).
@@ -208,6 +212,9 @@ impl State {
         if u.removed_upstream {
             self.upstream.clear();
         }
+        for asn in &u.removed_asns {
+            self.asn_prefixes.remove(asn);
+        }
         if let Some(c) = &u.config {
             self.merge(c);
         }
@@ -221,6 +228,7 @@ impl State {
             groups: self.groups.values().cloned().collect(),
             routing: self.routes.values().cloned().collect(),
             upstream: self.upstream.clone(),
+            asn_prefixes: self.asn_prefixes.values().cloned().collect(),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! - [`solver`]: the routing decision (min-cost flow by network simplex);
 //! - [`explain`]: why each weight is what it is;
 //! - [`n_minus_one`]: what losing a region or provider would do;
-//! - [`diff`]: what a change moves.
+//! - [`diff`]: what a change moves;
+//! - [`lpm`]: longest-prefix match over client prefixes (GeoDNS, BGP).
 //!
 //! Everything here is pure and deterministic: functions take state and a
 //! time (`now_ms`) and return a decision. Nothing reads a clock, a socket or
@@ -26,6 +27,7 @@ pub mod fleet;
 pub mod health;
 pub mod ids;
 pub mod impact;
+pub mod lpm;
 pub mod n_minus_one;
 pub mod operate;
 pub mod routing;

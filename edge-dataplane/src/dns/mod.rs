@@ -19,7 +19,7 @@
 pub mod admin;
 pub mod general;
 pub mod geo;
-pub mod lpm;
+pub use sextant_core::lpm;
 pub mod metrics;
 pub mod pick;
 pub mod sample;

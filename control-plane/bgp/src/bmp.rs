@@ -1,0 +1,1 @@
+//! BMP (RFC 7854): framing and route events. (Being written.)

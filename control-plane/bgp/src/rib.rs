@@ -1,0 +1,1 @@
+//! MRT RIB dumps to a prefix → origin ASN map. (Being written.)
