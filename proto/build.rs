@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Shared, reference-counted bytes: one encoding, many subscribers.
         .bytes(".sextant.v1.ConfigUpdate.config_bytes")
+        .bytes(".sextant.v1.AsnPrefixes")
         .file_descriptor_set_path(out.join("sextant_v1_descriptor.bin"))
         .compile_protos(PROTOS, &["."])?;
     Ok(())

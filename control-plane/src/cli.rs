@@ -17,6 +17,8 @@ use sextant_proto::v1::steering_service_client::SteeringServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc::split_document;
+
+mod bgp;
 use crate::timefmt::{parse_duration_ms, rfc3339};
 
 /// Operate Sextant: apply fleets, drain and undrain fault domains, read
@@ -177,6 +179,11 @@ pub enum Command {
     Status,
     /// List the kept routing versions.
     Versions,
+    /// BGP inputs: RIB dumps (client groups by origin ASN) and BMP sessions.
+    Bgp {
+        #[command(subcommand)]
+        cmd: bgp::BgpCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -530,6 +537,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .into_inner();
             show_status(&r, json)
         }
+        Command::Bgp { cmd } => bgp::run(channel, cmd, actor, json).await?,
         Command::Versions => {
             let r = SteeringServiceClient::new(channel)
                 .list_versions(pb::ListVersionsRequest {})

@@ -30,7 +30,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::audit::AuditRecord;
 use crate::inbox::Reports;
-use crate::state::{self, Commit, State, StateError};
+use crate::state::{self, Commit, LoadedRib, RibMeta, State, StateError};
 use crate::workflow::{self, DrainRequest, DrillRequest, WorkflowConfig};
 
 /// A source of time for the loop. Decision code never reads a clock; the
@@ -64,6 +64,8 @@ pub struct Snapshot {
     /// Automated failover: held edges (alarms) and counters.
     pub failover: Arc<FailoverView>,
     pub table: Option<Arc<RoutingTable>>,
+    /// The prefix → origin ASN map from the last loaded BGP RIB dump.
+    pub rib: Option<LoadedRib>,
     /// False only for the placeholder a replica holds before its first
     /// read of the store.
     pub loaded: bool,
@@ -84,6 +86,7 @@ impl Snapshot {
             signals: signals.clone(),
             failover,
             table: state.table.clone(),
+            rib: state.rib.clone(),
             loaded: true,
         }
     }
@@ -194,6 +197,8 @@ pub struct Outcome {
     pub impact: Option<Impact>,
     /// The drill, for drill commands.
     pub drill: Option<Drill>,
+    /// The RIB map now loaded, for RIB loads.
+    pub rib: Option<RibMeta>,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, OpError>>;
@@ -229,6 +234,20 @@ pub enum Command {
         intent: Intent,
         reply: Reply,
     },
+    LoadRib {
+        rib: NewRib,
+        intent: Intent,
+        reply: Reply,
+    },
+}
+
+/// A RIB map decoded from a dump, for [`LoopHandle::load_rib`].
+#[derive(Debug)]
+pub struct NewRib {
+    pub map: Arc<sextant_bgp::rib::RibMap>,
+    pub stats: sextant_bgp::rib::RibStats,
+    /// Where the dump came from.
+    pub source: String,
 }
 
 /// A handle to the running loop.
@@ -247,6 +266,13 @@ impl LoopHandle {
     /// A receiver that sees every new snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshots.clone()
+    }
+
+    /// Replaces the prefix → origin ASN map; the DNS view gets it with the
+    /// next routing version.
+    pub async fn load_rib(&self, rib: NewRib, intent: Intent) -> Result<Outcome, OpError> {
+        self.call(|reply| Command::LoadRib { rib, intent, reply })
+            .await
     }
 
     async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, OpError> {
@@ -826,6 +852,10 @@ impl Loop {
                 let r = self.abort_drill(&id, intent).await;
                 let _ = reply.send(self.settle(r).await);
             }
+            Command::LoadRib { rib, intent, reply } => {
+                let r = self.load_rib(rib, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
         }
     }
 
@@ -905,6 +935,9 @@ impl Loop {
         for d in &commit.put_drills {
             self.state.drills.insert(d.id.clone(), d.clone());
         }
+        if let Some(rib) = &commit.rib {
+            self.state.rib = Some(rib.clone());
+        }
         self.adopt(table, rev);
         self.publish();
         info!(cause = %cause, version = after, churn = preview.churn, "routing committed");
@@ -918,7 +951,60 @@ impl Loop {
             drain: commit.put_drains.into_iter().next(),
             impact,
             drill: commit.put_drills.into_iter().next(),
+            rib: commit.rib.map(|r| r.meta),
         })
+    }
+
+    async fn load_rib(&mut self, rib: NewRib, intent: Intent) -> Result<Outcome, OpError> {
+        let fleet = self.state.fleet.clone().ok_or(OpError::NoFleet)?;
+        let digest = crate::blocking::heavy(|| rib.map.digest());
+        if let Some(current) = &self.state.rib {
+            if current.meta.digest == digest {
+                return Ok(Outcome {
+                    rib: Some(current.meta.clone()),
+                    ..self.unchanged()
+                });
+            }
+        }
+        let generation = self.state.rib.as_ref().map_or(0, |r| r.meta.generation) + 1;
+        let s = &rib.stats;
+        let meta = RibMeta {
+            generation,
+            source: rib.source.clone(),
+            loaded_at_ms: self.clock.now_ms(),
+            loaded_by: intent.actor.clone(),
+            entries: s.entries,
+            skipped: s.skipped,
+            multi_origin: s.multi_origin,
+            other_records: s.other_records,
+            digest: digest.clone(),
+        };
+        let details = vec![
+            format!("source={}", rib.source),
+            format!("ipv4_prefixes={}", rib.map.v4_len()),
+            format!("ipv6_prefixes={}", rib.map.v6_len()),
+            format!("origin_asns={}", rib.map.origins()),
+            format!("digest={digest}"),
+        ];
+        let commit = Commit {
+            rib: Some(LoadedRib { meta, map: rib.map }),
+            ..Commit::default()
+        };
+        let change = Change {
+            fleet,
+            new_fleet: None,
+            drains: self.state.drains.clone(),
+            commit,
+            audits: vec![Audit::new(
+                "bgp.load-rib",
+                format!("generation {generation}"),
+                &intent,
+                details,
+            )],
+            preview: None,
+            impact: None,
+        };
+        self.change(change).await
     }
 
     async fn apply_fleet(

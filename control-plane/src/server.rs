@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use sextant_core::FleetSpec;
+use sextant_proto::v1::bgp_service_server::BgpServiceServer;
 use sextant_proto::v1::cluster_service_server::ClusterServiceServer;
 use sextant_proto::v1::distribution_service_server::DistributionServiceServer;
 use sextant_proto::v1::fleet_service_server::FleetServiceServer;
@@ -25,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::cluster::{self, ElectionConfig, Node, ReplicaInfo, Role};
 use crate::control_loop::{Clock, Intent, OpError, SystemClock};
+use crate::grpc::bgp::{BgpApi, MAX_RIB_BYTES};
 use crate::grpc::cluster::ClusterApi;
 use crate::grpc::distribution::{Distribution, DistributionApi};
 use crate::grpc::fleet::FleetApi;
@@ -299,6 +301,10 @@ pub async fn run(
         .add_service(reflection)
         .add_service(FleetServiceServer::new(fleet).max_decoding_message_size(8 << 20))
         .add_service(SteeringServiceServer::new(steering))
+        .add_service(
+            BgpServiceServer::new(BgpApi { node: node.clone() })
+                .max_decoding_message_size(MAX_RIB_BYTES.min(8 << 20)),
+        )
         .add_service(OperationsServiceServer::new(operations))
         .add_service(ClusterServiceServer::new(cluster))
         .add_service(SignalsServiceServer::new(signals))

@@ -13,6 +13,8 @@
 //! /sextant/v1/audit/seq                   the last audit sequence number
 //! /sextant/v1/audit/r/<seq:020>           one audit record (JSON)
 //! /sextant/v1/drills/<id>                 one drill and its timeline (JSON)
+//! /sextant/v1/bgp/rib/current             {meta, chunks} of the loaded RIB map
+//! /sextant/v1/bgp/rib/g/<gen:020>/<i:06>  chunk i of its binary form
 //! ```
 //!
 //! Large values (a fleet or routing table of 10,000 groups is several MB)
@@ -29,6 +31,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sextant_bgp::rib::RibMap;
 use sextant_core::drain::Drain;
 use sextant_core::routing::{Routing, RoutingMeta, RoutingTable};
 use sextant_core::{ConfigVersion, DomainPath, DrainSet, Fleet, FleetSpec};
@@ -52,6 +55,13 @@ const DRAINS: &str = "/sextant/v1/drains/";
 const ROUTING_META: &str = "/sextant/v1/routing/meta/";
 const AUDIT_RECORDS: &str = "/sextant/v1/audit/r/";
 const DRILLS: &str = "/sextant/v1/drills/";
+const RIB_CURRENT: &str = "/sextant/v1/bgp/rib/current";
+/// RIB generations kept (the current one and the one before).
+pub const KEEP_RIBS: u64 = 2;
+
+fn rib_chunks(generation: u64) -> String {
+    format!("/sextant/v1/bgp/rib/g/{generation:020}/")
+}
 
 fn fleet_chunks(generation: u64) -> String {
     format!("/sextant/v1/fleet/g/{generation:020}/")
@@ -93,6 +103,12 @@ pub enum StateError {
     },
     #[error("the store was changed by another writer (expected routing pointer at revision {expected}); re-read and retry")]
     Conflict { expected: Revision },
+    #[error("stored RIB map generation {generation} cannot be read: {source}")]
+    InvalidStoredRib {
+        generation: u64,
+        #[source]
+        source: sextant_bgp::rib::CodecError,
+    },
     #[error("cannot encode {what}: {source}")]
     Encode {
         what: &'static str,
@@ -113,6 +129,34 @@ struct RoutingPointer {
     chunks: usize,
 }
 
+/// What is known of a loaded RIB map besides its routes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RibMeta {
+    pub generation: u64,
+    /// Where the dump came from (a file name).
+    pub source: String,
+    pub loaded_at_ms: i64,
+    pub loaded_by: String,
+    pub entries: u64,
+    pub skipped: u64,
+    pub multi_origin: u64,
+    pub other_records: u64,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RibPointer {
+    meta: RibMeta,
+    chunks: usize,
+}
+
+/// A loaded RIB map and what is known of it.
+#[derive(Debug, Clone)]
+pub struct LoadedRib {
+    pub meta: RibMeta,
+    pub map: Arc<RibMap>,
+}
+
 /// Everything the control loop owns, as last committed.
 #[derive(Debug, Clone, Default)]
 pub struct State {
@@ -128,6 +172,8 @@ pub struct State {
     pub audit_seq: u64,
     /// mod_revision of the routing pointer (0: absent); the commit guard.
     pub routing_rev: Revision,
+    /// The prefix → origin ASN map, once one is loaded.
+    pub rib: Option<LoadedRib>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
@@ -238,6 +284,27 @@ pub async fn load_since(store: &dyn Store, prev: Option<&State>) -> Result<State
         };
     }
 
+    if let Some(kv) = store.get(RIB_CURRENT).await?.kvs.into_iter().next() {
+        let ptr: RibPointer = decode(RIB_CURRENT, &kv.value)?;
+        let kept = prev
+            .and_then(|p| p.rib.clone())
+            .filter(|r| r.meta.generation == ptr.meta.generation);
+        state.rib = match kept {
+            Some(r) => Some(r),
+            None => {
+                let generation = ptr.meta.generation;
+                let prefix = rib_chunks(generation);
+                let bytes = read_chunks(store, "RIB map", &prefix, ptr.chunks).await?;
+                let map = crate::blocking::heavy(|| RibMap::decode(&bytes))
+                    .map_err(|source| StateError::InvalidStoredRib { generation, source })?;
+                Some(LoadedRib {
+                    meta: ptr.meta,
+                    map: Arc::new(map),
+                })
+            }
+        };
+    }
+
     if let Some(kv) = store.get(AUDIT_SEQ).await?.kvs.into_iter().next() {
         state.audit_seq = decode(AUDIT_SEQ, &kv.value)?;
     }
@@ -305,6 +372,8 @@ pub struct Commit {
     pub table: Option<RoutingTable>,
     /// Audit records (their seq numbers must follow the state's).
     pub audit: Vec<AuditRecord>,
+    /// A new RIB map (its generation must be the next one).
+    pub rib: Option<LoadedRib>,
 }
 
 /// Writes a commit on top of `state`; returns the new pointer revision.
@@ -350,6 +419,27 @@ pub async fn commit(store: &dyn Store, state: &State, c: &Commit) -> Result<Revi
             ops.push(TxnOp::delete(routing_meta(old)));
             ops.push(TxnOp::DeletePrefix {
                 prefix: routing_chunks(old),
+            });
+        }
+    }
+    if let Some(rib) = &c.rib {
+        let generation = rib.meta.generation;
+        let prefix = rib_chunks(generation);
+        let bytes = crate::blocking::heavy(|| rib.map.encode());
+        let chunks = write_chunks(store, &prefix, &bytes).await?;
+        ops.push(TxnOp::put(
+            RIB_CURRENT,
+            encode(
+                "RIB pointer",
+                &RibPointer {
+                    meta: rib.meta.clone(),
+                    chunks,
+                },
+            )?,
+        ));
+        if generation > KEEP_RIBS {
+            ops.push(TxnOp::DeletePrefix {
+                prefix: rib_chunks(generation - KEEP_RIBS),
             });
         }
     }

@@ -157,7 +157,7 @@ pub struct State {
     pub routes: BTreeMap<String, pb::GroupRouting>,
     pub origins: BTreeMap<String, pb::OriginTarget>,
     pub upstream: Vec<pb::OriginWeight>,
-    pub asn_prefixes: BTreeMap<u32, pb::AsnPrefixes>,
+    pub asn_prefixes: BTreeMap<(u32, u32), pb::AsnPrefixes>,
 }
 
 impl State {
@@ -188,7 +188,7 @@ impl State {
             self.upstream = c.upstream.clone();
         }
         for x in &c.asn_prefixes {
-            self.asn_prefixes.insert(x.asn, x.clone());
+            self.asn_prefixes.insert((x.asn, x.part), x.clone());
         }
     }
 
@@ -212,8 +212,12 @@ impl State {
         if u.removed_upstream {
             self.upstream.clear();
         }
-        for asn in &u.removed_asns {
-            self.asn_prefixes.remove(asn);
+        for name in &u.removed_asn_prefixes {
+            if let Some((asn, part)) = name.split_once('/') {
+                if let (Ok(asn), Ok(part)) = (asn.parse(), part.parse()) {
+                    self.asn_prefixes.remove(&(asn, part));
+                }
+            }
         }
         if let Some(c) = &u.config {
             self.merge(c);

@@ -2,7 +2,9 @@
 //! plane, pushed with the generic protocol of [`crate::push`].
 //!
 //! Resources, by name: `service/<id>`, `edge/<id>`, `group/<id>`,
-//! `route/<service>/<group>` (what GeoDNS needs) and `origin/<id>`,
+//! `route/<service>/<group>`, `asn/<asn>/<part>` (the prefixes of an ASN
+//! that a group names, from the loaded BGP RIB: what GeoDNS needs) and
+//! `origin/<id>`,
 //! `upstream/<edge>` (what an edge proxy needs; a proxy only gets its own
 //! upstream). A snapshot is checked for consistency before it is published;
 //! an inconsistent one is never sent, and the alarm says why.
@@ -32,6 +34,7 @@ pub enum Resource {
     Route(pb::GroupRouting),
     Origin(pb::OriginTarget),
     Upstream(Vec<pb::OriginWeight>),
+    AsnPrefixes(pb::AsnPrefixes),
 }
 
 impl Resource {
@@ -43,6 +46,7 @@ impl Resource {
             Resource::Route(m) => m.encoded_len(),
             Resource::Origin(m) => m.encoded_len(),
             Resource::Upstream(ws) => ws.iter().map(|w| w.encoded_len() + 2).sum(),
+            Resource::AsnPrefixes(m) => m.encoded_len(),
         }
     }
 }
@@ -51,6 +55,8 @@ impl Resource {
 pub const CHUNK_TARGET_BYTES: usize = 1024 * 1024;
 /// Largest single resource: one resource must fit in one message.
 pub const MAX_RESOURCE_BYTES: usize = 3 * 1024 * 1024;
+/// Prefixes per `asn/<asn>/<part>` resource (at most 850 KB of IPv6).
+pub const ASN_PART_PREFIXES: usize = 50_000;
 /// Versions kept for deltas.
 pub const KEEP_VERSIONS: usize = 16;
 /// How long a subscriber has to say hello.
@@ -144,6 +150,21 @@ pub fn resources(snap: &Snapshot) -> Result<push::Snapshot<Resource>, Inconsiste
                 asns: g.asns.clone(),
             }),
         );
+    }
+    if let Some(rib) = &snap.rib {
+        let asns: std::collections::BTreeSet<u32> = fleet
+            .groups
+            .values()
+            .flat_map(|g| g.asns.iter().copied())
+            .collect();
+        for asn in asns {
+            for part in super::bgp::asn_parts(&rib.map, asn, ASN_PART_PREFIXES) {
+                r.insert(
+                    format!("asn/{asn}/{}", part.part),
+                    Resource::AsnPrefixes(part),
+                );
+            }
+        }
     }
     for o in fleet.origins.values() {
         r.insert(
@@ -251,6 +272,7 @@ impl View {
                     || name.starts_with("edge/")
                     || name.starts_with("group/")
                     || name.starts_with("route/")
+                    || name.starts_with("asn/")
             }
         }
     }
@@ -264,6 +286,7 @@ fn add(config: &mut pb::NodeConfig, res: &Resource) {
         Resource::Route(m) => config.routing.push(m.clone()),
         Resource::Origin(m) => config.origins.push(m.clone()),
         Resource::Upstream(ws) => config.upstream = ws.clone(),
+        Resource::AsnPrefixes(m) => config.asn_prefixes.push(m.clone()),
     }
 }
 
@@ -277,6 +300,7 @@ fn remove(update: &mut pb::ConfigUpdate, name: &str) {
         "route" => update.removed_routes.push(id),
         "origin" => update.removed_origins.push(id),
         "upstream" => update.removed_upstream = true,
+        "asn" => update.removed_asn_prefixes.push(id),
         _ => {}
     }
 }

@@ -9,6 +9,7 @@ use crate::control_loop::{Intent, LoopHandle, OpError};
 use sextant_core::diff::{RowChange, Shift};
 use sextant_core::routing::EdgeWeight;
 
+pub mod bgp;
 pub mod cluster;
 pub mod distribution;
 pub mod fleet;

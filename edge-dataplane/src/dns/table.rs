@@ -558,19 +558,64 @@ impl Tables {
             }
             groups.push(info);
         }
-        // Country and ASN groups resolve through the same tables: their
-        // prefixes come from the geo map, below explicit prefixes (an exact
-        // prefix already claimed by a group keeps its group).
+        // ASN groups resolve through the same tables: their prefixes come
+        // from the control plane's BGP RIB (pushed as `asn_prefixes`), then
+        // country and ASN groups from the local geo map, all below explicit
+        // prefixes (an exact prefix already claimed by a group keeps its
+        // group).
+        let mut by_asn: HashMap<u32, u32> = HashMap::new();
+        for (i, g) in c.groups.iter().enumerate() {
+            for a in &g.asns {
+                by_asn.entry(*a).or_insert((i + 1) as u32);
+            }
+        }
+        for p in &c.asn_prefixes {
+            let Some(&slot) = by_asn.get(&p.asn) else {
+                // Sent for a group that this config no longer has.
+                continue;
+            };
+            if p.v4.len() % 5 != 0 || p.v6.len() % 17 != 0 {
+                problems.add(format!(
+                    "prefixes of AS{} part {}: {} IPv4 and {} IPv6 bytes are not whole prefixes",
+                    p.asn,
+                    p.part,
+                    p.v4.len(),
+                    p.v6.len()
+                ));
+                continue;
+            }
+            let v4_nets = p.v4.chunks_exact(5).map(|e| {
+                let a = std::net::Ipv4Addr::new(e[0], e[1], e[2], e[3]);
+                ipnet::Ipv4Net::new(a, e[4]).map(IpNet::V4)
+            });
+            let v6_nets = p.v6.chunks_exact(17).map(|e| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&e[..16]);
+                ipnet::Ipv6Net::new(a.into(), e[16]).map(IpNet::V6)
+            });
+            for net in v4_nets.chain(v6_nets) {
+                let Ok(net) = net else {
+                    problems.add(format!(
+                        "prefixes of AS{}: a prefix length out of range",
+                        p.asn
+                    ));
+                    break;
+                };
+                let net = net.trunc();
+                if owner.contains_key(&net) {
+                    continue;
+                }
+                owner.insert(net, slot);
+                push_prefix(&mut v4, &mut v6, net, slot);
+                groups[slot as usize - 1].push(net);
+            }
+        }
         if let Some(geo) = geo {
             let mut by_country: HashMap<&str, u32> = HashMap::new();
-            let mut by_asn: HashMap<u32, u32> = HashMap::new();
             for (i, g) in c.groups.iter().enumerate() {
                 let slot = (i + 1) as u32;
                 for cc in &g.countries {
                     by_country.entry(cc.as_str()).or_insert(slot);
-                }
-                for a in &g.asns {
-                    by_asn.entry(*a).or_insert(slot);
                 }
             }
             for entry in geo.entries() {

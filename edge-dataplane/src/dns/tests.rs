@@ -418,3 +418,64 @@ fn country_and_asn_groups_resolve_through_the_geo_map() {
     let (slot, _) = t.classify(ip("2001:db8:99::1"));
     assert_eq!(t.group_id(slot), "de");
 }
+
+#[test]
+fn asn_groups_resolve_through_the_pushed_rib_prefixes() {
+    let mut c = fixture();
+    c.groups[1].countries = vec!["DE".into()];
+    c.groups[4].asns = vec![64501];
+    c.groups[1].asns = vec![64502];
+    c.asn_prefixes = vec![
+        pb::AsnPrefixes {
+            asn: 64501,
+            part: 0,
+            v4: vec![198, 51, 100, 0, 24, 203, 0, 113, 0, 24].into(),
+            v6: Default::default(),
+        },
+        pb::AsnPrefixes {
+            asn: 64502,
+            part: 0,
+            // Explicit group prefixes win over RIB prefixes.
+            v4: vec![10, 1, 0, 0, 16].into(),
+            v6: [
+                0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 48,
+            ]
+            .to_vec()
+            .into(),
+        },
+        // An ASN no group names is ignored.
+        pb::AsnPrefixes {
+            asn: 1,
+            part: 0,
+            v4: vec![192, 0, 2, 0, 24].into(),
+            v6: Default::default(),
+        },
+    ];
+    // The RIB wins over the geo map for the same prefix.
+    let geo = super::geo::GeoMap::parse("198.51.100.0/24,DE,\n").expect("geo map");
+    let t = Tables::build(1, &c, Some(&geo)).expect("builds");
+    assert_eq!(
+        steered_edges(&t, "www.example.com", 1, "198.51.100.1"),
+        (vec!["ams1".into()], 24)
+    );
+    assert_eq!(
+        steered_edges(&t, "www.example.com", 1, "203.0.113.9").0,
+        ["ams1"]
+    );
+    assert_eq!(
+        steered_edges(&t, "www.example.com", 1, "10.1.0.1").0,
+        ["ams1"]
+    );
+    let (slot, _) = t.classify(ip("2001:db8:77::1"));
+    assert_eq!(t.group_id(slot), "de");
+    let (slot, _) = t.classify(ip("192.0.2.1"));
+    assert_ne!(t.group_id(slot), "de");
+
+    // Bytes that are not whole prefixes are refused, naming the ASN.
+    c.asn_prefixes[0].v4 = vec![198, 51, 100, 0].into();
+    let err = Tables::build(2, &c, None).expect_err("bad prefixes");
+    assert!(err.contains("AS64501 part 0"), "{err}");
+    c.asn_prefixes[0].v4 = vec![198, 51, 100, 0, 40].into();
+    let err = Tables::build(3, &c, None).expect_err("bad length");
+    assert!(err.contains("AS64501"), "{err}");
+}
