@@ -108,25 +108,72 @@ impl Lpm {
     /// `prefixes`: (left-aligned address, length, slot ≥ 1). The caller
     /// guarantees no duplicate (address, length) pairs, host bits zero,
     /// lengths ≤ width and slots ≤ [`MAX_SLOT`].
+    ///
+    /// Built one root entry at a time: the child tables below a root entry
+    /// are built uncompressed, given their scopes and compressed before the
+    /// next root entry's, so the peak memory of a build is the compressed
+    /// result plus the largest subtree (with a million scattered IPv6
+    /// prefixes, building every uncompressed table at once took 0.6 GB).
+    /// The subtrees are built twice: once to learn whether each is one
+    /// group throughout (the root entries' scopes depend on that), then for
+    /// good.
     fn build(width: u32, prefixes: &[(u128, u8, u32)]) -> Self {
         let mut sorted: Vec<(u128, u8, u32)> = prefixes.to_vec();
-        sorted.sort_by_key(|p| p.1);
-        let mut b = Build {
-            root_bits: ROOT_BITS,
-            child_bits: CHILD_BITS,
-            root: vec![0; 1 << ROOT_BITS],
-            nodes: Vec::new(),
-        };
-        for &(key, len, slot) in &sorted {
-            b.insert(key, u32::from(len), slot);
-        }
-        drop(sorted);
-        let (mut root, nodes) = b.finish();
-        let mut packed = Vec::new();
-        for e in root.iter_mut() {
-            if *e & NODE != 0 {
-                *e = compress(&nodes, (*e & !NODE) as usize, &mut packed);
+        // Short prefixes first, by length; then the rest by root entry and
+        // length (a longer prefix is inserted after those around it).
+        sorted.sort_unstable_by_key(|&(key, len, _)| {
+            if u32::from(len) <= ROOT_BITS {
+                (0u8, 0u32, len, key)
+            } else {
+                (1, (key >> (128 - ROOT_BITS)) as u32, len, key)
             }
+        });
+        let split = sorted.partition_point(|p| u32::from(p.1) <= ROOT_BITS);
+        let mut root = vec![0u32; 1 << ROOT_BITS];
+        for &(key, len, slot) in &sorted[..split] {
+            let at = (key >> (128 - ROOT_BITS)) as usize;
+            let n = 1usize << (ROOT_BITS - u32::from(len));
+            root[at..at + n].fill(leaf(slot, 0));
+        }
+        let long = &sorted[split..];
+        let mut buckets: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut i = 0;
+        while i < long.len() {
+            let r = (long[i].0 >> (128 - ROOT_BITS)) as usize;
+            let mut j = i + 1;
+            while j < long.len() && (long[j].0 >> (128 - ROOT_BITS)) as usize == r {
+                j += 1;
+            }
+            buckets.push((r, i..j));
+            i = j;
+        }
+        // Pass 1: is each subtree one group throughout?
+        let mut uniform = Vec::with_capacity(buckets.len());
+        let mut fills = Vec::with_capacity(buckets.len());
+        for (b, (r, range)) in buckets.iter().enumerate() {
+            let sub = Subtree::build(root[*r], &long[range.clone()]);
+            uniform.push(sub.uniform[0]);
+            fills.push(root[*r]);
+            root[*r] = NODE | b as u32;
+        }
+        // The root entries' scopes.
+        let slots: Vec<u32> = root.iter().map(|&e| entry_slot(e, &uniform)).collect();
+        let scopes = scopes(&slots, 0, ROOT_BITS, 0);
+        for (e, &scope) in root.iter_mut().zip(&scopes) {
+            if *e & NODE == 0 {
+                *e = leaf(*e >> 8, scope);
+            }
+        }
+        // Pass 2: each mixed subtree, with its scopes, compressed.
+        let mut packed = Vec::new();
+        for (b, (r, range)) in buckets.iter().enumerate() {
+            if uniform[b] != MIXED {
+                root[*r] = leaf(uniform[b], scopes[*r]);
+                continue;
+            }
+            let mut sub = Subtree::build(fills[b], &long[range.clone()]);
+            sub.scope(0, ROOT_BITS, scopes[*r]);
+            root[*r] = compress(&sub.nodes, 0, &mut packed);
         }
         Self {
             width,
@@ -142,67 +189,35 @@ impl Lpm {
     }
 }
 
-struct Build {
-    root_bits: u32,
-    child_bits: u32,
-    /// Entries hold `slot << 8` (scope filled in by `finish`) or NODE|index.
-    root: Vec<u32>,
+/// The uncompressed child tables below one root entry, while building.
+struct Subtree {
+    /// Tables of 2^CHILD_BITS entries; table 0 is the one the root entry
+    /// points to. Entries hold `slot << 8` (scope filled in by `scope`) or
+    /// NODE | table index.
     nodes: Vec<u32>,
+    /// Per table: its one slot, or MIXED.
+    uniform: Vec<u32>,
 }
 
-impl Build {
-    fn new_node(&mut self, fill: u32) -> u32 {
-        let index = (self.nodes.len() >> self.child_bits) as u32;
-        self.nodes
-            .extend(std::iter::repeat_n(fill, 1 << self.child_bits));
-        NODE | index
-    }
-
-    /// Inserts in order of increasing length, so that a longer prefix always
-    /// overrides the shorter ones around it.
-    fn insert(&mut self, key: u128, len: u32, slot: u32) {
-        let value = leaf(slot, 0);
-        let rb = self.root_bits;
-        let ridx = (key >> (128 - rb)) as usize;
-        if len <= rb {
-            let n = 1usize << (rb - len);
-            self.root[ridx..ridx + n].fill(value);
-            return;
+impl Subtree {
+    /// The subtree of `prefixes` (all longer than the root bits, under one
+    /// root entry, by increasing length) over `fill`, the root entry's
+    /// value before them.
+    fn build(fill: u32, prefixes: &[(u128, u8, u32)]) -> Self {
+        let mut t = Self {
+            nodes: Vec::new(),
+            uniform: Vec::new(),
+        };
+        t.new_node(fill);
+        for &(key, len, slot) in prefixes {
+            t.insert(key, u32::from(len), slot);
         }
-        if self.root[ridx] & NODE == 0 {
-            let fill = self.root[ridx];
-            self.root[ridx] = self.new_node(fill);
-        }
-        let mut node = self.root[ridx] & !NODE;
-        let mut depth = rb;
-        let cb = self.child_bits;
-        loop {
-            let base = (node as usize) << cb;
-            let idx = ((key << depth) >> (128 - cb)) as usize;
-            if len <= depth + cb {
-                let n = 1usize << (depth + cb - len);
-                self.nodes[base + idx..base + idx + n].fill(value);
-                return;
-            }
-            if self.nodes[base + idx] & NODE == 0 {
-                let fill = self.nodes[base + idx];
-                let child = self.new_node(fill);
-                self.nodes[base + idx] = child;
-            }
-            node = self.nodes[base + idx] & !NODE;
-            depth += cb;
-        }
-    }
-
-    /// Computes every leaf's scope and collapses uniform child tables.
-    fn finish(mut self) -> (Vec<u32>, Vec<u32>) {
-        let cb = self.child_bits;
-        let count = self.nodes.len() >> cb;
         // Children always have a larger index than their parent: walk
         // backwards to know each table's uniform slot (or MIXED).
+        let count = t.nodes.len() >> CHILD_BITS;
         let mut uniform = vec![MIXED; count];
         for n in (0..count).rev() {
-            let entries = &self.nodes[n << cb..(n + 1) << cb];
+            let entries = &t.nodes[n << CHILD_BITS..(n + 1) << CHILD_BITS];
             let first = entry_slot(entries[0], &uniform);
             uniform[n] =
                 if first != MIXED && entries.iter().all(|&e| entry_slot(e, &uniform) == first) {
@@ -211,9 +226,66 @@ impl Build {
                     MIXED
                 };
         }
-        let mut root = std::mem::take(&mut self.root);
-        scope_table(&mut root, 0, self.root_bits, 0, &uniform, &mut self);
-        (root, self.nodes)
+        t.uniform = uniform;
+        t
+    }
+
+    fn new_node(&mut self, fill: u32) -> u32 {
+        let index = (self.nodes.len() >> CHILD_BITS) as u32;
+        self.nodes
+            .extend(std::iter::repeat_n(fill, 1 << CHILD_BITS));
+        NODE | index
+    }
+
+    /// Inserts in order of increasing length, so that a longer prefix always
+    /// overrides the shorter ones around it.
+    fn insert(&mut self, key: u128, len: u32, slot: u32) {
+        let value = leaf(slot, 0);
+        let mut node = 0usize;
+        let mut depth = ROOT_BITS;
+        loop {
+            let base = node << CHILD_BITS;
+            let idx = ((key << depth) >> (128 - CHILD_BITS)) as usize;
+            if len <= depth + CHILD_BITS {
+                let n = 1usize << (depth + CHILD_BITS - len);
+                self.nodes[base + idx..base + idx + n].fill(value);
+                return;
+            }
+            if self.nodes[base + idx] & NODE == 0 {
+                let fill = self.nodes[base + idx];
+                let child = self.new_node(fill);
+                self.nodes[base + idx] = child;
+            }
+            node = (self.nodes[base + idx] & !NODE) as usize;
+            depth += CHILD_BITS;
+        }
+    }
+
+    /// Fills the scopes of table `node` at `depth` (and of its mixed
+    /// children) and collapses uniform children into leaves. `outer` is the
+    /// scope the parent found for the block this table covers.
+    fn scope(&mut self, node: usize, depth: u32, outer: u8) {
+        let range = node << CHILD_BITS..(node + 1) << CHILD_BITS;
+        let slots: Vec<u32> = self.nodes[range.clone()]
+            .iter()
+            .map(|&e| entry_slot(e, &self.uniform))
+            .collect();
+        let scopes = scopes(&slots, depth, CHILD_BITS, outer);
+        for (i, &scope) in scopes.iter().enumerate() {
+            let e = self.nodes[range.start + i];
+            if e & NODE != 0 {
+                let child = (e & !NODE) as usize;
+                let slot = self.uniform[child];
+                if slot != MIXED {
+                    // One group throughout: a leaf is enough.
+                    self.nodes[range.start + i] = leaf(slot, scope);
+                } else {
+                    self.scope(child, depth + CHILD_BITS, scope);
+                }
+            } else {
+                self.nodes[range.start + i] = leaf(e >> 8, scope);
+            }
+        }
     }
 }
 
@@ -259,61 +331,39 @@ fn entry_slot(e: u32, uniform: &[u32]) -> u32 {
     }
 }
 
-/// Fills the scopes of one table at `depth` with `bits` entries. `outer` is
-/// the scope the parent found for the block this table covers (used when
-/// the whole table is one group).
-fn scope_table(
-    entries: &mut [u32],
-    depth: u32,
-    bits: u32,
-    outer: u8,
-    uniform: &[u32],
-    b: &mut Build,
-) {
+/// The scope of each entry of a table at `depth` with `bits` bits of
+/// entries, from each entry's uniform slot (MIXED for a mixed child
+/// table). `outer` is the scope the parent found for the block this table
+/// covers (used when the whole table is one group).
+fn scopes(slots: &[u32], depth: u32, bits: u32, outer: u8) -> Vec<u8> {
     // levels[k] has 2^k values: the uniform slot of each aligned block of
     // depth + k bits (MIXED when not uniform).
     let mut levels: Vec<Vec<u32>> = Vec::with_capacity(bits as usize + 1);
     levels.resize_with(bits as usize + 1, Vec::new);
-    levels[bits as usize] = entries.iter().map(|&e| entry_slot(e, uniform)).collect();
+    levels[bits as usize] = slots.to_vec();
     for k in (0..bits as usize).rev() {
-        let below = &levels[k + 1];
-        let this: Vec<u32> = below
+        let this: Vec<u32> = levels[k + 1]
             .chunks_exact(2)
             .map(|p| if p[0] == p[1] { p[0] } else { MIXED })
             .collect();
         levels[k] = this;
     }
-    for (i, e) in entries.iter_mut().enumerate() {
-        // The smallest k whose block around entry i is uniform.
-        let mut scope = None;
-        for (k, level) in levels.iter().enumerate() {
-            if level[i >> (bits as usize - k)] != MIXED {
-                scope = Some(k as u32);
-                break;
+    (0..slots.len())
+        .map(|i| {
+            // The smallest k whose block around entry i is uniform.
+            let k = levels
+                .iter()
+                .enumerate()
+                .find(|(k, level)| level[i >> (bits as usize - k)] != MIXED)
+                .map(|(k, _)| k as u32);
+            match k {
+                Some(0) if depth > 0 => outer,
+                Some(k) => (depth + k) as u8,
+                // The entry itself is a mixed child table.
+                None => (depth + bits) as u8,
             }
-        }
-        let scope = match scope {
-            Some(0) if depth > 0 => outer,
-            Some(k) => (depth + k) as u8,
-            // The entry itself is a mixed child table.
-            None => (depth + bits) as u8,
-        };
-        if *e & NODE != 0 {
-            let child = (*e & !NODE) as usize;
-            let slot = uniform[child];
-            if slot != MIXED {
-                // One group throughout: a leaf is enough.
-                *e = leaf(slot, scope);
-                continue;
-            }
-            let cb = b.child_bits;
-            let mut table = b.nodes[child << cb..(child + 1) << cb].to_vec();
-            scope_table(&mut table, depth + bits, cb, scope, uniform, b);
-            b.nodes[child << cb..(child + 1) << cb].copy_from_slice(&table);
-        } else {
-            *e = leaf(*e >> 8, scope);
-        }
-    }
+        })
+        .collect()
 }
 
 #[cfg(test)]
