@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bird;
 pub mod fleets;
 pub mod origin;
 

@@ -433,3 +433,40 @@ fn a_stepped_drain_completes_across_leader_kills() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_rib_loaded_through_a_follower_reaches_every_replica() -> Result<()> {
+    let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir()?;
+    let fleet = sextant_tests::example_fleet();
+    let a = replica(dir.path(), &endpoint, "cp-a", Some(&fleet))?;
+    let b = replica(dir.path(), &endpoint, "cp-b", Some(&fleet))?;
+    let (ca, cb) = (a.ctl(), b.ctl());
+    let leader = eventually(Duration::from_secs(15), "a leader", || {
+        let (l, v) = leader_of(&ca).ok()?;
+        (v >= 1 && leader_of(&cb).ok()?.0 == l).then_some(l)
+    })?;
+    let (follower, other) = if leader == "cp-a" { (&cb, &ca) } else { (&ca, &cb) };
+
+    // The example fleet's group nl names AS64501, gb AS64502.
+    let routes = [("198.51.100.0/24", 64501), ("203.0.113.0/24", 64502)];
+    let bird_dir = dir.path().join("bird");
+    std::fs::create_dir_all(&bird_dir)?;
+    let bird = sextant_tests::bird::Bird::start(&bird_dir, &routes)?;
+    let rib = dir.path().join("rib.mrt");
+    bird.dump(&rib, routes.len())?;
+    let loaded = follower.json(["bgp", "load-rib", rib.to_str().context("path")?])?;
+    ensure!(loaded["rib"]["generation"] == 1, "{loaded}");
+    let digest = loaded["rib"]["digest"].clone();
+    // Both replicas read the map from etcd.
+    for ctl in [follower, other] {
+        eventually(Duration::from_secs(10), "the map on the replica", || {
+            let shown = ctl.json(["bgp", "show"]).ok()?;
+            (shown["digest"] == digest).then_some(())
+        })?;
+        let found = ctl.json(["bgp", "lookup", "203.0.113.9"])?;
+        ensure!(found["origin_asn"] == 64502 && found["group"] == "gb", "{found}");
+    }
+    Ok(())
+}
