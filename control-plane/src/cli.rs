@@ -839,18 +839,42 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
             if json {
                 Value::Array(groups.iter().map(|g| json!({
                     "id": g.id, "prefixes": g.prefixes, "countries": g.countries, "asns": g.asns,
+                    "rib_prefixes": g.rib_prefixes,
                     "demand_rps": sorted(&g.demand_rps).into_iter()
                         .map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
                     "candidate_latency_ms": sorted(&g.candidate_latency_ms).into_iter()
                         .map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
                 })).collect()).to_string()
             } else {
-                let mut t = Table::new(["GROUP", "PREFIXES", "COUNTRIES", "DEMAND", "CANDIDATES"]);
+                let mut t = Table::new([
+                    "GROUP",
+                    "PREFIXES",
+                    "COUNTRIES",
+                    "ASNS",
+                    "DEMAND",
+                    "CANDIDATES",
+                ]);
                 for g in &groups {
+                    let asns = match g.asns.len() {
+                        0 => String::new(),
+                        1..=3 => g
+                            .asns
+                            .iter()
+                            .map(|a| format!("AS{a}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        n => format!("{n} ASNs"),
+                    };
+                    let asns = if g.asns.is_empty() {
+                        asns
+                    } else {
+                        format!("{asns} ({} RIB prefixes)", g.rib_prefixes)
+                    };
                     t.row([
                         g.id.clone(),
                         g.prefixes.join(","),
                         g.countries.join(","),
+                        asns,
                         sorted(&g.demand_rps)
                             .iter()
                             .map(|(s, d)| format!("{s}={d:.0}"))

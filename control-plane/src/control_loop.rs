@@ -248,6 +248,8 @@ pub struct NewRib {
     pub stats: sextant_bgp::rib::RibStats,
     /// Where the dump came from.
     pub source: String,
+    /// The digest of the dump's bytes.
+    pub dump_digest: String,
 }
 
 /// A handle to the running loop.
@@ -978,6 +980,7 @@ impl Loop {
             multi_origin: s.multi_origin,
             other_records: s.other_records,
             digest: digest.clone(),
+            dump_digest: rib.dump_digest.clone(),
         };
         let details = vec![
             format!("source={}", rib.source),

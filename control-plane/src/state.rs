@@ -142,6 +142,10 @@ pub struct RibMeta {
     pub multi_origin: u64,
     pub other_records: u64,
     pub digest: String,
+    /// A digest of the dump's bytes: loading the same file again is
+    /// answered without decoding it.
+    #[serde(default)]
+    pub dump_digest: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

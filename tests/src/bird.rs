@@ -128,4 +128,3 @@ impl Bird {
         Ok(std::fs::read(file)?)
     }
 }
-

@@ -147,6 +147,17 @@ fn rib_dumps_from_bird_steer_asn_groups() -> Result<()> {
     let full = dns.dig(&["www.example.com", "A", "+subnet=10.11.1.0/24"])?;
     assert!(full.contains("CLIENT-SUBNET: 10.11.1.0/24/16"), "{full}");
 
+    let groups = ctl.json(["get", "groups"])?;
+    let isp_a = groups
+        .as_array()
+        .context("groups")?
+        .iter()
+        .find(|g| g["id"] == "isp-a")
+        .context("isp-a")?;
+    assert_eq!(isp_a["rib_prefixes"], 2, "{isp_a}");
+    let table = ctl.run(["get", "groups"])?.ok()?.stdout;
+    assert!(table.contains("AS64500 (2 RIB prefixes)"), "{table}");
+
     let found = ctl.json(["bgp", "lookup", "10.12.3.4"])?;
     assert_eq!(found["prefix"], "10.12.0.0/16");
     assert_eq!(found["origin_asn"], 64501);

@@ -447,7 +447,11 @@ fn a_rib_loaded_through_a_follower_reaches_every_replica() -> Result<()> {
         let (l, v) = leader_of(&ca).ok()?;
         (v >= 1 && leader_of(&cb).ok()?.0 == l).then_some(l)
     })?;
-    let (follower, other) = if leader == "cp-a" { (&cb, &ca) } else { (&ca, &cb) };
+    let (follower, other) = if leader == "cp-a" {
+        (&cb, &ca)
+    } else {
+        (&ca, &cb)
+    };
 
     // The example fleet's group nl names AS64501, gb AS64502.
     let routes = [("198.51.100.0/24", 64501), ("203.0.113.0/24", 64502)];
@@ -466,7 +470,10 @@ fn a_rib_loaded_through_a_follower_reaches_every_replica() -> Result<()> {
             (shown["digest"] == digest).then_some(())
         })?;
         let found = ctl.json(["bgp", "lookup", "203.0.113.9"])?;
-        ensure!(found["origin_asn"] == 64502 && found["group"] == "gb", "{found}");
+        ensure!(
+            found["origin_asn"] == 64502 && found["group"] == "gb",
+            "{found}"
+        );
     }
     Ok(())
 }

@@ -370,16 +370,22 @@ impl RibMap {
         Self::build(v4, v6).map_err(|_| bad(8, "more prefixes than a table holds"))
     }
 
-    /// A digest of the map (FNV-1a, 64 bits, of its binary form), in hex:
-    /// equal maps have equal digests. Not a security hash.
+    /// A digest of the map (of its binary form): equal maps have equal
+    /// digests.
     pub fn digest(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.encode() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        format!("{h:016x}")
+        digest(&self.encode())
     }
+}
+
+/// FNV-1a, 64 bits, in hex: to tell dumps and maps apart, not a security
+/// hash.
+pub fn digest(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// Origin votes of one prefix, from its RIB entries.

@@ -90,6 +90,7 @@ pub(super) async fn run(
                 source,
                 actor,
                 reason,
+                total_bytes: data.len() as u64,
                 ..pb::LoadRibRequest::default()
             });
             let mut messages: Vec<pb::LoadRibRequest> = data

@@ -90,6 +90,11 @@ async fn collect(
     let mut first: Option<pb::LoadRibRequest> = None;
     let mut data = BytesMut::new();
     while let Some(mut msg) = stream.message().await? {
+        if first.is_none() {
+            // Allocate once when the client says how much comes.
+            let total = usize::try_from(msg.total_bytes).unwrap_or(usize::MAX);
+            data.reserve(total.min(128 << 20));
+        }
         if data.len() + msg.data.len() > MAX_RIB_BYTES {
             return Err(Status::invalid_argument(format!(
                 "data: the dump is larger than the {} MiB limit",
@@ -145,6 +150,22 @@ impl BgpService for BgpApi {
             req.source
         };
         let size = data.len();
+        let dump_digest = crate::blocking::heavy(|| sextant_bgp::rib::digest(&data));
+        let snap = self.node.snapshot();
+        if let Some(current) = snap
+            .rib
+            .as_ref()
+            .filter(|r| r.meta.dump_digest == dump_digest)
+        {
+            // The same file again: nothing to decode, nothing changes.
+            let version = snap.version();
+            return Ok(Response::new(pb::LoadRibResponse {
+                rib: Some(rib_info(current, snap.fleet.as_deref())),
+                routing_version_before: version,
+                routing_version_after: version,
+                changed: false,
+            }));
+        }
         let (map, stats) = tokio::task::spawn_blocking(move || decode_mrt(data))
             .await
             .map_err(|e| Status::internal(format!("the RIB decoder failed: {e}")))?
@@ -166,6 +187,7 @@ impl BgpService for BgpApi {
                     map: map.clone(),
                     stats,
                     source,
+                    dump_digest,
                 },
                 intent,
             )

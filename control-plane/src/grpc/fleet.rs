@@ -353,6 +353,9 @@ impl FleetService for FleetApi {
                     .iter()
                     .map(|c| (c.edge.to_string(), c.latency_ms))
                     .collect(),
+                rib_prefixes: snap.rib.as_ref().map_or(0, |r| {
+                    g.asns.iter().map(|&a| r.map.count_of(a) as u64).sum()
+                }),
             })
             .collect();
         Ok(Response::new(pb::ListGroupsResponse {

@@ -229,3 +229,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_synthetic_full_table_shape_decodes_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("synth.mrt");
+    let spec = crate::synth::Spec {
+        v4: 3000,
+        v6: 400,
+        peers: 3,
+        origins: 50,
+    };
+    let (v4, size) = crate::synth::write(&path, &spec).expect("written");
+    let data = std::fs::read(&path).expect("read");
+    assert_eq!(data.len() as u64, size);
+    let (map, stats) = decode_mrt(data.into()).expect("decodes");
+    assert_eq!((map.v4_len(), map.v6_len()), (3000, 400));
+    assert_eq!(stats.entries, 3400 * 3);
+    assert_eq!(stats.skipped, 0);
+    assert!(map.origins() <= 50);
+    for (a, l) in v4 {
+        let hit = map
+            .lookup(IpAddr::V4(a.into()))
+            .expect("every prefix is in the map");
+        assert!(hit.prefix.prefix_len() >= l);
+    }
+}
