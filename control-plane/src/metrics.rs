@@ -41,6 +41,9 @@ pub struct Metrics {
     failover_held: Gauge,
     failover_removed: Gauge<f64, AtomicU64>,
     edge_health: Family<Labels, Gauge>,
+    rib_generation: Gauge,
+    rib_prefixes: Family<Labels, Gauge>,
+    rib_loaded_at: Gauge,
 }
 
 impl Metrics {
@@ -62,6 +65,9 @@ impl Metrics {
             failover_held: Gauge::default(),
             failover_removed: Gauge::default(),
             edge_health: Family::default(),
+            rib_generation: Gauge::default(),
+            rib_prefixes: Family::default(),
+            rib_loaded_at: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("sextant");
         r.register(
@@ -75,6 +81,21 @@ impl Metrics {
             m.fleet_generation.clone(),
         );
         r.register("drains_active", "Active drains", m.drains_active.clone());
+        r.register(
+            "bgp_rib_generation",
+            "Generation of the loaded BGP RIB map (0: none)",
+            m.rib_generation.clone(),
+        );
+        r.register(
+            "bgp_rib_prefixes",
+            "Prefixes of the loaded BGP RIB map, by family",
+            m.rib_prefixes.clone(),
+        );
+        r.register(
+            "bgp_rib_loaded_at_seconds",
+            "When the loaded BGP RIB map was loaded (unix seconds; watch its age)",
+            m.rib_loaded_at.clone(),
+        );
         r.register(
             "routing_unserved_rows",
             "(service, group) rows with unserved demand",
@@ -170,6 +191,16 @@ impl Metrics {
             .set(i64::try_from(snap.fleet_generation).unwrap_or(i64::MAX));
         self.drains_active
             .set(i64::try_from(snap.drains.len()).unwrap_or(i64::MAX));
+        if let Some(rib) = &snap.rib {
+            self.rib_generation
+                .set(i64::try_from(rib.meta.generation).unwrap_or(i64::MAX));
+            self.rib_loaded_at.set(rib.meta.loaded_at_ms / 1000);
+            for (family, n) in [("ipv4", rib.map.v4_len()), ("ipv6", rib.map.v6_len())] {
+                self.rib_prefixes
+                    .get_or_create(&vec![("family".to_owned(), family.to_owned())])
+                    .set(n as i64);
+            }
+        }
         let f = &snap.failover;
         for (fam, counts) in [
             (

@@ -109,7 +109,11 @@ fn rib_dumps_from_bird_steer_asn_groups() -> Result<()> {
     let rib = dir.path().join("rib-1.mrt");
     let bytes = bird.dump(&rib, FIRST.len())?;
 
-    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet))?;
+    let cp = ControlPlane::start_with(
+        &dir.path().join("cp"),
+        Some(&fleet),
+        &["--metrics", "127.0.0.1:0"],
+    )?;
     let ctl = cp.ctl();
     let dns = DnsServer::start(&cp.url(), "dns-1", &dir.path().join("dns"))?;
     wait_serving(&dns, version(&ctl)?)?;
@@ -157,6 +161,14 @@ fn rib_dumps_from_bird_steer_asn_groups() -> Result<()> {
     assert_eq!(isp_a["rib_prefixes"], 2, "{isp_a}");
     let table = ctl.run(["get", "groups"])?.ok()?.stdout;
     assert!(table.contains("AS64500 (2 RIB prefixes)"), "{table}");
+
+    let metrics = cp.logged_addr("metrics")?;
+    let (_, body) = sextant_tests::http_get(metrics, "/metrics")?;
+    assert!(body.contains("sextant_bgp_rib_generation 1"), "{body}");
+    assert!(
+        body.contains("sextant_bgp_rib_prefixes{family=\"ipv4\"} 3"),
+        "{body}"
+    );
 
     let found = ctl.json(["bgp", "lookup", "10.12.3.4"])?;
     assert_eq!(found["prefix"], "10.12.0.0/16");
