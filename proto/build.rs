@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "sextant/v1/distribution.proto",
     "sextant/v1/cluster.proto",
     "sextant/v1/bgp.proto",
+    "sextant/v1/tokens.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -14,9 +14,40 @@ use sextant_proto::v1::cluster_service_client::ClusterServiceClient;
 use sextant_proto::v1::fleet_service_client::FleetServiceClient;
 use sextant_proto::v1::operations_service_client::OperationsServiceClient;
 use sextant_proto::v1::steering_service_client::SteeringServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc::split_document;
+
+mod token;
+
+/// A connection to the control plane that presents the bearer token, if
+/// one is given, on every call.
+pub(crate) type Conn = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl std::fmt::Debug for Bearer {
+    // Never print the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(..)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 mod bgp;
 use crate::timefmt::{parse_duration_ms, rfc3339};
@@ -40,6 +71,10 @@ pub struct Cli {
     /// Who you are, for the audit log (default: $USER).
     #[arg(long = "as", global = true, env = "SEXTANT_AS")]
     pub actor: Option<String>,
+    /// Bearer token (`sxt_...`) from `sextantctl token create`; prefer the
+    /// environment variable to keep it out of shell history.
+    #[arg(long, global = true, env = "SEXTANT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Give up on a call after this many seconds.
     #[arg(long, global = true, env = "SEXTANT_TIMEOUT", default_value_t = 30)]
     pub timeout: u64,
@@ -184,6 +219,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: bgp::BgpCmd,
     },
+    /// Bearer tokens for operators and tools (admins only).
+    Token {
+        #[command(subcommand)]
+        cmd: token::TokenCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -284,7 +324,7 @@ impl From<tonic::Status> for CliError {
 
 /// Runs one CLI command, printing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let channel = connect(&cli.server, cli.timeout).await?;
+    let channel = connect(&cli.server, cli.timeout, cli.token.as_deref()).await?;
     let actor = Some(pb::Actor {
         name: cli
             .actor
@@ -538,6 +578,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             show_status(&r, json)
         }
         Command::Bgp { cmd } => bgp::run(channel, cmd, actor, json).await?,
+        Command::Token { cmd } => token::run(channel, cmd, json).await?,
         Command::Versions => {
             let r = SteeringServiceClient::new(channel)
                 .list_versions(pb::ListVersionsRequest {})
@@ -582,12 +623,20 @@ fn print_out(out: &str) -> Result<(), CliError> {
     }
 }
 
-async fn connect(server: &str, timeout: u64) -> Result<Channel, CliError> {
+async fn connect(server: &str, timeout: u64, token: Option<&str>) -> Result<Conn, CliError> {
     let err = |reason: String| CliError::Connect {
         server: server.to_owned(),
         reason,
     };
-    Endpoint::from_shared(server.to_owned())
+    let bearer = match token.map(str::trim).filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+            CliError::Usage(
+                "--token / SEXTANT_TOKEN: not a valid token (printable ASCII only)".into(),
+            )
+        })?),
+    };
+    let channel = Endpoint::from_shared(server.to_owned())
         .map_err(|e| err(format!("bad address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(timeout.max(1)))
@@ -601,7 +650,8 @@ async fn connect(server: &str, timeout: u64) -> Result<Channel, CliError> {
                 source = s.source();
             }
             err(reason)
-        })
+        })?;
+    Ok(InterceptedService::new(channel, Bearer(bearer)))
 }
 
 fn read(path: &PathBuf) -> Result<String, CliError> {
@@ -664,7 +714,7 @@ where
     }
 }
 
-async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliError> {
+async fn get(channel: Conn, what: GetWhat, json: bool) -> Result<String, CliError> {
     let mut fleet = FleetServiceClient::new(channel.clone());
     Ok(match what {
         GetWhat::Edges => {
@@ -940,7 +990,7 @@ async fn get(channel: Channel, what: GetWhat, json: bool) -> Result<String, CliE
 }
 
 async fn routes(
-    channel: Channel,
+    channel: Conn,
     service: String,
     group: String,
     version: u64,
@@ -1195,7 +1245,7 @@ fn acks(e: &pb::DrainEvent) -> String {
 
 /// Streams drain events, one line each, until `until` holds.
 async fn follow_drains(
-    mut ops: OperationsServiceClient<Channel>,
+    mut ops: OperationsServiceClient<Conn>,
     domain: &str,
     until: Until,
     json: bool,
@@ -1261,7 +1311,7 @@ async fn follow_drains(
 }
 
 async fn drill(
-    channel: Channel,
+    channel: Conn,
     cmd: DrillCmd,
     actor: Option<pb::Actor>,
     json: bool,

@@ -239,6 +239,13 @@ pub enum Command {
         intent: Intent,
         reply: Reply,
     },
+    /// Stores a created or revoked token, with its audit record.
+    PutToken {
+        token: crate::auth::StoredToken,
+        action: &'static str,
+        intent: Intent,
+        reply: Reply,
+    },
 }
 
 /// A RIB map decoded from a dump, for [`LoopHandle::load_rib`].
@@ -275,6 +282,23 @@ impl LoopHandle {
     pub async fn load_rib(&self, rib: NewRib, intent: Intent) -> Result<Outcome, OpError> {
         self.call(|reply| Command::LoadRib { rib, intent, reply })
             .await
+    }
+
+    /// Stores a token (`action`: `token.create` or `token.revoke`) and its
+    /// audit record; routing does not change.
+    pub async fn put_token(
+        &self,
+        token: crate::auth::StoredToken,
+        action: &'static str,
+        intent: Intent,
+    ) -> Result<Outcome, OpError> {
+        self.call(|reply| Command::PutToken {
+            token,
+            action,
+            intent,
+            reply,
+        })
+        .await
     }
 
     async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, OpError> {
@@ -858,6 +882,15 @@ impl Loop {
                 let r = self.load_rib(rib, intent).await;
                 let _ = reply.send(self.settle(r).await);
             }
+            Command::PutToken {
+                token,
+                action,
+                intent,
+                reply,
+            } => {
+                let r = self.put_token(token, action, intent).await;
+                let _ = reply.send(self.settle(r).await);
+            }
         }
     }
 
@@ -954,6 +987,43 @@ impl Loop {
             impact,
             drill: commit.put_drills.into_iter().next(),
             rib: commit.rib.map(|r| r.meta),
+        })
+    }
+
+    async fn put_token(
+        &mut self,
+        token: crate::auth::StoredToken,
+        action: &'static str,
+        intent: Intent,
+    ) -> Result<Outcome, OpError> {
+        let v = self.state.version.0;
+        let seq = self.state.audit_seq + 1;
+        let record = AuditRecord {
+            seq,
+            at_ms: self.clock.now_ms(),
+            actor: intent.actor,
+            action: action.to_owned(),
+            target: format!("token/{}", token.id),
+            reason: intent.reason,
+            routing_version_before: v,
+            routing_version_after: v,
+            details: vec![
+                format!("name={}", token.name),
+                format!("role={}", token.role.as_str()),
+                format!("scopes={}", token.scopes.join(",")),
+                format!("expires_at_ms={}", token.expires_at_ms),
+            ],
+        };
+        let commit = Commit {
+            put_tokens: vec![token],
+            audit: vec![record],
+            ..Commit::default()
+        };
+        state::commit(self.store.as_ref(), &self.state, &commit).await?;
+        self.state.audit_seq = seq;
+        Ok(Outcome {
+            changed: true,
+            ..self.unchanged()
         })
     }
 

@@ -4,11 +4,12 @@
 //!
 //! Layout: [`state`] is how state sits in the store; [`control_loop`] is the
 //! one owner of change; [`grpc`] converts between the wire contract and the
-//! model; [`metrics`] exposes Prometheus text.
+//! model; [`auth`] says who may do what; [`metrics`] exposes Prometheus text.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth;
 pub mod blocking;
 pub mod cli;
 pub mod cluster;

@@ -17,6 +17,7 @@ use sextant_proto::v1::fleet_service_server::FleetServiceServer;
 use sextant_proto::v1::operations_service_server::OperationsServiceServer;
 use sextant_proto::v1::signals_service_server::SignalsServiceServer;
 use sextant_proto::v1::steering_service_server::SteeringServiceServer;
+use sextant_proto::v1::token_service_server::TokenServiceServer;
 use sextant_store::embedded::EmbeddedStore;
 use sextant_store::etcd::{EtcdOptions, EtcdStore};
 use sextant_store::{Store, StoreError};
@@ -26,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::cluster::{self, ElectionConfig, Node, ReplicaInfo, Role};
 use crate::control_loop::{Clock, Intent, OpError, SystemClock};
+use crate::grpc::authn::{AuthLayer, Authenticator, Limits, Mode};
 use crate::grpc::bgp::{BgpApi, MAX_RIB_BYTES};
 use crate::grpc::cluster::ClusterApi;
 use crate::grpc::distribution::{Distribution, DistributionApi};
@@ -33,6 +35,7 @@ use crate::grpc::fleet::FleetApi;
 use crate::grpc::operations::OperationsApi;
 use crate::grpc::signals::{Reports, SignalsApi};
 use crate::grpc::steering::SteeringApi;
+use crate::grpc::tokens::TokenApi;
 use crate::metrics::{self, Metrics};
 use crate::state::StateError;
 
@@ -76,6 +79,18 @@ pub struct ServerConfig {
     pub health: sextant_core::health::HealthConfig,
     /// How much capacity automated failover may remove.
     pub bounds: sextant_core::failover::Bounds,
+    /// Who may call what.
+    pub security: Security,
+}
+
+/// How callers are authenticated and limited.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Plaintext without authentication (`--insecure`).
+    pub insecure: bool,
+    /// Operators known by certificate: their roles and scopes.
+    pub policy: Option<PathBuf>,
+    pub limits: Limits,
 }
 
 /// Why the server could not start or stopped.
@@ -112,6 +127,20 @@ pub enum ServerError {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error("no transport security configured: give --tls-cert, --tls-key and --tls-client-ca, or --insecure for plaintext without authentication")]
+    NoSecurity,
+    #[error("cannot read policy file {path}: {source}")]
+    ReadPolicy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("policy file {path}: {source}")]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: crate::auth::PolicyError,
     },
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
@@ -170,8 +199,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let seed_spec = config.fleet.as_ref().map(read_fleet).transpose()?;
+    let mode = security_mode(&config.security)?;
     let store = open_store(&config.store).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let authenticator = Arc::new(Authenticator::new(
+        mode,
+        store.clone(),
+        clock.clone(),
+        config.security.limits,
+    ));
+    if authenticator.insecure() {
+        warn!("--insecure: plaintext gRPC without authentication; anyone who can reach the port may drain, apply fleets and pose as an edge");
+    }
     let started_at_ms = clock.now_ms();
 
     let listener = TcpListener::bind(config.listen)
@@ -287,6 +326,12 @@ pub async fn run(
         started_at_ms,
         distribution: distribution.clone(),
         stale_after_ms,
+        auth_mode: authenticator.mode_name(),
+    };
+    let tokens = TokenApi {
+        node: node.clone(),
+        store: store.clone(),
+        clock: clock.clone(),
     };
     let signals = SignalsApi {
         node: node.clone(),
@@ -297,6 +342,11 @@ pub async fn run(
 
     info!("listening for grpc on {local}");
     let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(AuthLayer {
+            auth: authenticator,
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(FleetServiceServer::new(fleet).max_decoding_message_size(8 << 20))
@@ -307,6 +357,7 @@ pub async fn run(
         )
         .add_service(OperationsServiceServer::new(operations))
         .add_service(ClusterServiceServer::new(cluster))
+        .add_service(TokenServiceServer::new(tokens))
         .add_service(SignalsServiceServer::new(signals))
         .add_service(DistributionServiceServer::new(DistributionApi {
             inner: distribution,
@@ -315,6 +366,31 @@ pub async fn run(
         .await;
     info!("stopped");
     result.map_err(ServerError::from)
+}
+
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The authentication mode the flags ask for; a bad policy file stops the
+/// start.
+fn security_mode(s: &Security) -> Result<Mode, ServerError> {
+    if s.insecure {
+        return Ok(Mode::Insecure);
+    }
+    let _policy = match &s.policy {
+        None => crate::auth::Policy::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ServerError::ReadPolicy {
+                path: path.clone(),
+                source,
+            })?;
+            crate::auth::Policy::from_toml(&text).map_err(|source| ServerError::Policy {
+                path: path.clone(),
+                source,
+            })?
+        }
+    };
+    Err(ServerError::NoSecurity)
 }
 
 /// Waits until the node knows who leads (or leads itself).

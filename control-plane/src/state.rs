@@ -54,6 +54,8 @@ const AUDIT_SEQ: &str = "/sextant/v1/audit/seq";
 const DRAINS: &str = "/sextant/v1/drains/";
 const ROUTING_META: &str = "/sextant/v1/routing/meta/";
 const AUDIT_RECORDS: &str = "/sextant/v1/audit/r/";
+/// Bearer tokens by id (their secrets' hashes, never the secrets).
+const TOKENS: &str = "/sextant/v1/tokens/";
 const DRILLS: &str = "/sextant/v1/drills/";
 const RIB_CURRENT: &str = "/sextant/v1/bgp/rib/current";
 /// RIB generations kept (the current one and the one before).
@@ -378,6 +380,36 @@ pub struct Commit {
     pub audit: Vec<AuditRecord>,
     /// A new RIB map (its generation must be the next one).
     pub rib: Option<LoadedRib>,
+    /// Tokens created or revoked.
+    pub put_tokens: Vec<crate::auth::StoredToken>,
+}
+
+/// The key of a stored token.
+pub fn token_key(id: &str) -> String {
+    format!("{TOKENS}{id}")
+}
+
+/// One stored token by id.
+pub async fn load_token(
+    store: &dyn Store,
+    id: &str,
+) -> Result<Option<crate::auth::StoredToken>, StateError> {
+    let key = token_key(id);
+    match store.get(&key).await?.kvs.into_iter().next() {
+        Some(kv) => Ok(Some(decode(&key, &kv.value)?)),
+        None => Ok(None),
+    }
+}
+
+/// Every stored token, by id.
+pub async fn list_tokens(store: &dyn Store) -> Result<Vec<crate::auth::StoredToken>, StateError> {
+    store
+        .get_prefix(TOKENS)
+        .await?
+        .kvs
+        .iter()
+        .map(|kv| decode(&kv.key, &kv.value))
+        .collect()
 }
 
 /// Writes a commit on top of `state`; returns the new pointer revision.
@@ -455,6 +487,9 @@ pub async fn commit(store: &dyn Store, state: &State, c: &Commit) -> Result<Revi
     }
     for d in &c.delete_drains {
         ops.push(TxnOp::delete(format!("{DRAINS}{d}")));
+    }
+    for t in &c.put_tokens {
+        ops.push(TxnOp::put(format!("{TOKENS}{}", t.id), encode("token", t)?));
     }
     for d in &c.put_drills {
         ops.push(TxnOp::put(format!("{DRILLS}{}", d.id), encode("drill", d)?));

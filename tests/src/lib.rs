@@ -183,6 +183,10 @@ impl ControlPlane {
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        // Plaintext unless the test sets up TLS.
+        if !extra.contains(&"--tls-cert") {
+            cmd.arg("--insecure");
+        }
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(extra)

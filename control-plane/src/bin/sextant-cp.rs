@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use sextant_control_plane::server::{run, ServerConfig, StoreConfig};
+use sextant_control_plane::grpc::authn::Limits;
+use sextant_control_plane::server::{run, Security, ServerConfig, StoreConfig};
 use tracing_subscriber::EnvFilter;
 
 /// The Sextant control plane: computes routing and serves it over gRPC.
@@ -109,6 +110,24 @@ struct Args {
     /// Automated failover removes at most this share of a region's capacity.
     #[arg(long, env = "SEXTANT_FAILOVER_MAX_REGION", default_value_t = 0.5)]
     failover_max_region: f64,
+    /// Serve plaintext gRPC without authentication: anyone who reaches the
+    /// port may do anything. For development only; logged and shown in
+    /// `sextantctl status`.
+    #[arg(long, env = "SEXTANT_INSECURE")]
+    insecure: bool,
+    /// Policy file: operators known by client certificate, with their role
+    /// (viewer, operator, admin) and the domains they may drain.
+    #[arg(long, env = "SEXTANT_POLICY")]
+    policy: Option<PathBuf>,
+    /// Requests per second one peer may make (streams count once).
+    #[arg(long, env = "SEXTANT_RATE_LIMIT", default_value_t = 200.0)]
+    rate_limit: f64,
+    /// Requests one peer may make at once after a quiet spell.
+    #[arg(long, env = "SEXTANT_RATE_BURST", default_value_t = 400.0)]
+    rate_burst: f64,
+    /// Requests and streams one peer may have open at once.
+    #[arg(long, env = "SEXTANT_MAX_OPEN_PER_PEER", default_value_t = 256)]
+    max_open_per_peer: usize,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
@@ -214,7 +233,20 @@ fn main() -> anyhow::Result<()> {
             max_total_share: args.failover_max_total,
             max_region_share: args.failover_max_region,
         };
+        if !(args.rate_limit > 0.0 && args.rate_burst >= 1.0) || args.max_open_per_peer == 0 {
+            anyhow::bail!("--rate-limit must be > 0, --rate-burst at least 1 and --max-open-per-peer at least 1");
+        }
+        let security = Security {
+            insecure: args.insecure,
+            policy: args.policy,
+            limits: Limits {
+                rate_per_sec: args.rate_limit,
+                burst: args.rate_burst,
+                max_open_per_peer: args.max_open_per_peer,
+            },
+        };
         let config = ServerConfig {
+            security,
             health,
             bounds,
             workflow,

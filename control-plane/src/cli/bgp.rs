@@ -7,7 +7,6 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::bgp_service_client::BgpServiceClient;
-use tonic::transport::Channel;
 
 use super::{CliError, Table};
 use crate::grpc::bgp::RIB_PIECE_BYTES;
@@ -70,7 +69,7 @@ fn rib_text(r: &pb::RibInfo) -> String {
 }
 
 pub(super) async fn run(
-    channel: Channel,
+    channel: super::Conn,
     cmd: BgpCmd,
     actor: Option<pb::Actor>,
     json: bool,

@@ -117,6 +117,7 @@ impl BgpService for BgpApi {
         &self,
         request: Request<Streaming<pb::LoadRibRequest>>,
     ) -> Result<Response<pb::LoadRibResponse>, Status> {
+        let who = super::principal(&request)?;
         let writer = super::writer(&self.node, &request)?;
         let (req, data) = collect(request.into_inner()).await?;
         let handle = match writer {
@@ -135,12 +136,13 @@ impl BgpService for BgpApi {
                     .load_rib(super::forwarded(
                         futures::stream::iter(pieces),
                         &self.node.me.id,
+                        &who,
                     ))
                     .await?;
                 return Ok(Response::new(r.into_inner()));
             }
         };
-        let intent = super::intent(req.actor, req.reason);
+        let intent = super::intent(&who, req.actor, req.reason);
         let span = tracing::Span::current();
         span.record("actor", intent.actor.as_str());
         span.record("source", req.source.as_str());

@@ -22,6 +22,8 @@ pub struct ClusterApi {
     pub distribution: Arc<Distribution>,
     /// A subscriber behind the current version for longer than this is stale.
     pub stale_after_ms: u64,
+    /// `mtls+token` or `insecure`.
+    pub auth_mode: &'static str,
 }
 
 /// Subscribers as `status` shows them; stale ones flagged.
@@ -68,6 +70,12 @@ impl ClusterService for ClusterApi {
             Err(e) => ("unknown".to_owned(), e.to_string(), 0),
         };
         let mut alarms = Vec::new();
+        if self.auth_mode == "insecure" {
+            alarms.push(
+                "insecure: plaintext gRPC without authentication (--insecure); anyone who reaches the port may drain"
+                    .to_owned(),
+            );
+        }
         let now = u64::try_from(self.distribution.clock.now_ms()).unwrap_or(0);
         let subscribers = subscribers(&self.distribution, self.stale_after_ms, now);
         let stale = subscribers.iter().filter(|s| s.stale).count();
@@ -159,6 +167,8 @@ impl ClusterService for ClusterApi {
             alarms,
             software: env!("CARGO_PKG_VERSION").to_owned(),
             started_at_unix_ms: self.started_at_ms,
+            insecure: self.auth_mode == "insecure",
+            auth_mode: self.auth_mode.to_owned(),
         }))
     }
 }

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::auth::{self, NodeKind, Principal};
 use crate::control_loop::{Clock, Snapshot};
 use crate::push::{self, Identity, ProtocolError, Publisher, Registry};
 
@@ -538,6 +539,7 @@ impl Distribution {
         self: Arc<Self>,
         mut inbound: Streaming<pb::SubscribeRequest>,
         tx: mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
+        who: Principal,
     ) {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::SubscribeRequest {
@@ -571,10 +573,15 @@ impl Distribution {
                 return;
             }
         };
-        let kind = match view {
-            View::Proxy { .. } => "proxy",
-            View::Dns => "dns",
+        let (kind, node_kind) = match view {
+            View::Proxy { .. } => ("proxy", NodeKind::Edge),
+            View::Dns => ("dns", NodeKind::Dns),
         };
+        if let Err(e) = auth::may_act_as(&who, node_kind, &hello.node_id) {
+            warn!(node = %hello.node_id, %who, error = %e, "subscriber refused");
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
         let id = Identity {
             node_id: hello.node_id.clone(),
             kind: kind.to_owned(),
@@ -722,9 +729,10 @@ impl DistributionService for DistributionApi {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = super::principal(&request)?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(self.inner.clone().session(inbound, tx));
+        tokio::spawn(self.inner.clone().session(inbound, tx, who));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

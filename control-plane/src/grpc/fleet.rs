@@ -57,6 +57,7 @@ impl FleetService for FleetApi {
         &self,
         request: Request<Streaming<pb::ApplyFleetRequest>>,
     ) -> Result<Response<pb::ApplyFleetResponse>, Status> {
+        let who = super::principal(&request)?;
         let writer = super::writer(&self.node, &request)?;
         let (req, document) =
             super::collect_document(request.into_inner(), |m: &mut pb::ApplyFleetRequest| {
@@ -81,12 +82,13 @@ impl FleetService for FleetApi {
                     .apply(super::forwarded(
                         futures::stream::iter(pieces),
                         &self.node.me.id,
+                        &who,
                     ))
                     .await?;
                 return Ok(Response::new(r.into_inner()));
             }
         };
-        let intent = super::intent(req.actor, req.reason);
+        let intent = super::intent(&who, req.actor, req.reason);
         tracing::Span::current().record("actor", intent.actor.as_str());
         let expected = (req.expected_generation != 0).then_some(req.expected_generation);
         let force = (req.force || !req.force_reason.is_empty()).then(|| req.force_reason.clone());

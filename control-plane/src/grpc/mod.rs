@@ -4,11 +4,13 @@
 use sextant_proto::v1 as pb;
 use tonic::Status;
 
+use crate::auth::{AuthError, Principal};
 use crate::cluster::{Node, Role};
 use crate::control_loop::{Intent, LoopHandle, OpError};
 use sextant_core::diff::{RowChange, Shift};
 use sextant_core::routing::EdgeWeight;
 
+pub mod authn;
 pub mod bgp;
 pub mod cluster;
 pub mod distribution;
@@ -16,6 +18,7 @@ pub mod fleet;
 pub mod operations;
 pub mod signals;
 pub mod steering;
+pub mod tokens;
 
 impl From<OpError> for Status {
     fn from(e: OpError) -> Self {
@@ -37,14 +40,40 @@ impl From<OpError> for Status {
     }
 }
 
-/// The acting identity of a request. Until authentication exists, this is
-/// the name the client claims.
-pub(crate) fn intent(actor: Option<pb::Actor>, reason: String) -> Intent {
-    let actor = actor
-        .map(|a| a.name)
-        .filter(|n| !n.trim().is_empty())
-        .unwrap_or_else(|| "unknown".to_owned());
+/// The authenticated principal of a request, put there by the
+/// [`authn`] layer. A request without one never reached a handler through
+/// the server; refuse it rather than guess.
+pub(crate) fn principal<T>(request: &tonic::Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("the request carries no authenticated identity"))
+}
+
+/// The acting identity recorded for a request: the authenticated
+/// principal; only with `--insecure` the name the client claims, marked as
+/// unverified.
+pub(crate) fn intent(who: &Principal, claimed: Option<pb::Actor>, reason: String) -> Intent {
+    let claimed = claimed.map(|a| a.name).filter(|n| !n.trim().is_empty());
+    let actor = match who {
+        Principal::Insecure => claimed.unwrap_or_else(|| "unknown".to_owned()),
+        who => who.to_string(),
+    };
     Intent { actor, reason }
+}
+
+/// Maps an authorization refusal to its gRPC status.
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated | AuthError::BadToken(_) => {
+                Status::unauthenticated(e.to_string())
+            }
+            AuthError::Denied(_) => Status::permission_denied(e.to_string()),
+            AuthError::BadRole(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
 }
 
 pub(crate) fn weights(ws: &[EdgeWeight]) -> Vec<pb::EdgeWeight> {
@@ -97,11 +126,15 @@ pub(crate) fn writer<T>(node: &Node, request: &tonic::Request<T>) -> Result<Writ
     }
 }
 
-/// A request to forward to the leader, marked as forwarded by `me`.
-pub(crate) fn forwarded<T>(msg: T, me: &str) -> tonic::Request<T> {
+/// A request to forward to the leader, marked as forwarded by `me` on
+/// behalf of `who` (believed by the leader only from a replica).
+pub(crate) fn forwarded<T>(msg: T, me: &str, who: &Principal) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Ok(v) = me.parse() {
         r.metadata_mut().insert(FORWARDED_BY, v);
+    }
+    if let Some(v) = serde_json::to_string(who).ok().and_then(|j| j.parse().ok()) {
+        r.metadata_mut().insert(crate::auth::ON_BEHALF_OF, v);
     }
     r
 }

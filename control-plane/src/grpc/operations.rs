@@ -17,6 +17,7 @@ use sextant_store::Store;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::auth;
 use crate::cluster::Node;
 use crate::control_loop::{Clock, OpError};
 use crate::grpc::distribution::Distribution;
@@ -142,13 +143,18 @@ impl OperationsService for OperationsApi {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        let who = super::principal(&request)?;
         let forwarding = copy(&request);
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("domain", req.domain.as_str());
         span.record("dry_run", req.dry_run);
-        let intent = super::intent(req.actor.clone(), req.reason.clone());
+        auth::may_touch(&who, &req.domain)?;
+        let intent = super::intent(&who, req.actor.clone(), req.reason.clone());
         let force = (req.force || !req.force_reason.is_empty()).then(|| req.force_reason.clone());
+        if force.is_some() && !req.dry_run {
+            auth::may_force(&who)?;
+        }
         let dreq = DrainRequest {
             domain: req.domain.clone(),
             fraction: req.fraction,
@@ -180,7 +186,11 @@ impl OperationsService for OperationsApi {
             super::Writer::Remote { leader, channel } => {
                 tracing::debug!(%leader, "forwarding the drain to the leader");
                 let r = OperationsServiceClient::new(channel)
-                    .drain(super::forwarded(forwarding.into_inner(), &self.node.me.id))
+                    .drain(super::forwarded(
+                        forwarding.into_inner(),
+                        &self.node.me.id,
+                        &who,
+                    ))
                     .await?;
                 return Ok(Response::new(r.into_inner()));
             }
@@ -204,10 +214,12 @@ impl OperationsService for OperationsApi {
         &self,
         request: Request<pb::UndrainRequest>,
     ) -> Result<Response<pb::UndrainResponse>, Status> {
+        let who = super::principal(&request)?;
         let forwarding = copy(&request);
         let req = request.into_inner();
         tracing::Span::current().record("domain", req.domain.as_str());
-        let intent = super::intent(req.actor, req.reason);
+        auth::may_touch(&who, &req.domain)?;
+        let intent = super::intent(&who, req.actor, req.reason);
         if req.dry_run {
             let snap = self.node.snapshot();
             let fleet = snap.fleet.clone().ok_or(OpError::NoFleet)?;
@@ -229,7 +241,11 @@ impl OperationsService for OperationsApi {
             super::Writer::Remote { leader, channel } => {
                 tracing::debug!(%leader, "forwarding the undrain to the leader");
                 let r = OperationsServiceClient::new(channel)
-                    .undrain(super::forwarded(forwarding.into_inner(), &self.node.me.id))
+                    .undrain(super::forwarded(
+                        forwarding.into_inner(),
+                        &self.node.me.id,
+                        &who,
+                    ))
                     .await?;
                 return Ok(Response::new(r.into_inner()));
             }
@@ -352,10 +368,12 @@ impl OperationsService for OperationsApi {
         &self,
         request: Request<pb::StartDrillRequest>,
     ) -> Result<Response<pb::StartDrillResponse>, Status> {
+        let who = super::principal(&request)?;
         let forwarding = copy(&request);
         let req = request.into_inner();
         tracing::Span::current().record("domain", req.domain.as_str());
-        let intent = super::intent(req.actor.clone(), req.reason.clone());
+        auth::may_touch(&who, &req.domain)?;
+        let intent = super::intent(&who, req.actor.clone(), req.reason.clone());
         let dreq = DrillRequest {
             domain: req.domain.clone(),
             duration_ms: secs_ms(req.duration_seconds),
@@ -384,7 +402,11 @@ impl OperationsService for OperationsApi {
             super::Writer::Remote { leader, channel } => {
                 tracing::debug!(%leader, "forwarding the drill to the leader");
                 let r = OperationsServiceClient::new(channel)
-                    .start_drill(super::forwarded(forwarding.into_inner(), &self.node.me.id))
+                    .start_drill(super::forwarded(
+                        forwarding.into_inner(),
+                        &self.node.me.id,
+                        &who,
+                    ))
                     .await?;
                 return Ok(Response::new(r.into_inner()));
             }
@@ -402,16 +424,24 @@ impl OperationsService for OperationsApi {
         &self,
         request: Request<pb::AbortDrillRequest>,
     ) -> Result<Response<pb::AbortDrillResponse>, Status> {
+        let who = super::principal(&request)?;
         let forwarding = copy(&request);
         let req = request.into_inner();
-        let intent = super::intent(req.actor, req.reason);
+        if let Some(d) = self.node.snapshot().drills.get(&req.drill_id) {
+            auth::may_touch(&who, &d.domain.to_string())?;
+        }
+        let intent = super::intent(&who, req.actor, req.reason);
         match super::writer(&self.node, &forwarding)? {
             super::Writer::Local(h) => {
                 h.abort_drill(req.drill_id, intent).await?;
             }
             super::Writer::Remote { channel, .. } => {
                 OperationsServiceClient::new(channel)
-                    .abort_drill(super::forwarded(forwarding.into_inner(), &self.node.me.id))
+                    .abort_drill(super::forwarded(
+                        forwarding.into_inner(),
+                        &self.node.me.id,
+                        &who,
+                    ))
                     .await?;
             }
         }

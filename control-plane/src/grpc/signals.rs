@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, instrument};
 
+use crate::auth::{self, NodeKind};
 use crate::cluster::{Node, Role};
 use crate::control_loop::{Clock, Snapshot};
 pub use crate::inbox::{Observation, Received, Reports};
@@ -143,6 +144,7 @@ impl SignalsService for SignalsApi {
         &self,
         request: Request<Streaming<pb::EdgeReport>>,
     ) -> Result<Response<pb::ReportAck>, Status> {
+        let who = super::principal(&request)?;
         let forwarded = request.metadata().contains_key(super::FORWARDED_BY);
         let mut stream = request.into_inner();
         let mut accepted = 0u64;
@@ -163,6 +165,7 @@ impl SignalsService for SignalsApi {
                     )))
                 }
                 None => {
+                    auth::may_act_as(&who, NodeKind::Edge, &report.node_id)?;
                     debug!(node = %report.node_id, "edge reporting");
                     node = Some(report.node_id.clone());
                 }
@@ -197,6 +200,7 @@ impl SignalsService for SignalsApi {
         &self,
         request: Request<Streaming<pb::ProbeBatch>>,
     ) -> Result<Response<pb::ReportAck>, Status> {
+        let who = super::principal(&request)?;
         let forwarded = request.metadata().contains_key(super::FORWARDED_BY);
         let mut stream = request.into_inner();
         let mut accepted = 0u64;
@@ -217,6 +221,7 @@ impl SignalsService for SignalsApi {
                     )))
                 }
                 None => {
+                    auth::may_act_as(&who, NodeKind::Probe, &batch.vantage_id)?;
                     debug!(vantage = %batch.vantage_id, "prober reporting");
                     vantage = Some(batch.vantage_id.clone());
                 }
