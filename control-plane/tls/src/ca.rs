@@ -299,3 +299,56 @@ pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), CaEr
     drop(file);
     fs::rename(&tmp, path).map_err(err)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::pem::PemObject;
+
+    #[test]
+    fn init_and_issue_write_files_with_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        init(&ca_dir, "test", 10).unwrap();
+        assert!(matches!(
+            init(&ca_dir, "test", 10),
+            Err(CaError::Exists { .. })
+        ));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(ca_dir.join(CA_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let req = IssueRequest::new(Identity::new(Kind::Replica, "cp-1").unwrap());
+        let (cert, key) = issue_to_files(&ca_dir, &req, &dir.path().join("out/cp-1")).unwrap();
+        assert!(cert.ends_with("out/cp-1.crt") && key.ends_with("out/cp-1.key"));
+        let pem = fs::read_to_string(&cert).unwrap();
+        let der = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let facts = crate::identity::cert_facts(&der).unwrap();
+        assert_eq!(facts.identity.unwrap(), req.identity);
+        assert!(req.dns_names == ["localhost"] && req.ips.len() == 2);
+        assert!(IssueRequest::new(Identity::new(Kind::Edge, "e").unwrap())
+            .dns_names
+            .is_empty());
+    }
+
+    #[test]
+    fn a_missing_or_broken_ca_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let req = IssueRequest::new(Identity::new(Kind::Edge, "e1").unwrap());
+        let err = issue_to_files(dir.path(), &req, &dir.path().join("e1")).unwrap_err();
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+        init(dir.path(), "test", 10).unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), "junk").unwrap();
+        let err = issue_to_files(dir.path(), &req, &dir.path().join("e1")).unwrap_err();
+        assert!(err.to_string().contains("ca.key"), "{err}");
+    }
+}

@@ -220,3 +220,124 @@ fn check_id(id: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert_with(sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn a_good_uri_parses_and_round_trips() {
+        let id = Identity::from_uri("spiffe://sextant/edge/ams1-edge_3.v2").unwrap();
+        assert_eq!(id.kind, Kind::Edge);
+        assert_eq!(id.id, "ams1-edge_3.v2");
+        assert_eq!(id.to_string(), "spiffe://sextant/edge/ams1-edge_3.v2");
+        assert_eq!(id.uri().parse::<Identity>().unwrap(), id);
+        for kind in Kind::ALL {
+            let id = Identity::new(kind, "x").unwrap();
+            assert_eq!(Identity::from_uri(&id.uri()).unwrap(), id);
+        }
+    }
+
+    #[test]
+    fn bad_uris_say_what_is_wrong() {
+        let reason = |s: &str| match Identity::from_uri(s).unwrap_err() {
+            TlsError::BadIdentity { reason, .. } => reason,
+            e => panic!("{e}"),
+        };
+        assert!(reason("https://sextant/edge/e1").contains("spiffe://sextant/"));
+        assert!(reason("spiffe://other/edge/e1").contains("spiffe://sextant/"));
+        assert!(reason("spiffe://sextant/edge").contains("<kind>/<id>"));
+        assert!(reason("spiffe://sextant/admin/e1").contains("unknown kind \"admin\""));
+        assert!(reason("spiffe://sextant/Edge/e1").contains("unknown kind"));
+        assert!(reason("spiffe://sextant/edge/").contains("empty"));
+        assert!(reason("spiffe://sextant/edge/a/b").contains("'/'"));
+        assert!(reason("spiffe://sextant/edge/a?b").contains("'?'"));
+        assert!(reason("spiffe://sextant/edge/é").contains("'é'"));
+        assert!(reason("spiffe://sextant/edge/..").contains(".."));
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        assert!(reason(&format!("spiffe://sextant/edge/{long}")).contains("at most 128"));
+        assert!(
+            Identity::from_uri(&format!("spiffe://sextant/edge/{}", "x".repeat(MAX_ID_LEN)))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn kinds_parse_by_name() {
+        assert_eq!("replica".parse::<Kind>().unwrap(), Kind::Replica);
+        assert_eq!(
+            "admin".parse::<Kind>().unwrap_err().to_string(),
+            "unknown kind \"admin\" (expected edge, dns, probe, operator or replica)"
+        );
+    }
+
+    #[test]
+    fn the_identity_is_the_one_sextant_uri_of_the_certificate() {
+        let der = cert_with(vec![
+            SanType::DnsName("localhost".try_into().unwrap()),
+            uri("https://example.com/x"),
+            uri("spiffe://sextant/replica/cp-1"),
+        ]);
+        assert_eq!(
+            Identity::from_cert_der(&der).unwrap(),
+            Identity::new(Kind::Replica, "cp-1").unwrap()
+        );
+        // Scheme and host are case-insensitive, as in any URI.
+        let der = cert_with(vec![uri("SPIFFE://Sextant/dns/ns1")]);
+        assert_eq!(
+            Identity::from_cert_der(&der).unwrap(),
+            Identity::new(Kind::Dns, "ns1").unwrap()
+        );
+    }
+
+    #[test]
+    fn no_wrong_or_several_uris_give_no_identity() {
+        // Nothing else counts: not the DNS name, not another trust domain.
+        let der = cert_with(vec![
+            SanType::DnsName("edge.sextant".try_into().unwrap()),
+            uri("spiffe://other/edge/e1"),
+        ]);
+        assert!(matches!(
+            Identity::from_cert_der(&der),
+            Err(TlsError::NoIdentity)
+        ));
+        let der = cert_with(vec![]);
+        assert!(matches!(
+            Identity::from_cert_der(&der),
+            Err(TlsError::NoIdentity)
+        ));
+        let der = cert_with(vec![uri("spiffe://sextant/admin/root")]);
+        let err = Identity::from_cert_der(&der).unwrap_err();
+        assert!(err.to_string().contains("unknown kind"), "{err}");
+        let der = cert_with(vec![uri("spiffe://sextant/edge/a%2Fb")]);
+        assert!(matches!(
+            Identity::from_cert_der(&der),
+            Err(TlsError::BadIdentity { .. })
+        ));
+        let der = cert_with(vec![
+            uri("spiffe://sextant/edge/e1"),
+            uri("spiffe://sextant/replica/cp-1"),
+        ]);
+        assert!(matches!(
+            Identity::from_cert_der(&der),
+            Err(TlsError::SeveralIdentities(..))
+        ));
+        assert!(matches!(
+            Identity::from_cert_der(b"not der"),
+            Err(TlsError::CertParse(_))
+        ));
+    }
+}
