@@ -14,12 +14,14 @@ pub mod ca;
 mod client;
 mod error;
 mod identity;
+mod metrics;
 mod pem;
 mod server;
 
 pub use client::{probe_server, ClientTls, PeerCert};
 pub use error::TlsError;
 pub use identity::{Identity, Kind, UnknownKind, MAX_ID_LEN, URI_PREFIX};
+pub use metrics::TlsMetrics;
 pub use server::{IncomingOptions, PeerInfo, ServerTls, ServerTlsFiles, TlsConn};
 
 /// The one crypto provider used: ring. aws-lc-rs, the rustls default, needs

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::identity::cert_facts;
-use crate::{pem, provider, Identity, TlsError};
+use crate::{pem, provider, Identity, TlsError, TlsMetrics};
 
 /// The three files a TLS server is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +84,7 @@ struct Inner {
     tried: Mutex<[Option<Stamp>; 3]>,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+    metrics: OnceLock<TlsMetrics>,
 }
 
 /// A TLS server config that follows its files. Cheap to clone.
@@ -109,8 +110,15 @@ impl ServerTls {
                 tried: Mutex::new(stamps),
                 reloads: AtomicU64::new(0),
                 reload_failures: AtomicU64::new(0),
+                metrics: OnceLock::new(),
             }),
         })
+    }
+
+    /// Keeps `metrics` up to date from now on (the first call wins).
+    pub fn set_metrics(&self, metrics: TlsMetrics) {
+        metrics.cert_expiry.set(self.cert_not_after_unix());
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// The files this config follows.
@@ -147,8 +155,13 @@ impl ServerTls {
                     not_after = loaded.not_after_unix,
                     "tls certificate reloaded"
                 );
+                let not_after = loaded.not_after_unix;
                 self.inner.current.store(Arc::new(loaded));
                 self.inner.reloads.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = self.inner.metrics.get() {
+                    m.cert_expiry.set(not_after);
+                    m.reloads.inc();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -159,6 +172,9 @@ impl ServerTls {
                     "tls reload refused; keeping the previous certificate"
                 );
                 self.inner.reload_failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = self.inner.metrics.get() {
+                    m.reload_failures.inc();
+                }
                 Err(e)
             }
         }

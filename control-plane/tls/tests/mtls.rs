@@ -271,6 +271,11 @@ async fn rotation_serves_the_new_certificate_and_keeps_established_connections()
         Some(Identity::new(Kind::Edge, "e1").unwrap())
     );
 
+    // The metrics follow.
+    let mut registry = prometheus_client::registry::Registry::default();
+    h.tls
+        .set_metrics(sextant_tls::TlsMetrics::register(&mut registry));
+
     // The poll picks up the next change by itself.
     let _watch = h.tls.spawn_watch(Duration::from_millis(100));
     let newer = issue(&h.ca, Kind::Replica, "cp-1", 10);
@@ -282,7 +287,18 @@ async fn rotation_serves_the_new_certificate_and_keeps_established_connections()
     .await;
     assert!(seen_new, "the poll did not reload");
     assert_eq!(h.tls.reload_count(), 2);
-    assert!(h.probe().await.not_after_unix < after.not_after_unix - 15 * 86400);
+    let last = h.probe().await;
+    assert!(last.not_after_unix < after.not_after_unix - 15 * 86400);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(&format!(
+            "sextant_tls_cert_expiry_seconds {}\n",
+            last.not_after_unix
+        )),
+        "{text}"
+    );
+    assert!(text.contains("sextant_tls_reloads_total 1\n"), "{text}");
     check(&channel).await.unwrap();
 }
 
