@@ -430,3 +430,29 @@ async fn client_files_are_checked_up_front() {
     let err = client.endpoint("http://127.0.0.1:1").unwrap_err();
     assert!(err.to_string().contains("https://"), "{err}");
 }
+
+#[tokio::test]
+async fn a_certificate_from_the_ca_without_a_sextant_uri_has_no_identity() {
+    let h = Harness::start().await;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &h.ca.cert_pem,
+        rcgen::KeyPair::from_pem(&h.ca.key_pem).unwrap(),
+    )
+    .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["edge.example".to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let issued = Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    let channel = h
+        .channel(&h.client(Some(("anonymous", &issued))))
+        .await
+        .unwrap();
+    check(&channel).await.unwrap();
+    let peer = h.last_seen();
+    assert_eq!(peer.identity, None);
+    assert!(peer.cert_not_after_unix.is_some());
+}
