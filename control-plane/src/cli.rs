@@ -15,7 +15,7 @@ use sextant_proto::v1::fleet_service_client::FleetServiceClient;
 use sextant_proto::v1::operations_service_client::OperationsServiceClient;
 use sextant_proto::v1::steering_service_client::SteeringServiceClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::grpc::split_document;
 
@@ -71,6 +71,16 @@ pub struct Cli {
     /// Who you are, for the audit log (default: $USER).
     #[arg(long = "as", global = true, env = "SEXTANT_AS")]
     pub actor: Option<String>,
+    /// CA certificate (PEM) the control plane's certificate must chain to;
+    /// turns TLS on (--server must then be https://).
+    #[arg(long, global = true, env = "SEXTANT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Your client certificate (PEM; SAN URI spiffe://sextant/operator/NAME).
+    #[arg(long, global = true, env = "SEXTANT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Your client key (PEM).
+    #[arg(long, global = true, env = "SEXTANT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Bearer token (`sxt_...`) from `sextantctl token create`; prefer the
     /// environment variable to keep it out of shell history.
     #[arg(long, global = true, env = "SEXTANT_TOKEN", hide_env_values = true)]
@@ -324,7 +334,18 @@ impl From<tonic::Status> for CliError {
 
 /// Runs one CLI command, printing its output to stdout.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let channel = connect(&cli.server, cli.timeout, cli.token.as_deref()).await?;
+    let tls = sextant_tls::ClientTlsArgs {
+        tls_ca: cli.tls_ca.clone(),
+        tls_cert: cli.tls_cert.clone(),
+        tls_key: cli.tls_key.clone(),
+    };
+    if tls.tls_cert.is_some() != tls.tls_key.is_some() {
+        return Err(CliError::Usage(
+            "--tls-cert and --tls-key go together".into(),
+        ));
+    }
+    let tls = tls.client().map_err(|e| CliError::Usage(e.to_string()))?;
+    let channel = connect(&cli.server, cli.timeout, cli.token.as_deref(), tls.as_ref()).await?;
     let actor = Some(pb::Actor {
         name: cli
             .actor
@@ -623,7 +644,12 @@ fn print_out(out: &str) -> Result<(), CliError> {
     }
 }
 
-async fn connect(server: &str, timeout: u64, token: Option<&str>) -> Result<Conn, CliError> {
+async fn connect(
+    server: &str,
+    timeout: u64,
+    token: Option<&str>,
+    tls: Option<&sextant_tls::ClientTls>,
+) -> Result<Conn, CliError> {
     let err = |reason: String| CliError::Connect {
         server: server.to_owned(),
         reason,
@@ -636,8 +662,8 @@ async fn connect(server: &str, timeout: u64, token: Option<&str>) -> Result<Conn
             )
         })?),
     };
-    let channel = Endpoint::from_shared(server.to_owned())
-        .map_err(|e| err(format!("bad address: {e}")))?
+    let channel = sextant_tls::control_plane_endpoint(server, tls)
+        .map_err(|e| err(format!("{e}")))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(timeout.max(1)))
         .connect()
@@ -1631,14 +1657,21 @@ fn show_status(r: &pb::StatusResponse, json: bool) -> String {
             "alarms": r.alarms,
             "software": r.software,
             "started_at": rfc3339(r.started_at_unix_ms),
+            "auth": r.auth_mode,
+            "insecure": r.insecure,
         })
         .to_string();
     }
     let mut out = format!(
-        "replica {} (sextant {}), up since {}\nstore: {} ({}), revision {}\nrouting version {}, fleet generation {}, {} active drains\n",
+        "replica {} (sextant {}), up since {}, auth {}\nstore: {} ({}), revision {}\nrouting version {}, fleet generation {}, {} active drains\n",
         r.replica,
         r.software,
         rfc3339(r.started_at_unix_ms),
+        if r.insecure {
+            "INSECURE (plaintext, no authentication)"
+        } else {
+            r.auth_mode.as_str()
+        },
         r.store_kind,
         r.store_health,
         r.store_revision,

@@ -65,6 +65,9 @@ pub struct Node {
     pub store: Arc<dyn Store>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     role: watch::Receiver<Role>,
+    /// TLS for calls to other replicas (this replica's certificate as the
+    /// client identity); `None`: plaintext (`--insecure`).
+    peer_tls: Option<sextant_tls::ClientTls>,
 }
 
 impl std::fmt::Debug for Node {
@@ -76,6 +79,18 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
+    /// Sets the TLS used to reach other replicas.
+    pub fn with_peer_tls(mut self, tls: Option<sextant_tls::ClientTls>) -> Self {
+        self.peer_tls = tls;
+        self
+    }
+
+    /// An endpoint to another replica at `url` (TLS when this one has it).
+    pub fn peer_endpoint(&self, url: &str) -> Result<tonic::transport::Endpoint, tonic::Status> {
+        sextant_tls::control_plane_endpoint(url, self.peer_tls.as_ref())
+            .map_err(|e| tonic::Status::internal(format!("cannot reach replica {url}: {e}")))
+    }
+
     /// The latest snapshot (from the loop on the leader, from the store on a
     /// follower).
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -152,6 +167,7 @@ pub fn start(
         store: store.clone(),
         snapshots,
         role,
+        peer_tls: None,
     };
     let span = tracing::info_span!("cluster", replica = %me.id);
     tokio::spawn(run(store, clock, reports, me, config, snap_tx, role_tx).instrument(span));

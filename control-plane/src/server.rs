@@ -88,6 +88,9 @@ pub struct ServerConfig {
 pub struct Security {
     /// Plaintext without authentication (`--insecure`).
     pub insecure: bool,
+    /// Server certificate, key and the CA clients' certificates must chain
+    /// to (re-read when the files change).
+    pub tls: Option<sextant_tls::ServerTlsFiles>,
     /// Operators known by certificate: their roles and scopes.
     pub policy: Option<PathBuf>,
     pub limits: Limits,
@@ -128,6 +131,10 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] sextant_tls::TlsError),
+    #[error("--insecure and --tls-* contradict each other: pick one")]
+    InsecureAndTls,
     #[error("no transport security configured: give --tls-cert, --tls-key and --tls-client-ca, or --insecure for plaintext without authentication")]
     NoSecurity,
     #[error("cannot read policy file {path}: {source}")]
@@ -200,6 +207,19 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let seed_spec = config.fleet.as_ref().map(read_fleet).transpose()?;
     let mode = security_mode(&config.security)?;
+    let tls = match &config.security.tls {
+        Some(files) => Some(sextant_tls::ServerTls::load(files.clone())?),
+        None => None,
+    };
+    let peer_tls = config
+        .security
+        .tls
+        .as_ref()
+        .map(|f| sextant_tls::ClientTls {
+            ca: f.client_ca.clone(),
+            cert: Some(f.cert.clone()),
+            key: Some(f.key.clone()),
+        });
     let store = open_store(&config.store).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let authenticator = Arc::new(Authenticator::new(
@@ -225,10 +245,10 @@ pub async fn run(
     })?;
     let me = ReplicaInfo {
         id: config.replica_id.clone(),
-        url: config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| format!("http://{local}")),
+        url: config.advertise.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{local}")
+        }),
         started_at_ms,
         software: env!("CARGO_PKG_VERSION").to_owned(),
     };
@@ -249,7 +269,8 @@ pub async fn run(
                 health_tick_ms: 500,
             },
         },
-    );
+    )
+    .with_peer_tls(peer_tls);
     // Seed on whichever replica leads, whenever it leads, if the store has
     // no fleet yet. Wait a little for the first election so that a single
     // replica serves its seeded fleet from its first answer.
@@ -275,6 +296,12 @@ pub async fn run(
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
+    // Certificates are re-read when their files change: rotation without a
+    // restart, established connections untouched.
+    let _tls_watch = tls.as_ref().map(|t| {
+        t.set_metrics(sextant_tls::TlsMetrics::register(&mut registry));
+        t.spawn_watch(TLS_POLL)
+    });
     // Observe once before anything can scrape, then follow.
     metrics.observe(&node.snapshot());
     tokio::spawn(metrics::follow(
@@ -340,8 +367,12 @@ pub async fn run(
         clock: clock.clone(),
     };
 
-    info!("listening for grpc on {local}");
-    let result = tonic::transport::Server::builder()
+    info!(
+        tls = tls.is_some(),
+        auth = authenticator.mode_name(),
+        "listening for grpc on {local}"
+    );
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(AuthLayer {
@@ -361,12 +392,25 @@ pub async fn run(
         .add_service(SignalsServiceServer::new(signals))
         .add_service(DistributionServiceServer::new(DistributionApi {
             inner: distribution,
-        }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        }));
+    let result = match &tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    };
     info!("stopped");
     result.map_err(ServerError::from)
 }
+
+/// How often the certificate files are checked for changes.
+const TLS_POLL: Duration = Duration::from_secs(2);
 
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -374,10 +418,13 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The authentication mode the flags ask for; a bad policy file stops the
 /// start.
 fn security_mode(s: &Security) -> Result<Mode, ServerError> {
-    if s.insecure {
-        return Ok(Mode::Insecure);
+    match (s.insecure, &s.tls) {
+        (true, Some(_)) => return Err(ServerError::InsecureAndTls),
+        (true, None) => return Ok(Mode::Insecure),
+        (false, None) => return Err(ServerError::NoSecurity),
+        (false, Some(_)) => {}
     }
-    let _policy = match &s.policy {
+    let policy = match &s.policy {
         None => crate::auth::Policy::default(),
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ServerError::ReadPolicy {
@@ -390,7 +437,9 @@ fn security_mode(s: &Security) -> Result<Mode, ServerError> {
             })?
         }
     };
-    Err(ServerError::NoSecurity)
+    Ok(Mode::Secure {
+        policy: Arc::new(policy),
+    })
 }
 
 /// Waits until the node knows who leads (or leads itself).

@@ -24,6 +24,8 @@ use crate::upstream::{Endpoints, UpstreamBuilder};
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
     pub control_plane: String,
+    /// TLS to the control plane (`None`: plaintext).
+    pub tls: Option<sextant_tls::ClientTls>,
     pub node_id: String,
     pub site: String,
     pub listen: SocketAddr,
@@ -90,6 +92,7 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
         kind: pb::NodeKind::Proxy,
         site: config.site.clone(),
         data_dir: config.data_dir.clone(),
+        tls: config.tls.clone(),
     };
     tokio::spawn(subscriber::run(opts, builder, cfg_tx, stop.clone()));
     {
@@ -122,6 +125,7 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
             node_id: config.node_id.clone(),
             capacity_rps: config.capacity_rps,
             interval: config.report_interval,
+            tls: config.tls.clone(),
         },
         stats.clone(),
         current.clone(),

@@ -39,6 +39,7 @@ use prometheus_client::registry::Registry;
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::fleet_service_client::FleetServiceClient;
 use sextant_proto::v1::signals_service_client::SignalsServiceClient;
+use sextant_tls::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -84,6 +85,8 @@ pub struct ProbeConfig {
     pub admin: Option<SocketAddr>,
     /// Targets probed at once, at most.
     pub concurrency: usize,
+    /// TLS to the control plane (`None`: plaintext).
+    pub tls: Option<ClientTls>,
 }
 
 /// A prober configuration that cannot run, with every problem found.
@@ -101,7 +104,7 @@ impl ProbeConfig {
             problems.push("--vantage-id must not be empty".to_owned());
         }
         for url in control_plane_urls(&self.control_plane) {
-            if let Err(e) = endpoint(&url) {
+            if let Err(e) = endpoint(&url, self.tls.as_ref()) {
                 problems.push(format!("--control-plane {url:?}: {e}"));
             }
         }
@@ -790,11 +793,11 @@ pub enum ProbeError {
     Listen(#[from] EdgeError),
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, String> {
+fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err("expected an http:// or https:// URL".into());
     }
-    Endpoint::from_shared(url.to_owned())
+    sextant_tls::control_plane_endpoint(url, tls)
         .map(|e| {
             e.connect_timeout(Duration::from_secs(3))
                 .http2_keep_alive_interval(Duration::from_secs(10))
@@ -848,12 +851,12 @@ enum ListError {
 }
 
 impl Replicas {
-    fn new(list: &str) -> Result<Self, ConfigError> {
+    fn new(list: &str, tls: Option<&ClientTls>) -> Result<Self, ConfigError> {
         let urls = control_plane_urls(list);
         let mut channels = Vec::new();
         let mut problems = Vec::new();
         for url in &urls {
-            match endpoint(url) {
+            match endpoint(url, tls) {
                 Ok(e) => channels.push(e.connect_lazy()),
                 Err(e) => problems.push(format!("--control-plane {url:?}: {e}")),
             }
@@ -931,7 +934,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProbeError> {
     let config = Arc::new(config.validate()?);
-    let replicas = Replicas::new(&config.control_plane)?;
+    let replicas = Replicas::new(&config.control_plane, config.tls.as_ref())?;
     let mut registry = Registry::with_prefix("sextant_probe");
     let metrics = Arc::new(Metrics::new(&mut registry));
     let (stop_tx, stop) = watch::channel(false);
@@ -1371,6 +1374,7 @@ mod tests {
             allow_targets: vec![],
             admin: None,
             concurrency: DEFAULT_CONCURRENCY,
+            tls: None,
         };
         let e = c.validate().err().map(|e| e.problems).unwrap_or_default();
         assert_eq!(e.len(), 4, "{e:?}");

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::signals_service_client::SignalsServiceClient;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Endpoint;
 use tracing::{debug, warn};
 
 use crate::proxy::{Current, Stats};
@@ -21,6 +20,8 @@ pub struct ReporterConfig {
     /// Capacity this edge says it can take, rps (0: not reported).
     pub capacity_rps: f64,
     pub interval: Duration,
+    /// TLS to the control plane (`None`: plaintext).
+    pub tls: Option<sextant_tls::ClientTls>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -85,8 +86,9 @@ pub async fn run(
         let (tx, rx) = mpsc::channel::<pb::EdgeReport>(16);
         let call = {
             let url = urls[attempt % urls.len()].clone();
+            let tls = cfg.tls.clone();
             async move {
-                let channel = Endpoint::from_shared(url)?
+                let channel = sextant_tls::control_plane_endpoint(&url, tls.as_ref())?
                     .connect_timeout(Duration::from_secs(3))
                     .connect()
                     .await?;
@@ -145,6 +147,7 @@ mod tests {
             node_id: "ams1".into(),
             capacity_rps: 500.0,
             interval: Duration::from_secs(1),
+            tls: None,
         };
         let before = Totals {
             requests: 100,

@@ -17,7 +17,6 @@ use prost::Message;
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::distribution_service_client::DistributionServiceClient;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 /// Turns a complete node config into what the data plane serves, or says
@@ -48,6 +47,8 @@ pub struct Options {
     pub kind: pb::NodeKind,
     pub site: String,
     pub data_dir: PathBuf,
+    /// TLS to the control plane (`None`: plaintext).
+    pub tls: Option<sextant_tls::ClientTls>,
 }
 
 /// Errors reading the persisted config.
@@ -334,7 +335,7 @@ async fn follow<B: Build>(
         url: url.to_owned(),
         reason,
     };
-    let channel = Endpoint::from_shared(url.to_owned())
+    let channel = sextant_tls::control_plane_endpoint(url, opts.tls.as_ref())
         .map_err(|e| connect_err(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))

@@ -227,6 +227,17 @@ pub struct EdgeProxy {
 impl EdgeProxy {
     /// Starts `sextant-edge` with ports 0, only loopback upstreams allowed.
     pub fn start(control_plane: &str, node_id: &str, site: &str, data_dir: &Path) -> Result<Self> {
+        Self::start_with(control_plane, node_id, site, data_dir, &[])
+    }
+
+    /// Like [`EdgeProxy::start`], with extra arguments.
+    pub fn start_with(
+        control_plane: &str,
+        node_id: &str,
+        site: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin("sextant-edge")?);
         cmd.args([
             "--control-plane",
@@ -245,6 +256,7 @@ impl EdgeProxy {
         ])
         .arg("--data-dir")
         .arg(data_dir)
+        .args(extra)
         .env("SEXTANT_LOG", "info,sextant_edge=debug");
         let process = Process::start(cmd, "http")?;
         let admin = logged_addr(&process.log(), "admin")?;

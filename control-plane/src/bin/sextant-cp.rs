@@ -115,6 +115,18 @@ struct Args {
     /// `sextantctl status`.
     #[arg(long, env = "SEXTANT_INSECURE")]
     insecure: bool,
+    /// Server certificate chain (PEM) with the SAN URI
+    /// spiffe://sextant/replica/ID; turns on mutual TLS and authentication.
+    /// Re-read when the file changes.
+    #[arg(long, env = "SEXTANT_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "SEXTANT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that clients' certificates must chain to; also
+    /// the CA of the other replicas.
+    #[arg(long, env = "SEXTANT_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Policy file: operators known by client certificate, with their role
     /// (viewer, operator, admin) and the domains they may drain.
     #[arg(long, env = "SEXTANT_POLICY")]
@@ -236,7 +248,16 @@ fn main() -> anyhow::Result<()> {
         if !(args.rate_limit > 0.0 && args.rate_burst >= 1.0) || args.max_open_per_peer == 0 {
             anyhow::bail!("--rate-limit must be > 0, --rate-burst at least 1 and --max-open-per-peer at least 1");
         }
+        let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
+            (Some(cert), Some(key), Some(client_ca)) => Some(sextant_tls::ServerTlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            _ => None,
+        };
         let security = Security {
+            tls,
             insecure: args.insecure,
             policy: args.policy,
             limits: Limits {

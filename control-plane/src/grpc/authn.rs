@@ -69,6 +69,15 @@ impl Peer {
         if let Some(p) = ext.get::<Peer>() {
             return p.clone();
         }
+        if let Some(info) = ext.get::<sextant_tls::PeerInfo>() {
+            return Peer {
+                addr: info.remote,
+                cert: info
+                    .identity
+                    .as_ref()
+                    .map(|i| (i.kind.as_str().to_owned(), i.id.clone())),
+            };
+        }
         Peer {
             addr: ext
                 .get::<tonic::transport::server::TcpConnectInfo>()

@@ -110,8 +110,8 @@ pub(crate) fn writer<T>(node: &Node, request: &tonic::Request<T>) -> Result<Writ
             "leadership moved while the write was forwarded; retry",
         )),
         Role::Follower { leader } => {
-            let channel = tonic::transport::Endpoint::from_shared(leader.url.clone())
-                .map_err(|e| Status::internal(format!("bad leader address {}: {e}", leader.url)))?
+            let channel = node
+                .peer_endpoint(&leader.url)?
                 .connect_timeout(std::time::Duration::from_secs(3))
                 .timeout(std::time::Duration::from_secs(30))
                 .connect_lazy();

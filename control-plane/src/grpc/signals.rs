@@ -73,10 +73,8 @@ impl<T: Send + 'static> Forwarder<T> {
                         return Ok(Route::Leader(tx.clone()));
                     }
                 }
-                let channel = tonic::transport::Endpoint::from_shared(leader.url.clone())
-                    .map_err(|e| {
-                        Status::internal(format!("bad leader address {}: {e}", leader.url))
-                    })?
+                let channel = node
+                    .peer_endpoint(&leader.url)?
                     .connect_timeout(std::time::Duration::from_secs(3))
                     .connect_lazy();
                 let (tx, rx) = mpsc::channel(256);

@@ -274,3 +274,56 @@ impl ServerCertVerifier for KindVerifier {
         self.inner.supported_verify_schemes()
     }
 }
+
+/// An endpoint to the control plane at `url`: with `tls`, an `https://`
+/// URL whose server must present a `replica` identity from the CA; without,
+/// plaintext `http://` (the control plane must run with `--insecure`).
+pub fn control_plane_endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, TlsError> {
+    match tls {
+        Some(t) => t.endpoint_expecting(url, Kind::Replica),
+        None if url.starts_with("https://") => Err(TlsError::Config(format!(
+            "{url}: an https:// control plane needs --tls-ca (and --tls-cert/--tls-key for a client identity)"
+        ))),
+        None => Endpoint::from_shared(url.to_owned())
+            .map_err(|e| TlsError::Config(format!("{url}: {e}"))),
+    }
+}
+
+/// The client TLS flags every process that calls the control plane takes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTlsArgs {
+    /// CA certificate (PEM) the control plane's certificate must chain to;
+    /// turns TLS on (the control-plane URL must then be https://).
+    #[arg(long, env = "SEXTANT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate chain (PEM), whose SAN URI
+    /// spiffe://sextant/KIND/ID says who it is.
+    #[arg(long, env = "SEXTANT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "SEXTANT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The TLS settings the flags ask for (`None`: plaintext), checked by
+    /// reading the files once.
+    pub fn client(&self) -> Result<Option<ClientTls>, TlsError> {
+        let Some(ca) = &self.tls_ca else {
+            if let Some(cert) = &self.tls_cert {
+                return Err(TlsError::Config(format!(
+                    "--tls-cert {} without --tls-ca: give the CA that signed the control plane's certificate",
+                    cert.display()
+                )));
+            }
+            return Ok(None);
+        };
+        let c = ClientTls {
+            ca: ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        c.rustls_config()?;
+        Ok(Some(c))
+    }
+}

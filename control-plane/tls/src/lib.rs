@@ -49,7 +49,7 @@ mod metrics;
 mod pem;
 mod server;
 
-pub use client::{probe_server, ClientTls, PeerCert};
+pub use client::{control_plane_endpoint, probe_server, ClientTls, ClientTlsArgs, PeerCert};
 pub use error::TlsError;
 pub use identity::{Identity, Kind, UnknownKind, MAX_ID_LEN, URI_PREFIX};
 pub use metrics::TlsMetrics;

@@ -18,6 +18,8 @@ struct Args {
     /// turn when one fails).
     #[arg(long, env = "SEXTANT_CONTROL_PLANE")]
     control_plane: String,
+    #[command(flatten)]
+    tls: sextant_tls::ClientTlsArgs,
     /// A unique name for this DNS server (shown in `sextantctl status`).
     #[arg(long, env = "SEXTANT_NODE_ID")]
     node_id: String,
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let config = DnsConfig {
+        tls: args.tls.client()?,
         control_plane: args.control_plane,
         node_id: args.node_id,
         site: args.site,

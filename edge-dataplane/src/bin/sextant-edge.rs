@@ -17,6 +17,8 @@ struct Args {
     /// turn when one fails).
     #[arg(long, env = "SEXTANT_CONTROL_PLANE")]
     control_plane: String,
+    #[command(flatten)]
+    tls: sextant_tls::ClientTlsArgs,
     /// This edge's fleet id.
     #[arg(long, env = "SEXTANT_NODE_ID")]
     node_id: String,
@@ -65,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let config = EdgeConfig {
+        tls: args.tls.client()?,
         control_plane: args.control_plane,
         node_id: args.node_id,
         site: args.site,

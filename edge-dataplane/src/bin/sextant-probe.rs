@@ -20,6 +20,8 @@ struct Args {
     /// turn when one fails).
     #[arg(long, env = "SEXTANT_CONTROL_PLANE")]
     control_plane: String,
+    #[command(flatten)]
+    tls: sextant_tls::ClientTlsArgs,
     /// This vantage point's name, sent with every batch (e.g. probe-ams-1).
     #[arg(long, env = "SEXTANT_VANTAGE_ID")]
     vantage_id: String,
@@ -47,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     sextant_edge::process::init_logging("info");
     let config = ProbeConfig {
+        tls: args.tls.client()?,
         control_plane: args.control_plane,
         vantage_id: args.vantage_id,
         interval: args.interval,

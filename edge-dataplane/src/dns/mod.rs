@@ -97,6 +97,8 @@ impl Build for DnsBuilder {
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     pub control_plane: String,
+    /// TLS to the control plane (`None`: plaintext).
+    pub tls: Option<sextant_tls::ClientTls>,
     pub node_id: String,
     pub site: String,
     /// UDP and TCP, same port (port 0: one free for both).
@@ -156,6 +158,7 @@ pub async fn run(config: DnsConfig, shutdown: impl Future<Output = ()>) -> Resul
         kind: pb::NodeKind::Dns,
         site: config.site.clone(),
         data_dir: config.data_dir.clone(),
+        tls: config.tls.clone(),
     };
     tokio::spawn(subscriber::run(
         opts,
