@@ -49,7 +49,36 @@ pub enum StoreConfig {
         endpoints: Vec<String>,
         /// Key prefix inside etcd (several Sextants may share a cluster).
         namespace: String,
+        /// Mutual TLS to etcd: the CA of etcd's certificate, and this
+        /// replica's client certificate and key.
+        tls: Option<EtcdTlsFiles>,
     },
+}
+
+/// TLS files for the etcd client.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTlsFiles {
+    fn read(&self) -> Result<sextant_store::etcd::EtcdTls, ServerError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| ServerError::ReadFile {
+                what: "etcd TLS file",
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(sextant_store::etcd::EtcdTls {
+            ca_pem: read(&self.ca)?,
+            identity: match &self.cert_and_key {
+                Some((c, k)) => Some((read(c)?, read(k)?)),
+                None => None,
+            },
+        })
+    }
 }
 
 /// How to run the server.
@@ -131,6 +160,13 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(#[from] sextant_tls::TlsError),
     #[error("--insecure and --tls-* contradict each other: pick one")]
@@ -166,9 +202,11 @@ async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, ServerError>
         StoreConfig::Etcd {
             endpoints,
             namespace,
+            tls,
         } => {
             let options = EtcdOptions {
                 namespace: namespace.clone(),
+                tls: tls.as_ref().map(EtcdTlsFiles::read).transpose()?,
                 ..EtcdOptions::default()
             };
             // Lazy: a replica starts (and serves what it can) while etcd is

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use sextant_store::etcd_server::{EtcdServer, EtcdServerTls};
 use sextant_tests::fleets::{origins_and_fleet, SITE1, SITE2};
 use sextant_tests::{
-    bin, eventually, http_get, logged_addr, ControlPlane, CtlOutput, DnsServer, EdgeProxy,
+    bin, eventually, http_get, logged_addr, split, ControlPlane, CtlOutput, DnsServer, EdgeProxy,
 };
 
 fn ca(args: &[&str]) -> Result<()> {
@@ -276,6 +277,8 @@ fn mutual_tls_roles_scopes_tokens_and_rotation() -> Result<()> {
     eventually(Duration::from_secs(15), "e1 gets its config", || {
         e1.config_version().ok().filter(|v| *v > 0)
     })?;
+    let served = split(e1.process.addr, 6)?;
+    ensure!(served.values().sum::<usize>() == 6, "{served:?}");
     let fake = EdgeProxy::start_with(&url, "e2", SITE2, &dir.path().join("e2"), &edge_refs)?;
     eventually(Duration::from_secs(15), "e2 posing is refused", || {
         fake.process
@@ -353,5 +356,139 @@ fn mutual_tls_roles_scopes_tokens_and_rotation() -> Result<()> {
         "{audit}"
     );
     ensure!(by("token.revoke") == ["operator/admin"], "{audit}");
+    Ok(())
+}
+
+/// A CA in `dir` and a certificate for each (kind, id).
+fn certificates(dir: &Path, who: &[(&str, &str)]) -> Result<()> {
+    let d = dir.display().to_string();
+    ca(&["init", &d])?;
+    for (kind, id) in who {
+        ca(&["issue", &d, "--kind", kind, "--id", id])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_tls_cluster_on_a_tls_etcd_forwards_with_the_callers_identity() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tls = dir.path().join("tls");
+    certificates(
+        &tls,
+        &[
+            ("replica", "cp-1"),
+            ("replica", "cp-2"),
+            ("replica", "etcd"),
+            ("operator", "alice"),
+            ("edge", "e1"),
+        ],
+    )?;
+    let p = |f: &str| tls.join(f).display().to_string();
+    let etcd = EtcdServer::start_tls(EtcdServerTls {
+        cert: tls.join("replica-etcd.crt"),
+        key: tls.join("replica-etcd.key"),
+        client_ca: tls.join("ca.crt"),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let endpoint = etcd.endpoint();
+    ensure!(endpoint.starts_with("https://"), "{endpoint}");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[operators]]\nname = \"alice\"\nrole = \"operator\"\n",
+    )?;
+    let (_origins, fleet) = origins_and_fleet(dir.path())?;
+    let start = |id: &str, fleet: Option<&Path>| {
+        ControlPlane::start_with(
+            &dir.path().join(id),
+            fleet,
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &endpoint,
+                "--etcd-tls-ca",
+                &p("ca.crt"),
+                "--etcd-tls-cert",
+                &p(&format!("replica-{id}.crt")),
+                "--etcd-tls-key",
+                &p(&format!("replica-{id}.key")),
+                "--replica-id",
+                id,
+                "--tls-cert",
+                &p(&format!("replica-{id}.crt")),
+                "--tls-key",
+                &p(&format!("replica-{id}.key")),
+                "--tls-client-ca",
+                &p("ca.crt"),
+                "--policy",
+                &policy.display().to_string(),
+            ],
+        )
+    };
+    let cp1 = start("cp-1", Some(&fleet))?;
+    let cp2 = start("cp-2", None)?;
+    let ctl_of = |cp: &ControlPlane| Ctl {
+        url: format!("https://{}", cp.process.addr),
+        tls: tls.clone(),
+    };
+    let (c1, c2) = (ctl_of(&cp1), ctl_of(&cp2));
+    // Both see the same leader and the seeded fleet.
+    let leader = eventually(Duration::from_secs(20), "a leader over TLS etcd", || {
+        let s1 = c1.json(Some("alice"), None, &["status"]).ok()?;
+        let s2 = c2.json(Some("alice"), None, &["status"]).ok()?;
+        let lead = |s: &Value| {
+            s["replicas"]
+                .as_array()?
+                .iter()
+                .find(|r| r["leader"] == true)?["id"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        let (l1, l2) = (lead(&s1)?, lead(&s2)?);
+        (l1 == l2 && s1["fleet_generation"].as_u64()? > 0 && s2["fleet_generation"].as_u64()? > 0)
+            .then_some(l1)
+    })?;
+    let follower = if leader == "cp-1" { &c2 } else { &c1 };
+    // A drain sent to the follower is forwarded to the leader over mTLS,
+    // on behalf of alice.
+    follower
+        .run(
+            Some("alice"),
+            None,
+            &["drain", "region/r2", "--reason", "dr test"],
+        )?
+        .ok()?;
+    let audit = follower.json(Some("alice"), None, &["audit"])?;
+    let actor = audit
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["action"] == "drain"))
+        .map(|r| r["actor"].clone())
+        .context("no drain in the audit log")?;
+    ensure!(actor == "operator/alice", "{audit}");
+    // An edge subscribed to the follower gets the drained routing and serves.
+    let args = tls_args(&tls, "edge-e1");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let e1 = EdgeProxy::start_with(
+        &format!(
+            "https://{}",
+            if leader == "cp-1" {
+                cp2.process.addr
+            } else {
+                cp1.process.addr
+            }
+        ),
+        "e1",
+        SITE1,
+        &dir.path().join("e1"),
+        &refs,
+    )?;
+    eventually(
+        Duration::from_secs(15),
+        "e1 gets config from the follower",
+        || e1.config_version().ok().filter(|v| *v > 0),
+    )?;
+    let served = split(e1.process.addr, 4)?;
+    ensure!(served.values().sum::<usize>() == 4, "{served:?}");
     Ok(())
 }

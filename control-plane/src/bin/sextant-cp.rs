@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use sextant_control_plane::grpc::authn::Limits;
-use sextant_control_plane::server::{run, Security, ServerConfig, StoreConfig};
+use sextant_control_plane::server::{run, EtcdTlsFiles, Security, ServerConfig, StoreConfig};
 use tracing_subscriber::EnvFilter;
 
 /// The Sextant control plane: computes routing and serves it over gRPC.
@@ -30,6 +30,16 @@ struct Args {
     /// Key prefix in etcd, so that several Sextants can share one cluster.
     #[arg(long, env = "SEXTANT_ETCD_NAMESPACE", default_value = "")]
     etcd_namespace: String,
+    /// CA certificate (PEM) of etcd's server certificate: TLS to etcd
+    /// (endpoints https://).
+    #[arg(long, env = "SEXTANT_ETCD_TLS_CA")]
+    etcd_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth.
+    #[arg(long, env = "SEXTANT_ETCD_TLS_CERT", requires_all = ["etcd_tls_key", "etcd_tls_ca"])]
+    etcd_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "SEXTANT_ETCD_TLS_KEY", requires = "etcd_tls_cert")]
+    etcd_tls_key: Option<PathBuf>,
     /// URL other replicas forward writes to (default: http://LISTEN_ADDR).
     #[arg(long, env = "SEXTANT_ADVERTISE")]
     advertise: Option<String>,
@@ -184,6 +194,10 @@ fn main() -> anyhow::Result<()> {
             (StoreKind::Etcd, _) => StoreConfig::Etcd {
                 endpoints: args.etcd_endpoints,
                 namespace: args.etcd_namespace,
+                tls: args.etcd_tls_ca.map(|ca| EtcdTlsFiles {
+                    ca,
+                    cert_and_key: args.etcd_tls_cert.zip(args.etcd_tls_key),
+                }),
             },
         };
         if args.lease_ttl_seconds == 0 {

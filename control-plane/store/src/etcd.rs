@@ -100,6 +100,25 @@ pub struct EtcdOptions {
     pub keep_alive_timeout: Duration,
     /// Largest response accepted (a prefix read, a watch response), in bytes.
     pub max_response_bytes: usize,
+    /// Mutual TLS to etcd (endpoints `https://...`); `None`: plaintext.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM contents for TLS to etcd: the CA that signed etcd's certificate, and
+/// this client's certificate and key (etcd's `--client-cert-auth`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for EtcdTls {
+    // Never print the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for EtcdOptions {
@@ -111,6 +130,7 @@ impl Default for EtcdOptions {
             keep_alive_interval: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
             max_response_bytes: 64 * 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -398,11 +418,19 @@ impl EtcdStore {
                 .collect::<Vec<_>>()
                 .join(","),
         });
-        let connect_options = etcd::ConnectOptions::new()
+        let mut connect_options = etcd::ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(options.keep_alive_interval, options.keep_alive_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        if let Some(tls) = &options.tls {
+            let mut config = etcd::TlsOptions::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            connect_options = connect_options.with_tls(config);
+        }
         // Lazy: the channel connects on the first request, and reconnects.
         let client = etcd::Client::connect(&endpoints, Some(connect_options))
             .await

@@ -64,6 +64,9 @@ pub struct EtcdServer {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// With TLS: the plain-HTTP port of `/health` and `/metrics`.
+    metrics_port: u16,
+    tls: Option<EtcdServerTls>,
     etcd: Option<Child>,
     watchdog: Option<Watchdog>,
 }
@@ -83,21 +86,42 @@ impl Watchdog {
     }
 }
 
+/// TLS for a test etcd's client port: its certificate and key, and the CA
+/// clients' certificates must chain to (client certificates required).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
 impl EtcdServer {
     /// Starts a new etcd with an empty data directory and waits until it is
     /// healthy. Fails with a message saying what to do when etcd is not
     /// installed.
     pub fn start() -> Result<EtcdServer, String> {
+        Self::start_with(None)
+    }
+
+    /// Like [`EtcdServer::start`], serving clients over mutual TLS.
+    pub fn start_tls(tls: EtcdServerTls) -> Result<EtcdServer, String> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdServerTls>) -> Result<EtcdServer, String> {
         let binary = find_etcd()?;
         let dir = new_temp_dir()?;
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
             let (client_port, peer_port) = free_ports()?;
+            let (metrics_port, _) = free_ports()?;
             let mut server = EtcdServer {
                 binary: binary.clone(),
                 dir: dir.clone(),
                 client_port,
                 peer_port,
+                metrics_port,
+                tls: tls.clone(),
                 etcd: None,
                 watchdog: None,
             };
@@ -116,9 +140,10 @@ impl EtcdServer {
         Err(last_error)
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The etcd process id, while it runs.
@@ -213,6 +238,17 @@ impl EtcdServer {
             .arg("--election-timeout=500")
             .arg("--logger=zap")
             .arg("--log-level=warn");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.client_ca.display()))
+                .arg("--client-cert-auth")
+                .arg(format!(
+                    "--listen-metrics-urls=http://127.0.0.1:{}",
+                    self.metrics_port
+                ));
+        }
         if supports_no_fsync(&self.binary) {
             command.arg("--unsafe-no-fsync");
         }
@@ -265,7 +301,12 @@ impl EtcdServer {
                     ));
                 }
             }
-            if healthy(self.client_port) {
+            let health_port = if self.tls.is_some() {
+                self.metrics_port
+            } else {
+                self.client_port
+            };
+            if healthy(health_port) {
                 return Ok(());
             }
             if Instant::now() > deadline {
