@@ -334,6 +334,7 @@ pub async fn run(
 
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
+    authenticator.register_metrics(&mut registry);
     // Certificates are re-read when their files change: rotation without a
     // restart, established connections untouched.
     let _tls_watch = tls.as_ref().map(|t| {

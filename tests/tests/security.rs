@@ -13,6 +13,7 @@ use sextant_store::etcd_server::{EtcdServer, EtcdServerTls};
 use sextant_tests::fleets::{origins_and_fleet, SITE1, SITE2};
 use sextant_tests::{
     bin, eventually, http_get, logged_addr, split, ControlPlane, CtlOutput, DnsServer, EdgeProxy,
+    Prober,
 };
 
 fn ca(args: &[&str]) -> Result<()> {
@@ -122,6 +123,7 @@ fn mutual_tls_roles_scopes_tokens_and_rotation() -> Result<()> {
         ("replica", "cp-1"),
         ("edge", "e1"),
         ("dns", "dns-1"),
+        ("probe", "probe-1"),
         ("operator", "admin"),
         ("operator", "alice"),
         ("operator", "bob"),
@@ -300,6 +302,35 @@ fn mutual_tls_roles_scopes_tokens_and_rotation() -> Result<()> {
         },
     )?;
 
+    // A prober lists the edges and reports as its own vantage id only.
+    let probe_args = tls_args(&tls, "probe-probe-1");
+    let probe_refs: Vec<&str> = probe_args.iter().map(String::as_str).collect();
+    let prober = Prober::start(&url, "probe-1", &probe_refs)?;
+    eventually(
+        Duration::from_secs(15),
+        "the prober lists the edges",
+        || {
+            prober
+                .metric("sextant_probe_targets ")
+                .ok()
+                .flatten()
+                .filter(|n| *n == 2.0)
+        },
+    )?;
+    let posing = Prober::start(&url, "probe-2", &probe_refs)?;
+    eventually(Duration::from_secs(15), "probe-2 posing is refused", || {
+        posing
+            .process
+            .log()
+            .contains("may not act as probe/probe-2")
+            .then_some(())
+    })?;
+    ensure!(
+        !prober.process.log().contains("may not"),
+        "{}",
+        prober.process.log()
+    );
+
     // Rotation: new certificate files for the control plane are served to
     // new connections without a restart, and subscribed nodes stay.
     let before = std::fs::read(tls.join("replica-cp-1.crt"))?;
@@ -356,6 +387,21 @@ fn mutual_tls_roles_scopes_tokens_and_rotation() -> Result<()> {
         "{audit}"
     );
     ensure!(by("token.revoke") == ["operator/admin"], "{audit}");
+    // Refusals are counted.
+    let refused = metric(
+        metrics,
+        "sextant_grpc_refused_total{code=\"permission_denied\"} ",
+    );
+    ensure!(
+        refused.is_some_and(|n| n >= 3.0),
+        "{refused:?}: {}",
+        http_get(metrics, "/metrics")?
+            .1
+            .lines()
+            .filter(|l| l.contains("refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     Ok(())
 }
 

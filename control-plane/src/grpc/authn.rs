@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use sextant_store::Store;
 use tonic::body::Body;
 use tonic::Status;
@@ -100,6 +103,8 @@ pub struct Authenticator {
     limits: Limits,
     buckets: Mutex<HashMap<String, Bucket>>,
     open: Arc<Mutex<HashMap<String, usize>>>,
+    /// Refused requests by gRPC code.
+    refused: Family<Vec<(String, String)>, Counter>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -140,7 +145,31 @@ impl Authenticator {
             limits,
             buckets: Mutex::new(HashMap::new()),
             open: Arc::new(Mutex::new(HashMap::new())),
+            refused: Family::default(),
         }
+    }
+
+    /// Registers `sextant_grpc_refused_total{code}`: requests refused by
+    /// authentication, authorization or the per-peer limits.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "sextant_grpc_refused",
+            "gRPC requests refused before any handler (unauthenticated, permission_denied, resource_exhausted)",
+            self.refused.clone(),
+        );
+    }
+
+    fn count_refusal(&self, status: &Status) {
+        let code = match status.code() {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::ResourceExhausted => "resource_exhausted",
+            tonic::Code::Unimplemented => "unimplemented",
+            _ => "other",
+        };
+        self.refused
+            .get_or_create(&vec![("code".to_owned(), code.to_owned())])
+            .inc();
     }
 
     pub fn insecure(&self) -> bool {
@@ -268,6 +297,19 @@ impl Authenticator {
     /// Admits a request to `path`: its principal and its open-slot guard,
     /// or the status to refuse it with.
     pub async fn admit(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        ext: &http::Extensions,
+    ) -> Result<(Principal, Option<OpenGuard>), Status> {
+        let r = self.admit_inner(path, headers, ext).await;
+        if let Err(status) = &r {
+            self.count_refusal(status);
+        }
+        r
+    }
+
+    async fn admit_inner(
         &self,
         path: &str,
         headers: &HeaderMap,
