@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod blocking;
+pub mod bmp;
 pub mod cli;
 pub mod cluster;
 pub mod control_loop;
