@@ -366,7 +366,12 @@ impl Station {
                     if r.is_err() {
                         return;
                     }
-                    true
+                    // A new fleet may watch other prefixes. No vote: the
+                    // snapshot also changes because of the votes' verdicts,
+                    // and votes count intervals.
+                    let fleet = snaps.borrow_and_update().fleet.clone();
+                    self.set_watched(fleet.as_deref());
+                    continue;
                 }
             };
             let snap = node.snapshot();
