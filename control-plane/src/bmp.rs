@@ -54,8 +54,6 @@ pub struct StationConfig {
     pub interval: Duration,
     /// A new session that has not sent its table yet votes after this.
     pub sync_grace: Duration,
-    /// Ended sessions are listed this long.
-    pub keep_ended: Duration,
 }
 
 impl Default for StationConfig {
@@ -63,7 +61,6 @@ impl Default for StationConfig {
         Self {
             interval: Duration::from_secs(1),
             sync_grace: Duration::from_secs(3),
-            keep_ended: Duration::from_secs(3600),
         }
     }
 }
@@ -277,16 +274,15 @@ impl Station {
         let now = clock.now_ms();
         info!(reason = %why, "bmp session down");
         if let Ok(mut conns) = self.conns.lock() {
-            let keep = i64::try_from(self.config.keep_ended.as_millis()).unwrap_or(i64::MAX);
-            // One ended session per router is enough to say it is down.
+            // A router's latest ended session is enough to say it is down
+            // (and keeps the list bounded by the routers).
             let ident = conns
                 .get(&id)
                 .map(|c| (c.session.sys_name.clone(), c.remote.ip()));
             conns.retain(|k, c| {
                 *k == id
                     || c.ended.is_none()
-                    || (now - c.ended.as_ref().map_or(now, |e| e.0) < keep
-                        && ident.as_ref() != Some(&(c.session.sys_name.clone(), c.remote.ip())))
+                    || ident.as_ref() != Some(&(c.session.sys_name.clone(), c.remote.ip()))
             });
             if let Some(c) = conns.get_mut(&id) {
                 c.ended = Some((now, why));
@@ -358,6 +354,9 @@ impl Station {
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut snaps = node.subscribe();
+        // Each voter's last vote: a change casts only the votes that
+        // changed, so that a change elsewhere is not an extra vote.
+        let mut last: BTreeMap<(String, String), bool> = BTreeMap::new();
         loop {
             let on_change = tokio::select! {
                 _ = tick.tick() => false,
@@ -383,8 +382,15 @@ impl Station {
             }
             let now = clock.now_ms();
             let grace = i64::try_from(self.config.sync_grace.as_millis()).unwrap_or(i64::MAX);
-            let obs = votes(fleet, &self.conns(), now, grace);
+            let mut obs = votes(fleet, &self.conns(), now, grace);
+            if on_change {
+                obs.retain(|o| last.get(&(o.voter.clone(), o.edge.clone())) != Some(&o.ok));
+            }
+            if last.len() > 100_000 {
+                last.clear();
+            }
             for o in &obs {
+                last.insert((o.voter.clone(), o.edge.clone()), o.ok);
                 self.metrics
                     .votes
                     .get_or_create(&vec![(

@@ -235,7 +235,6 @@ fn main() -> anyhow::Result<()> {
         let bmp = sextant_control_plane::bmp::StationConfig {
             interval: ms("--bmp-interval", &args.bmp_interval)?,
             sync_grace: ms("--bmp-sync-grace", &args.bmp_sync_grace)?,
-            ..Default::default()
         };
         let config = ServerConfig {
             health,
