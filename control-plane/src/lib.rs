@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod auth;
 pub mod blocking;
+pub mod bmp;
 pub mod cli;
 pub mod cluster;
 pub mod control_loop;

@@ -110,6 +110,10 @@ pub struct ServerConfig {
     pub bounds: sextant_core::failover::Bounds,
     /// Who may call what.
     pub security: Security,
+    /// BMP station address (anycast health from BGP); port 0 picks a free
+    /// port (logged as `listening for bmp on ADDR`).
+    pub bmp_listen: Option<SocketAddr>,
+    pub bmp: crate::bmp::StationConfig,
 }
 
 /// How callers are authenticated and limited.
@@ -349,6 +353,31 @@ pub async fn run(
         distribution.clone(),
         stale_after_ms,
     ));
+
+    let station = match config.bmp_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            info!("listening for bmp on {bound}");
+            if config.bmp.allow.is_empty() {
+                warn!("BMP sessions are accepted from any address (BMP is not authenticated): set --bmp-allow to the routers' networks");
+            }
+            let station = crate::bmp::Station::new(config.bmp.clone(), &mut registry);
+            tokio::spawn(station.clone().run(
+                listener,
+                node.clone(),
+                reports.clone(),
+                clock.clone(),
+            ));
+            Some(station)
+        }
+        None => None,
+    };
+
     if let Some(addr) = config.metrics {
         let listener = metrics::bind(addr)
             .await
@@ -422,8 +451,11 @@ pub async fn run(
         .add_service(FleetServiceServer::new(fleet).max_decoding_message_size(8 << 20))
         .add_service(SteeringServiceServer::new(steering))
         .add_service(
-            BgpServiceServer::new(BgpApi { node: node.clone() })
-                .max_decoding_message_size(MAX_RIB_BYTES.min(8 << 20)),
+            BgpServiceServer::new(BgpApi {
+                node: node.clone(),
+                station,
+            })
+            .max_decoding_message_size(MAX_RIB_BYTES.min(8 << 20)),
         )
         .add_service(OperationsServiceServer::new(operations))
         .add_service(ClusterServiceServer::new(cluster))

@@ -9,6 +9,7 @@
 
 pub mod bird;
 pub mod fleets;
+pub mod gobgp;
 pub mod origin;
 
 use std::io::{BufRead, BufReader};

@@ -135,6 +135,14 @@ impl Automation {
                     .observe(edge, &o.voter, o.ok, o.at_ms, &o.error);
             }
         }
+        // Anycast sites' BGP voters count against their own quorum.
+        for a in fleet.anycast.values() {
+            if let Some(info) = fleet.domains.get(&a.site) {
+                for edge in &info.edges {
+                    self.tracker.set_bgp_quorum(edge, Some(a.quorum));
+                }
+            }
+        }
         // Forget edges the fleet lost (cheaply: now and then, or when there
         // are more tracked than the fleet has).
         self.steps += 1;
@@ -385,6 +393,50 @@ mod tests {
         // Nothing new: no routing change.
         let d = step(&mut a, &f, vec![], 6500);
         assert!(!d.routing);
+    }
+
+    #[test]
+    fn an_anycast_block_sets_the_quorum_of_its_routers() {
+        let mut spec = fleet().spec().clone();
+        spec.anycast.push(crate::fleet::AnycastSpec {
+            site: "region/r1/metro/m1/site/s1".into(),
+            routers: vec!["r1".into(), "r2".into()],
+            prefixes: vec!["203.0.113.0/24".into()],
+            quorum: Some(1),
+        });
+        let f = Fleet::from_spec(spec).expect("valid");
+        let mut a = Automation::new(HealthConfig::default(), Bounds::default());
+        let with = |t: i64, r1: bool| {
+            let mut o = obs("e1", true, t);
+            for (r, ok) in [("bgp:r1", r1), ("bgp:r2", true)] {
+                o.push(Observation {
+                    edge: "e1".into(),
+                    voter: r.into(),
+                    ok,
+                    at_ms: t,
+                    error: if ok {
+                        String::new()
+                    } else {
+                        "withdrawn".into()
+                    },
+                });
+            }
+            o
+        };
+        for t in 0..3 {
+            step(&mut a, &f, with(t * 1000, true), t * 1000);
+        }
+        step(&mut a, &f, with(3000, false), 3000);
+        let d = step(&mut a, &f, with(4000, false), 4000);
+        assert!(d.routing, "one router of two is the quorum of 1");
+        assert_eq!(d.signals.health(&EdgeId::from("e1")), Health::Down);
+        assert!(
+            d.signals.edges[&EdgeId::from("e1")]
+                .reason
+                .contains("bgp:r1 failing: withdrawn"),
+            "{:?}",
+            d.signals.edges[&EdgeId::from("e1")]
+        );
     }
 
     #[test]

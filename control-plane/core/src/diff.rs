@@ -315,6 +315,12 @@ pub fn fleet_changes(before: &FleetSpec, after: &FleetSpec) -> Vec<ObjectChange>
         by_id(&after.groups, |g| &g.id),
         &mut out,
     );
+    diff_section(
+        "anycast",
+        by_id(&before.anycast, |a| &a.site),
+        by_id(&after.anycast, |a| &a.site),
+        &mut out,
+    );
     out
 }
 

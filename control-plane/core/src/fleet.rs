@@ -34,6 +34,9 @@ pub struct FleetSpec {
     pub edges: Vec<EdgeSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupSpec>,
+    /// Sites whose reachability by anycast is judged from BGP (BMP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anycast: Vec<AnycastSpec>,
 }
 
 /// A steered hostname and its policy.
@@ -346,6 +349,26 @@ pub struct GroupSpec {
     pub latency_ms: BTreeMap<String, f64>,
 }
 
+/// An anycast site: the routers that announce its service prefixes, as
+/// they report over BMP. When `quorum` of them have no route for any of
+/// the prefixes (withdrawn, peer down, BMP session down), the site's edges
+/// are not reachable by anycast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnycastSpec {
+    /// Site path, `region/R/metro/M/site/S`, with at least one edge.
+    pub site: String,
+    /// How the station knows each router: its BMP Initiation sysName, its
+    /// BGP router id, or the address its BMP session comes from.
+    pub routers: Vec<String>,
+    /// The site's anycast service prefixes (CIDR).
+    pub prefixes: Vec<String>,
+    /// Routers that must lose the route for the site to be unreachable
+    /// (default: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
+}
+
 // ---------------------------------------------------------------------------
 // Problems.
 // ---------------------------------------------------------------------------
@@ -560,6 +583,19 @@ pub struct Service {
     pub policy: Policy,
 }
 
+/// A checked anycast site.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anycast {
+    pub site: DomainPath,
+    pub routers: Vec<String>,
+    pub prefixes: Vec<IpNet>,
+    /// Routers that must lose the route (1 ..= routers).
+    pub quorum: usize,
+}
+
+/// Longest router name.
+pub const MAX_ROUTER_LEN: usize = 128;
+
 /// What sits below one fault domain.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DomainInfo {
@@ -580,6 +616,8 @@ pub struct Fleet {
     /// Every fault domain the fleet defines (from edge sites and providers
     /// and origin paths, with every domain above them).
     pub domains: BTreeMap<DomainPath, DomainInfo>,
+    /// Anycast sites by site path.
+    pub anycast: BTreeMap<DomainPath, Anycast>,
     /// Every group's candidates in flat arrays, for the solver.
     candidates: CandidateIndex,
 }
@@ -847,6 +885,7 @@ impl Validator {
         let service_ids: BTreeSet<&str> = spec.services.iter().map(|s| s.id.as_str()).collect();
         let groups = self.groups(spec, &edges, &domains, &service_ids);
         let services = self.services(spec, &edges);
+        let anycast = self.anycast(spec, &domains);
         Fleet {
             spec: FleetSpec::default(),
             edges,
@@ -854,6 +893,7 @@ impl Validator {
             groups,
             services,
             domains,
+            anycast,
             candidates: CandidateIndex::default(),
         }
     }
@@ -1044,6 +1084,137 @@ impl Validator {
                         commit_rps: e.commit_rps,
                         overage_price: e.overage_price,
                         health_check: e.health_check.clone(),
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn anycast(
+        &mut self,
+        spec: &FleetSpec,
+        domains: &BTreeMap<DomainPath, DomainInfo>,
+    ) -> BTreeMap<DomainPath, Anycast> {
+        let mut out = BTreeMap::new();
+        let mut router_at: BTreeMap<&str, String> = BTreeMap::new();
+        for (i, a) in spec.anycast.iter().enumerate() {
+            let at = loc("anycast", i, &a.site);
+            let mut ok = true;
+            let site = match DomainPath::parse(&a.site) {
+                Ok(d) if d.kind() == DomainKind::Site => {
+                    if domains.get(&d).is_none_or(|info| info.edges.is_empty()) {
+                        self.problem(format!("{at}.site"), format!("no edge is in {d}"));
+                        ok = false;
+                    }
+                    Some(d)
+                }
+                Ok(d) => {
+                    self.problem(
+                        format!("{at}.site"),
+                        format!(
+                            "{d} is a {} path; anycast is per site, region/R/metro/M/site/S",
+                            d.kind()
+                        ),
+                    );
+                    None
+                }
+                Err(err) => {
+                    // A bare site name: say which path it is.
+                    let known: Vec<&DomainPath> = domains
+                        .keys()
+                        .filter(|d| d.kind() == DomainKind::Site && d.name() == a.site)
+                        .collect();
+                    let hint = match known.as_slice() {
+                        [one] => format!("; did you mean {one}?"),
+                        _ => String::new(),
+                    };
+                    self.problem(format!("{at}.site"), format!("{err}{hint}"));
+                    None
+                }
+            };
+            if a.routers.is_empty() {
+                self.problem(format!("{at}.routers"), "needs at least one router");
+                ok = false;
+            }
+            let mut mine = BTreeSet::new();
+            for (j, r) in a.routers.iter().enumerate() {
+                let here = format!("{at}.routers[{j}]");
+                if r.is_empty()
+                    || r.len() > MAX_ROUTER_LEN
+                    || r.chars().any(|c| c.is_control() || c.is_whitespace())
+                {
+                    self.problem(
+                        here,
+                        format!(
+                            "router {r:?} must be 1..={MAX_ROUTER_LEN} characters without spaces"
+                        ),
+                    );
+                    ok = false;
+                } else if !mine.insert(r.as_str()) {
+                    self.problem(here, format!("duplicate router {r:?}"));
+                    ok = false;
+                } else if let Some(other) = router_at.insert(r.as_str(), at.clone()) {
+                    self.problem(here, format!("router {r:?} is also in {other}"));
+                    ok = false;
+                }
+            }
+            if a.prefixes.is_empty() {
+                self.problem(format!("{at}.prefixes"), "needs at least one prefix");
+                ok = false;
+            }
+            let mut prefixes: Vec<IpNet> = Vec::new();
+            for (j, p) in a.prefixes.iter().enumerate() {
+                let here = format!("{at}.prefixes[{j}]");
+                match p.parse::<IpNet>() {
+                    Ok(net) if net.trunc() != net => {
+                        self.problem(
+                            here,
+                            format!("{p} has host bits set; did you mean {}?", net.trunc()),
+                        );
+                        ok = false;
+                    }
+                    Ok(net) if prefixes.contains(&net) => {
+                        self.problem(here, format!("duplicate prefix {net}"));
+                        ok = false;
+                    }
+                    Ok(net) => prefixes.push(net),
+                    Err(_) => {
+                        self.problem(
+                            here,
+                            format!("{p:?} is not a CIDR prefix (e.g. 203.0.113.0/24)"),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            let quorum = a.quorum.unwrap_or(a.routers.len());
+            if quorum == 0 || quorum > a.routers.len() {
+                self.problem(
+                    format!("{at}.quorum"),
+                    format!(
+                        "quorum {quorum} must be between 1 and the number of routers ({})",
+                        a.routers.len()
+                    ),
+                );
+                ok = false;
+            }
+            let Some(site) = site else { continue };
+            if out.contains_key(&site) {
+                self.problem(
+                    format!("{at}.site"),
+                    format!("site {site} has another anycast block"),
+                );
+                continue;
+            }
+            if ok {
+                out.insert(
+                    site.clone(),
+                    Anycast {
+                        site,
+                        routers: a.routers.clone(),
+                        prefixes,
+                        quorum,
                     },
                 );
             }
@@ -1814,6 +1985,108 @@ latency_ms = { "region/eu" = 10, "provider/cdn-a" = 30, "ams1" = 5 }
         let f = Fleet::from_toml(include_str!("../../../deploy/examples/fleet.toml"))
             .expect("deploy/examples/fleet.toml");
         assert!(f.services.values().all(|s| s.policy == Policy::default()));
+    }
+
+    #[test]
+    fn anycast_blocks_are_checked() {
+        let ok = format!(
+            "{BASE}\n[[anycast]]\nsite = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\", \"192.0.2.2\"]\nprefixes = [\"203.0.113.0/24\", \"2001:db8:ffff::/48\"]\n"
+        );
+        let f = Fleet::from_toml(&ok).expect("valid");
+        let site = DomainPath::parse("region/eu/metro/ams/site/ams1").expect("path");
+        let a = &f.anycast[&site];
+        assert_eq!(a.quorum, 2, "default: all routers");
+        assert_eq!(a.prefixes.len(), 2);
+        assert_eq!(
+            Fleet::from_toml(&format!("{ok}quorum = 1\n"))
+                .expect("valid")
+                .anycast[&site]
+                .quorum,
+            1
+        );
+        let block = |body: &str| format!("{BASE}\n[[anycast]]\n{body}\n");
+        let at = "anycast[0] \"region/eu/metro/ams/site/ams1\"";
+        for (body, field, message) in [
+            (
+                "site = \"ams1\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.0/24\"]",
+                "anycast[0] \"ams1\".site",
+                "did you mean region/eu/metro/ams/site/ams1?",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/nope\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.0/24\"]",
+                "anycast[0] \"region/eu/metro/ams/site/nope\".site",
+                "no edge is in",
+            ),
+            (
+                "site = \"region/eu\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.0/24\"]",
+                "anycast[0] \"region/eu\".site",
+                "anycast is per site",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = []\nprefixes = [\"203.0.113.0/24\"]",
+                &format!("{at}.routers"),
+                "at least one router",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\", \"r1\"]\nprefixes = [\"203.0.113.0/24\"]",
+                &format!("{at}.routers[1]"),
+                "duplicate router",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r 1\"]\nprefixes = [\"203.0.113.0/24\"]",
+                &format!("{at}.routers[0]"),
+                "without spaces",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.1/24\"]",
+                &format!("{at}.prefixes[0]"),
+                "host bits",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.0/24\", \"203.0.113.0/24\"]",
+                &format!("{at}.prefixes[1]"),
+                "duplicate prefix",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\"]\nprefixes = [\"nope\"]",
+                &format!("{at}.prefixes[0]"),
+                "not a CIDR prefix",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\"]\nprefixes = []",
+                &format!("{at}.prefixes"),
+                "at least one prefix",
+            ),
+            (
+                "site = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.0/24\"]\nquorum = 2",
+                &format!("{at}.quorum"),
+                "between 1 and the number of routers (1)",
+            ),
+        ] {
+            let p = problems(&block(body));
+            assert!(has(&p, field, message), "{body}: {p:?}");
+        }
+        // The same site twice, and a router in two sites.
+        let twice = format!(
+            "{ok}\n[[anycast]]\nsite = \"region/eu/metro/ams/site/ams1\"\nrouters = [\"r1\"]\nprefixes = [\"203.0.113.0/24\"]\n"
+        );
+        let p = problems(&twice);
+        assert!(
+            has(
+                &p,
+                "anycast[1] \"region/eu/metro/ams/site/ams1\".routers[0]",
+                "also in anycast[0]"
+            ),
+            "{p:?}"
+        );
+        assert!(
+            has(
+                &p,
+                "anycast[1] \"region/eu/metro/ams/site/ams1\".site",
+                "another anycast block"
+            ),
+            "{p:?}"
+        );
     }
 
     #[test]

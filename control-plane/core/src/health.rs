@@ -18,6 +18,16 @@
 //!
 //! An edge whose voters all went silent keeps its last verdict (a prober
 //! fleet that dies must not bring a dead edge back), and says so.
+//!
+//! **Anycast voters** (names starting with [`BGP_PREFIX`], one per BGP
+//! router of an anycast site, fed from BMP) are counted apart from the
+//! probes: they take the edge down by themselves when their own quorum
+//! ([`HealthTracker::set_bgp_quorum`], default all of them) votes down,
+//! whatever the probes say, so a site with one router can be taken out by
+//! that router. Each router's vote has the same K/M hysteresis and
+//! staleness as a probe's. Both quorums count the fresh voters of their
+//! kind only. The edge is up when neither kind has a quorum down and each
+//! kind that has fresh voters is up by its rule.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +38,15 @@ use crate::signals::Health;
 
 /// The voter name of an edge's own agent.
 pub const AGENT: &str = "agent";
+
+/// Voter names of BGP routers (anycast health from BMP) start with this;
+/// probers may not use it.
+pub const BGP_PREFIX: &str = "bgp:";
+
+/// Whether `voter` is a BGP router's.
+pub fn is_bgp(voter: &str) -> bool {
+    voter.starts_with(BGP_PREFIX)
+}
 
 /// Flap damping settings (BGP-style: penalty, thresholds, half-life).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +212,8 @@ struct EdgeState {
     /// was written for: words are written again only when those change
     /// (evaluation runs every interval for every edge).
     words: (u64, String),
+    /// BGP voters that must vote down (`None`: all fresh ones).
+    bgp_quorum: Option<usize>,
 }
 
 /// A change of verdict, for the caller to act on and audit.
@@ -253,6 +274,15 @@ impl HealthTracker {
             if v.last_error != error {
                 v.last_error = error.to_owned();
             }
+        }
+    }
+
+    /// How many of `edge`'s BGP voters must vote down to take it down
+    /// (capped at the fresh ones); `None`: all of them. Only for an edge
+    /// already tracked (set it after [`Self::observe`]).
+    pub fn set_bgp_quorum(&mut self, edge: &EdgeId, quorum: Option<usize>) {
+        if let Some(st) = self.edges.get_mut(edge) {
+            st.bgp_quorum = quorum;
         }
     }
 
@@ -396,6 +426,112 @@ fn stand(cfg: &HealthConfig, name: &str, v: &Voter, now_ms: i64) -> Stand {
     }
 }
 
+/// One kind of voters (probes and agent, or BGP routers), counted.
+#[derive(Debug, Default)]
+struct Tally {
+    failing: Vec<(String, i64, String)>,
+    up: usize,
+    fresh: usize,
+    n: usize,
+}
+
+impl Tally {
+    fn add(&mut self, name: &str, v: &Voter, s: Stand) {
+        self.n += 1;
+        match s {
+            Stand::Silent => {
+                self.failing
+                    .push((name.to_owned(), v.last_at_ms, "no report".to_owned()));
+                self.fresh += 1;
+            }
+            Stand::Stale => {}
+            Stand::Failing => {
+                let since = v.failing_since_ms.unwrap_or(v.last_at_ms);
+                self.failing
+                    .push((name.to_owned(), since, v.last_error.clone()));
+                self.fresh += 1;
+            }
+            Stand::Ok => {
+                self.up += 1;
+                self.fresh += 1;
+            }
+            Stand::Failed | Stand::Recovering => self.fresh += 1,
+        }
+    }
+
+    /// Probes: down with `quorum` failing, up with `quorum` (or every
+    /// fresh voter, if fewer) passing.
+    fn probe_rule(&self, quorum: usize) -> Option<Health> {
+        if self.failing.len() >= quorum {
+            Some(Health::Down)
+        } else if self.fresh > 0 && self.up >= quorum.min(self.fresh) {
+            Some(Health::Up)
+        } else {
+            None
+        }
+    }
+
+    /// The BGP quorum in effect: as set, at most the fresh voters.
+    fn bgp_quorum(&self, quorum: Option<usize>) -> usize {
+        quorum.unwrap_or(self.fresh).min(self.fresh).max(1)
+    }
+
+    /// BGP routers: down with the quorum failing; up when so many pass
+    /// that fewer than the quorum could be failing.
+    fn bgp_rule(&self, quorum: Option<usize>) -> Option<Health> {
+        if self.fresh == 0 {
+            return None;
+        }
+        let q = self.bgp_quorum(quorum);
+        if self.failing.len() >= q {
+            Some(Health::Down)
+        } else if self.up > self.fresh - q {
+            Some(Health::Up)
+        } else {
+            None
+        }
+    }
+}
+
+/// The voters of `st`, counted by kind, and a key of their stands.
+fn tally(cfg: &HealthConfig, st: &EdgeState, now_ms: i64) -> (Tally, Tally, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut probes = Tally::default();
+    let mut bgp = Tally::default();
+    let mut key = std::collections::hash_map::DefaultHasher::new();
+    for (name, v) in &st.voters {
+        let s = stand(cfg, name, v, now_ms);
+        name.hash(&mut key);
+        s.hash(&mut key);
+        if matches!(s, Stand::Failing | Stand::Failed) {
+            v.last_error.hash(&mut key);
+        }
+        if is_bgp(name) {
+            bgp.add(name, v, s);
+        } else {
+            probes.add(name, v, s);
+        }
+    }
+    (probes, bgp, key.finish())
+}
+
+/// Both kinds' verdicts combined: down if either has its quorum down; up
+/// if each kind with fresh voters is up; else `None` (hold).
+fn combine(cfg: &HealthConfig, st: &EdgeState, probes: &Tally, bgp: &Tally) -> Option<Health> {
+    let p = probes.probe_rule(cfg.quorum);
+    if bgp.fresh == 0 {
+        return p;
+    }
+    let b = bgp.bgp_rule(st.bgp_quorum);
+    if p == Some(Health::Down) || b == Some(Health::Down) {
+        Some(Health::Down)
+    } else if b == Some(Health::Up) && (p == Some(Health::Up) || probes.fresh == 0) {
+        Some(Health::Up)
+    } else {
+        None
+    }
+}
+
 /// What the voters say now: `Some(Down)`, `Some(Up)`, or `None` (not
 /// enough fresh votes either way: keep the verdict); the failing voters;
 /// and a key of the voters' stands (for [`describe`]).
@@ -404,46 +540,11 @@ fn raw_verdict(
     st: &EdgeState,
     now_ms: i64,
 ) -> (Option<Health>, Vec<(String, i64, String)>, u64) {
-    use std::hash::{Hash, Hasher};
-    let mut failing = Vec::new();
-    let mut up = 0usize;
-    let mut fresh = 0usize;
-    let mut key = std::collections::hash_map::DefaultHasher::new();
-    for (name, v) in &st.voters {
-        let s = stand(cfg, name, v, now_ms);
-        name.hash(&mut key);
-        s.hash(&mut key);
-        match s {
-            Stand::Silent => {
-                failing.push((name.clone(), v.last_at_ms, "no report".to_owned()));
-                fresh += 1;
-            }
-            Stand::Stale => {}
-            Stand::Failing => {
-                let since = v.failing_since_ms.unwrap_or(v.last_at_ms);
-                failing.push((name.clone(), since, v.last_error.clone()));
-                v.last_error.hash(&mut key);
-                fresh += 1;
-            }
-            Stand::Ok => {
-                up += 1;
-                fresh += 1;
-            }
-            Stand::Failed => {
-                v.last_error.hash(&mut key);
-                fresh += 1;
-            }
-            Stand::Recovering => fresh += 1,
-        }
-    }
-    let raw = if failing.len() >= cfg.quorum {
-        Some(Health::Down)
-    } else if fresh > 0 && up >= cfg.quorum.min(fresh) {
-        Some(Health::Up)
-    } else {
-        None
-    };
-    (raw, failing, key.finish())
+    let (probes, bgp, key) = tally(cfg, st, now_ms);
+    let raw = combine(cfg, st, &probes, &bgp);
+    let mut failing = probes.failing;
+    failing.extend(bgp.failing);
+    (raw, failing, key)
 }
 
 /// The voters' reason in words.
@@ -452,41 +553,57 @@ fn describe(
     st: &EdgeState,
     now_ms: i64,
     raw: Option<Health>,
-    failing: usize,
+    _failing: usize,
 ) -> String {
-    let mut up = 0usize;
-    let mut fresh = 0usize;
+    let (probes, bgp, _) = tally(cfg, st, now_ms);
     let words: Vec<String> = st
         .voters
         .iter()
-        .map(|(name, v)| {
-            let s = stand(cfg, name, v, now_ms);
-            if s != Stand::Stale {
-                fresh += 1;
-            }
-            match s {
-                Stand::Silent => "agent silent".to_owned(),
-                Stand::Stale => format!("{name} stale"),
-                Stand::Failing => format!("{name} failing: {}", v.last_error),
-                Stand::Ok => {
-                    up += 1;
-                    format!("{name} ok")
-                }
-                Stand::Failed => format!("{name} failed ({})", v.last_error),
-                Stand::Recovering => format!("{name} recovering"),
-            }
+        .map(|(name, v)| match stand(cfg, name, v, now_ms) {
+            Stand::Silent => "agent silent".to_owned(),
+            Stand::Stale => format!("{name} stale"),
+            Stand::Failing => format!("{name} failing: {}", v.last_error),
+            Stand::Ok => format!("{name} ok"),
+            Stand::Failed => format!("{name} failed ({})", v.last_error),
+            Stand::Recovering => format!("{name} recovering"),
         })
         .collect();
-    let n = st.voters.len();
-    let head = match raw {
-        Some(Health::Down) => format!(
+    let n = probes.n;
+    let (failing, up, fresh) = (probes.failing.len(), probes.up, probes.fresh);
+    let mut head = match raw {
+        _ if n == 0 => String::new(),
+        Some(Health::Down) if failing >= cfg.quorum => format!(
             "{failing} of {n} voters see it down (quorum {})",
             cfg.quorum
         ),
-        Some(_) => format!("{up} of {n} voters see it up"),
-        None if fresh == 0 => "no fresh signals: holding the last verdict".to_owned(),
-        None => format!("{failing} of {n} voters see it down, {up} up: holding the last verdict"),
+        Some(Health::Up) => format!("{up} of {n} voters see it up"),
+        _ if fresh == 0 => "no fresh probes".to_owned(),
+        _ => format!("{failing} of {n} voters see it down, {up} up"),
     };
+    if bgp.n > 0 {
+        if !head.is_empty() {
+            head.push_str("; ");
+        }
+        let lost = bgp.failing.len();
+        if bgp.fresh == 0 {
+            head.push_str("anycast: no fresh BGP votes");
+        } else {
+            let q = bgp.bgp_quorum(st.bgp_quorum);
+            head.push_str(&format!(
+                "anycast: {lost} of {} routers lost the route (quorum {q})",
+                bgp.n
+            ));
+            if lost >= q {
+                head.push_str(": not reachable by anycast");
+            }
+        }
+    }
+    if raw.is_none() {
+        if probes.fresh == 0 && bgp.fresh == 0 {
+            head = "no fresh signals".to_owned();
+        }
+        head.push_str(": holding the last verdict");
+    }
     format!("{head}: {}", words.join("; "))
 }
 
@@ -680,6 +797,118 @@ mod tests {
         let v = &h.verdicts()[&e()];
         assert_eq!(v.health, Health::Down);
         assert!(v.reason.contains("p1 stale"), "{}", v.reason);
+    }
+
+    #[test]
+    fn one_router_of_an_anycast_site_takes_it_down_by_itself() {
+        // Three healthy probes (quorum 2), one BGP router (quorum: all).
+        let mut h = HealthTracker::new(cfg());
+        let probes = [("p1", true), ("p2", true), ("p3", true)];
+        let at = |h: &mut HealthTracker, t: i64, bgp: bool| {
+            let mut r = probes.to_vec();
+            r.push(("bgp:r1", bgp));
+            for (v, ok) in &r {
+                let err = if *ok { "" } else { "withdrew 203.0.113.0/24" };
+                h.observe(&e(), v, *ok, t * 1000, err);
+            }
+            h.evaluate(t * 1000)
+        };
+        at(&mut h, 0, true);
+        assert_eq!(at(&mut h, 1, true)[0].to, Health::Up);
+        assert!(at(&mut h, 2, false).is_empty(), "K = 2");
+        let t = at(&mut h, 3, false);
+        assert_eq!(t.len(), 1, "the probes say up, the router alone says down");
+        assert_eq!(t[0].to, Health::Down);
+        let r = &t[0].verdict.reason;
+        assert!(
+            r.contains(
+                "anycast: 1 of 1 routers lost the route (quorum 1): not reachable by anycast"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("bgp:r1 failing: withdrew 203.0.113.0/24"), "{r}");
+        assert!(r.contains("p1 ok"), "{r}");
+        // Announced again: back after M = 2 passes and the damping hold.
+        let mut back = None;
+        for t in 4..40 {
+            if let Some(tr) = at(&mut h, t, true).first() {
+                back = Some((t, tr.to));
+                break;
+            }
+        }
+        assert_eq!(
+            back,
+            Some((14, Health::Up)),
+            "the damping hold after the fall at 3"
+        );
+    }
+
+    #[test]
+    fn the_bgp_quorum_counts_routers_apart_from_probes() {
+        let mut h = HealthTracker::new(cfg());
+        let routers = |a: bool, b: bool, c: bool| [("bgp:r1", a), ("bgp:r2", b), ("bgp:r3", c)];
+        for t in 0..2 {
+            round(&mut h, t, &routers(true, true, true));
+            h.set_bgp_quorum(&e(), Some(2));
+        }
+        assert_eq!(
+            h.verdicts()[&e()].health,
+            Health::Up,
+            "routers alone can bring it up"
+        );
+        // One router of three loses the route: nothing moves (quorum 2),
+        // though the probe quorum (2) is not what counts here.
+        for t in 2..6 {
+            assert!(round(&mut h, t, &routers(false, true, true)).is_empty());
+        }
+        round(&mut h, 6, &routers(false, false, true));
+        let t = round(&mut h, 7, &routers(false, false, true));
+        assert_eq!(t[0].to, Health::Down);
+        assert!(
+            t[0].verdict
+                .reason
+                .contains("2 of 3 routers lost the route (quorum 2)"),
+            "{}",
+            t[0].verdict.reason
+        );
+        // Routers that go stale do not vote: with one fresh router the
+        // quorum is capped at 1, and it is up again when it is.
+        let mut back = None;
+        for t in 8..40 {
+            h.observe(&e(), "bgp:r3", true, t * 1000, "");
+            if let Some(tr) = h.evaluate(t * 1000).first() {
+                back = Some(tr.to);
+                break;
+            }
+        }
+        assert_eq!(back, Some(Health::Up));
+    }
+
+    #[test]
+    fn failing_probes_still_count_when_the_routers_are_fine() {
+        let mut h = HealthTracker::new(cfg());
+        let r = |ok: bool| [("p1", ok), ("p2", ok), ("bgp:r1", true)];
+        round(&mut h, 0, &r(true));
+        round(&mut h, 1, &r(true));
+        round(&mut h, 2, &r(false));
+        let t = round(&mut h, 3, &r(false));
+        assert_eq!(t[0].to, Health::Down);
+        assert!(
+            t[0].verdict
+                .reason
+                .starts_with("2 of 2 voters see it down (quorum 2); anycast: 0 of 1"),
+            "{}",
+            t[0].verdict.reason
+        );
+        // A router alone cannot outvote the probes' quorum down, nor count
+        // in it: one failing probe and a failing router is not two probes.
+        let mut h = HealthTracker::new(cfg());
+        h.observe(&e(), "bgp:r1", true, 0, "");
+        h.set_bgp_quorum(&e(), Some(1));
+        let r = [("p1", false), ("p2", true), ("bgp:r1", true)];
+        for t in 0..10 {
+            assert!(round(&mut h, t, &r).iter().all(|x| x.to == Health::Up));
+        }
     }
 
     #[test]

@@ -150,6 +150,24 @@ struct Args {
     /// Requests and streams one peer may have open at once.
     #[arg(long, env = "SEXTANT_MAX_OPEN_PER_PEER", default_value_t = 256)]
     max_open_per_peer: usize,
+    /// BMP station address (RFC 7854): edge routers send BMP here, and the
+    /// fleet's `[[anycast]]` sites are judged from their routes. Port 0
+    /// picks a free port (the log says which).
+    #[arg(long, env = "SEXTANT_BMP_LISTEN")]
+    bmp_listen: Option<SocketAddr>,
+    /// How often each router's anycast vote is cast (and at once on a
+    /// route change); the health K/M thresholds count these.
+    #[arg(long, env = "SEXTANT_BMP_INTERVAL", default_value = "1s")]
+    bmp_interval: String,
+    /// A new BMP session votes once it sent its table (End-of-RIB or a
+    /// watched prefix), or after this.
+    #[arg(long, env = "SEXTANT_BMP_SYNC_GRACE", default_value = "3s")]
+    bmp_sync_grace: String,
+    /// Networks routers may send BMP from, comma-separated CIDRs (BMP has
+    /// no authentication of its own: bind --bmp-listen to the management
+    /// network and list the routers here). Default: any.
+    #[arg(long, env = "SEXTANT_BMP_ALLOW", value_delimiter = ',')]
+    bmp_allow: Vec<ipnet::IpNet>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SEXTANT_LOG_JSON")]
     log_json: bool,
@@ -280,6 +298,17 @@ fn main() -> anyhow::Result<()> {
                 max_open_per_peer: args.max_open_per_peer,
             },
         };
+        let ms = |flag: &str, v: &str| -> anyhow::Result<std::time::Duration> {
+            let ms = dur(flag, v)?;
+            anyhow::ensure!(ms > 0, "{flag} must be more than 0");
+            Ok(std::time::Duration::from_millis(u64::try_from(ms)?))
+        };
+        let bmp = sextant_control_plane::bmp::StationConfig {
+            interval: ms("--bmp-interval", &args.bmp_interval)?,
+            sync_grace: ms("--bmp-sync-grace", &args.bmp_sync_grace)?,
+            allow: args.bmp_allow,
+            ..Default::default()
+        };
         let config = ServerConfig {
             security,
             health,
@@ -294,6 +323,8 @@ fn main() -> anyhow::Result<()> {
             metrics: args.metrics,
             replica_id: args.replica_id,
             stale_after: std::time::Duration::from_secs(args.stale_after_seconds),
+            bmp_listen: args.bmp_listen,
+            bmp,
         };
         run(config, shutdown_signal())
             .await

@@ -169,9 +169,11 @@ pub(super) async fn run(
                         .iter()
                         .map(|s| {
                             json!({"peer": s.peer, "sys_name": s.sys_name, "site": s.site,
+                                   "router": s.router, "bgp_id": s.bgp_id, "up": s.up,
                                    "connected_unix_ms": s.connected_unix_ms, "messages": s.messages,
                                    "bgp_peers_up": s.bgp_peers_up, "announced": s.announced,
-                                   "missing": s.missing, "last_error": s.last_error})
+                                   "missing": s.missing, "last_error": s.last_error,
+                                   "ended_unix_ms": s.ended_unix_ms, "ended_reason": s.ended_reason})
                         })
                         .collect(),
                 )
@@ -181,25 +183,50 @@ pub(super) async fn run(
             } else {
                 let mut t = Table::new([
                     "ROUTER",
+                    "PEER",
                     "SYSNAME",
                     "SITE",
+                    "STATE",
                     "SINCE",
+                    "MESSAGES",
                     "PEERS UP",
                     "ANNOUNCED",
                     "MISSING",
                 ]);
+                let mut notes = Vec::new();
                 for s in &r.sessions {
+                    let (state, since) = if s.up {
+                        ("up", s.connected_unix_ms)
+                    } else {
+                        ("down", s.ended_unix_ms)
+                    };
+                    if !s.up && !s.ended_reason.is_empty() {
+                        notes.push(format!("{}: {}", s.peer, s.ended_reason));
+                    } else if !s.last_error.is_empty() {
+                        notes.push(format!("{}: {}", s.peer, s.last_error));
+                    }
                     t.row([
+                        if s.router.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            s.router.clone()
+                        },
                         s.peer.clone(),
                         s.sys_name.clone(),
                         s.site.clone(),
-                        rfc3339(i64::try_from(s.connected_unix_ms).unwrap_or(0)),
+                        state.to_owned(),
+                        rfc3339(i64::try_from(since).unwrap_or(0)),
+                        s.messages.to_string(),
                         s.bgp_peers_up.to_string(),
                         s.announced.join(","),
                         s.missing.join("; "),
                     ]);
                 }
-                t.render()
+                let mut out = t.render();
+                for n in notes {
+                    out.push_str(&format!("\n{n}"));
+                }
+                out
             }
         }
     })

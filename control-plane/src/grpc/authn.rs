@@ -506,6 +506,12 @@ mod tests {
         ext
     }
 
+    /// The token with the last digit of its secret changed.
+    fn wrong_secret(token: &str) -> String {
+        let last = if token.ends_with('0') { '1' } else { '0' };
+        format!("{}{last}", &token[..token.len() - 1])
+    }
+
     const DRAIN: &str = "/sextant.v1.OperationsService/Drain";
     const STATUS: &str = "/sextant.v1.ClusterService/Status";
 
@@ -552,10 +558,7 @@ mod tests {
                 token(f.store.as_ref(), Role::Admin, 10_000, true).await,
                 "revoked",
             ),
-            (
-                format!("{}0", &viewer[..viewer.len() - 1]),
-                "does not match",
-            ),
+            (wrong_secret(&viewer), "does not match"),
             (
                 "sxt_000000000000_".to_owned() + &"0".repeat(64),
                 "no token with id",

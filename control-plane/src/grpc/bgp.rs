@@ -25,6 +25,8 @@ pub const RIB_PIECE_BYTES: usize = 1 << 20;
 #[derive(Clone)]
 pub struct BgpApi {
     pub node: Node,
+    /// The BMP station, when `--bmp-listen` is set.
+    pub station: Option<Arc<crate::bmp::Station>>,
 }
 
 impl std::fmt::Debug for BgpApi {
@@ -245,7 +247,13 @@ impl BgpService for BgpApi {
         &self,
         _request: Request<pb::ListBmpSessionsRequest>,
     ) -> Result<Response<pb::ListBmpSessionsResponse>, Status> {
-        Ok(Response::new(pb::ListBmpSessionsResponse::default()))
+        let snap = self.node.snapshot();
+        let sessions = self
+            .station
+            .as_ref()
+            .map(|s| s.list(snap.fleet.as_deref()))
+            .unwrap_or_default();
+        Ok(Response::new(pb::ListBmpSessionsResponse { sessions }))
     }
 }
 

@@ -270,6 +270,12 @@ fn check_batch(
             "probe batch: vantage_id {v:?} is reserved for edges' own reports"
         )));
     }
+    if sextant_core::health::is_bgp(v) {
+        return Err(Status::invalid_argument(format!(
+            "probe batch: vantage_id {v:?} is reserved: names starting with {:?} are BGP routers' votes (BMP)",
+            sextant_core::health::BGP_PREFIX
+        )));
+    }
     if batch.results.len() > MAX_RESULTS {
         return Err(Status::invalid_argument(format!(
             "probe batch from {v}: {} results, more than {MAX_RESULTS}",
@@ -350,6 +356,7 @@ mod tests {
             (batch("", &[]), "vantage_id must be"),
             (batch("a b", &[]), "vantage_id must be"),
             (batch("agent", &[]), "reserved"),
+            (batch("bgp:r1", &[]), "reserved"),
         ] {
             let e = check_batch(&b, 0, known).expect_err("refused");
             assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -309,6 +309,7 @@ impl Instance {
             origins: vec![],
             edges,
             groups,
+            anycast: vec![],
         }
     }
 }
