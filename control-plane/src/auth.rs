@@ -203,7 +203,7 @@ pub fn allows(who: &Principal, need: Need, method: &str) -> Result<(), AuthError
         ) => Ok(()),
         (Principal::Node { kind, .. }, Need::Node(kinds)) if kinds.contains(kind) => Ok(()),
         (Principal::Node { kind, .. }, _) => denied(format!(
-            "a {} node may only do its own work",
+            "{} nodes may only do their own work",
             kind_str(*kind)
         )),
     }

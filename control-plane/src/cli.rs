@@ -318,11 +318,26 @@ pub enum CliError {
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         let msg = s.message().trim();
-        let msg = if msg.is_empty() {
+        let mut msg = if msg.is_empty() {
             format!("{:?}", s.code())
         } else {
             msg.to_owned()
         };
+        // The transport's own words (a TLS alert, a reset) are in the chain.
+        let mut source = std::error::Error::source(&s);
+        while let Some(e) = source {
+            let text = e.to_string();
+            if !msg.contains(&text) {
+                msg = format!("{msg}: {text}");
+            }
+            source = e.source();
+        }
+        if msg.contains("transport error") || msg.contains("connection closed") {
+            msg = format!(
+                "{msg} (the connection was closed: with TLS, is your certificate from the control plane's CA? \
+                 without, does the control plane need https:// and --tls-ca?)"
+            );
+        }
         match s.code() {
             tonic::Code::Unavailable if msg.contains("transport") || msg.contains("connect") => {
                 CliError::Rpc(format!("control plane unavailable: {msg}"))

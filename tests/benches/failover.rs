@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::cluster_service_client::ClusterServiceClient;
+use sextant_tests::stats::report;
 use sextant_tests::{bin, eventually, ControlPlane, DnsServer, EdgeProxy, Prober, Process};
 
 fn free_port() -> Result<u16> {
@@ -64,31 +65,6 @@ fn answers(dns: &DnsServer) -> Vec<String> {
     ])
     .map(|s| s.lines().map(str::to_owned).collect())
     .unwrap_or_default()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn report(what: &str, mut v: Vec<f64>) {
-    v.sort_by(f64::total_cmp);
-    println!(
-        "{what}: n={} min={:.0} median={:.0} p90={:.0} p99={:.0} max={:.0} (ms)",
-        v.len(),
-        percentile(&v, 0.0),
-        percentile(&v, 0.5),
-        percentile(&v, 0.9),
-        percentile(&v, 0.99),
-        percentile(&v, 1.0)
-    );
-    println!(
-        "  all: {:?}",
-        v.iter().map(|x| x.round() as i64).collect::<Vec<_>>()
-    );
 }
 
 fn main() -> Result<()> {

@@ -11,6 +11,7 @@ pub mod bird;
 pub mod fleets;
 pub mod gobgp;
 pub mod origin;
+pub mod stats;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -182,6 +182,12 @@ fn mutual_tls_roles_scopes_tokens_and_rotation() -> Result<()> {
         &["drain", "region/r2", "--reason", "x"],
     )?;
     ensure!(!out.success, "a foreign CA's certificate was accepted");
+    ensure!(
+        out.stderr
+            .contains("is your certificate from the control plane's CA"),
+        "{}",
+        out.stderr
+    );
 
     // A viewer may read but not drain; a scoped operator only in its scope.
     ensure!(ctl
