@@ -99,6 +99,10 @@ fn main() -> Result<(), Error> {
     }
     let data = tempfile::tempdir()?;
     let mut cp = Command::new(&cp_bin)
+        // Plaintext, and every subscriber comes from 127.0.0.1: lift the
+        // per-peer limits, which would otherwise count them as one peer.
+        .args(["--insecure", "--max-open-per-peer", "1000000"])
+        .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
         .arg("--fleet")

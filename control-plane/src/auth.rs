@@ -470,6 +470,37 @@ mod tests {
         assert_eq!(need("garbage"), None);
     }
 
+    /// A new RPC without a need would be refused to everyone: every RPC of
+    /// the wire contract has one.
+    #[test]
+    fn every_rpc_in_the_protos_has_a_need() {
+        let protos = [
+            include_str!("../../proto/sextant/v1/bgp.proto"),
+            include_str!("../../proto/sextant/v1/cluster.proto"),
+            include_str!("../../proto/sextant/v1/distribution.proto"),
+            include_str!("../../proto/sextant/v1/fleet.proto"),
+            include_str!("../../proto/sextant/v1/operations.proto"),
+            include_str!("../../proto/sextant/v1/signals.proto"),
+            include_str!("../../proto/sextant/v1/steering.proto"),
+            include_str!("../../proto/sextant/v1/tokens.proto"),
+        ];
+        let mut seen = 0;
+        for text in protos {
+            let mut service = "";
+            for line in text.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix("service ") {
+                    service = rest.split_whitespace().next().unwrap_or_default();
+                } else if let Some(rest) = line.strip_prefix("rpc ") {
+                    let method = rest.split('(').next().unwrap_or_default().trim();
+                    let path = format!("/sextant.v1.{service}/{method}");
+                    assert!(need(&path).is_some(), "{path} has no need");
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 31, "only {seen} RPCs found");
+    }
+
     #[test]
     fn roles_nest_and_nodes_do_only_their_own_work() {
         let m = "X";
