@@ -30,7 +30,7 @@ use sextant_core::signals::Signals;
 use sextant_core::solver::{solve, SolveInput};
 use sextant_core::{DomainPath, DrainSet, EdgeId, Fleet};
 
-use crate::latency::Histogram;
+use crate::latency::{Histogram, Sample};
 use crate::results::*;
 use crate::scenario::{Action, Curve, Scenario};
 use crate::slo;
@@ -122,6 +122,10 @@ pub(crate) struct Engine<'a> {
     cap_factor: Vec<f64>,
     partitioned: BTreeSet<String>,
     reports: Vec<Option<EdgeReport>>,
+    /// The fresh reports as the automation reads them, and which edges
+    /// (positions) they are: rebuilt only when that set changes.
+    reported: BTreeMap<EdgeId, Reported>,
+    reported_idx: Vec<usize>,
     // The control plane and what it published.
     cp: ControlPlane,
     in_flight: Vec<(i64, u64, std::sync::Arc<Routing>)>,
@@ -239,6 +243,8 @@ impl<'a> Engine<'a> {
             cap_factor: vec![1.0; n],
             partitioned: BTreeSet::new(),
             reports: vec![None; n],
+            reported: BTreeMap::new(),
+            reported_idx: Vec::new(),
             cp: ControlPlane {
                 automation: Automation::new(sc.health.clone(), sc.bounds),
                 signals: Signals::default(),
@@ -394,25 +400,31 @@ impl<'a> Engine<'a> {
             }
         }
         let fresh = now - self.sc.health.stale_after_ms;
-        let reported: BTreeMap<EdgeId, Reported> = self
-            .reports
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let r = r.as_ref().filter(|r| r.at_ms >= fresh)?;
-                Some((
-                    self.edge_ids[i].clone(),
-                    Reported {
-                        capacity_rps: Some(r.capacity_rps),
-                        load_rps: Some(r.load_rps),
-                    },
-                ))
-            })
+        let of = |r: &EdgeReport| Reported {
+            capacity_rps: Some(r.capacity_rps),
+            load_rps: Some(r.load_rps),
+        };
+        let fresh_idx: Vec<usize> = (0..self.reports.len())
+            .filter(|&i| self.reports[i].as_ref().is_some_and(|r| r.at_ms >= fresh))
             .collect();
+        if fresh_idx == self.reported_idx {
+            // The same edges report: update in place (both in fleet order).
+            for ((_, slot), &i) in self.reported.iter_mut().zip(&self.reported_idx) {
+                if let Some(r) = &self.reports[i] {
+                    *slot = of(r);
+                }
+            }
+        } else {
+            self.reported = fresh_idx
+                .iter()
+                .filter_map(|&i| Some((self.edge_ids[i].clone(), of(self.reports[i].as_ref()?))))
+                .collect();
+            self.reported_idx = fresh_idx;
+        }
         let decision = self
             .cp
             .automation
-            .step(self.fleet, &reported, obs, now, &rfc3339);
+            .step(self.fleet, &self.reported, obs, now, &rfc3339);
         self.cp.signals = decision.signals;
         if !decision.routing {
             return;
@@ -1122,10 +1134,12 @@ impl<'a> Engine<'a> {
                             / (1.0 - lat.congestion_knee).max(1e-9))
                         .max(0.0);
                         let ms = base * (1.0 + lat.congestion_factor * excess * excess);
-                        hist.add(ms, s);
-                        g_hist[g].add(ms, s);
-                        if detailed {
-                            gh_step[g].add(ms, s);
+                        if let Some(at) = Sample::of(ms, s) {
+                            hist.add_sample(at);
+                            g_hist[g].add_sample(at);
+                            if detailed {
+                                gh_step[g].add_sample(at);
+                            }
                         }
                     }
                 }

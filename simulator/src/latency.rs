@@ -17,28 +17,55 @@ pub struct Histogram {
     log_sum: Vec<f64>,
 }
 
+/// A weighted latency with its bucket and logarithm computed.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    bucket: usize,
+    ln_ms: f64,
+    weight: f64,
+}
+
+impl Sample {
+    /// `None` for a weight that is not positive or a latency that is not
+    /// finite (nothing to add).
+    pub fn of(ms: f64, weight: f64) -> Option<Sample> {
+        if !(weight > 0.0 && ms.is_finite()) {
+            return None;
+        }
+        // One logarithm serves both the bucket and the mean inside it.
+        let ln_ms = ms.max(1e-3).ln();
+        let bucket = if ms <= LOW_MS {
+            0
+        } else {
+            (((ln_ms - LOW_MS.ln()) / RATIO.ln()) as usize).min(BUCKETS - 1)
+        };
+        Some(Sample {
+            bucket,
+            ln_ms,
+            weight,
+        })
+    }
+}
+
 impl Histogram {
     pub fn new() -> Self {
         Self::default()
     }
 
     pub fn add(&mut self, ms: f64, weight: f64) {
-        if !(weight > 0.0 && ms.is_finite()) {
-            return;
+        if let Some(at) = Sample::of(ms, weight) {
+            self.add_sample(at);
         }
+    }
+
+    /// Adds a sample located once (for several histograms).
+    pub fn add_sample(&mut self, s: Sample) {
         if self.weight.is_empty() {
             self.weight = vec![0.0; BUCKETS];
             self.log_sum = vec![0.0; BUCKETS];
         }
-        // One logarithm serves both the bucket and the mean inside it.
-        let l = ms.max(1e-3).ln();
-        let b = if ms <= LOW_MS {
-            0
-        } else {
-            (((l - LOW_MS.ln()) / RATIO.ln()) as usize).min(BUCKETS - 1)
-        };
-        self.weight[b] += weight;
-        self.log_sum[b] += weight * l;
+        self.weight[s.bucket] += s.weight;
+        self.log_sum[s.bucket] += s.weight * s.ln_ms;
     }
 
     /// Empty, keeping its memory.
