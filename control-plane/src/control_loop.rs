@@ -935,24 +935,7 @@ impl Loop {
             .unwrap_or_default();
         let table = self.next_table(preview.routing, preview.churn, &cause);
         let after = table.meta.version.0;
-        let mut seq = self.state.audit_seq;
-        let records: Vec<AuditRecord> = audits
-            .into_iter()
-            .map(|a| {
-                seq += 1;
-                AuditRecord {
-                    seq,
-                    at_ms: now,
-                    actor: a.actor,
-                    action: a.action.to_owned(),
-                    target: a.target,
-                    reason: a.reason,
-                    routing_version_before: before,
-                    routing_version_after: after,
-                    details: a.details,
-                }
-            })
-            .collect();
+        let (records, seq) = self.audit_records(audits, now, before, after);
         commit.fleet = new_fleet;
         commit.table = Some(table.clone());
         commit.audit = records;
@@ -990,6 +973,36 @@ impl Loop {
         })
     }
 
+    /// The records of `audits`, numbered after the state's last one, and
+    /// the last number.
+    fn audit_records(
+        &self,
+        audits: Vec<Audit>,
+        now: i64,
+        before: u64,
+        after: u64,
+    ) -> (Vec<AuditRecord>, u64) {
+        let mut seq = self.state.audit_seq;
+        let records = audits
+            .into_iter()
+            .map(|a| {
+                seq += 1;
+                AuditRecord {
+                    seq,
+                    at_ms: now,
+                    actor: a.actor,
+                    action: a.action.to_owned(),
+                    target: a.target,
+                    reason: a.reason,
+                    routing_version_before: before,
+                    routing_version_after: after,
+                    details: a.details,
+                }
+            })
+            .collect();
+        (records, seq)
+    }
+
     async fn put_token(
         &mut self,
         token: crate::auth::StoredToken,
@@ -997,26 +1010,17 @@ impl Loop {
         intent: Intent,
     ) -> Result<Outcome, OpError> {
         let v = self.state.version.0;
-        let seq = self.state.audit_seq + 1;
-        let record = AuditRecord {
-            seq,
-            at_ms: self.clock.now_ms(),
-            actor: intent.actor,
-            action: action.to_owned(),
-            target: format!("token/{}", token.id),
-            reason: intent.reason,
-            routing_version_before: v,
-            routing_version_after: v,
-            details: vec![
-                format!("name={}", token.name),
-                format!("role={}", token.role.as_str()),
-                format!("scopes={}", token.scopes.join(",")),
-                format!("expires_at_ms={}", token.expires_at_ms),
-            ],
-        };
+        let details = vec![
+            format!("name={}", token.name),
+            format!("role={}", token.role.as_str()),
+            format!("scopes={}", token.scopes.join(",")),
+            format!("expires_at_ms={}", token.expires_at_ms),
+        ];
+        let audit = Audit::new(action, format!("token/{}", token.id), &intent, details);
+        let (audit, seq) = self.audit_records(vec![audit], self.clock.now_ms(), v, v);
         let commit = Commit {
             put_tokens: vec![token],
-            audit: vec![record],
+            audit,
             ..Commit::default()
         };
         state::commit(self.store.as_ref(), &self.state, &commit).await?;

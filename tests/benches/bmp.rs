@@ -25,18 +25,6 @@ use sextant_tests::{eventually, ControlPlane, DnsServer};
 
 const PREFIX: &str = "203.0.113.0/24";
 
-fn answers(dns: &DnsServer) -> Vec<String> {
-    dns.dig(&[
-        "www.example.com",
-        "A",
-        "+short",
-        "+subnet=10.1.0.0/24",
-        "+time=1",
-    ])
-    .map(|s| s.lines().map(str::to_owned).collect())
-    .unwrap_or_default()
-}
-
 fn fleet() -> String {
     let mut f = String::from(
         "[[services]]\nid = \"www\"\nhostname = \"www.example.com\"\nzone = \"example.com\"\n\
@@ -115,7 +103,9 @@ fn run(down_after: u32, trials: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     for trial in 0..trials {
         router.write_all(&announce)?;
         eventually(Duration::from_secs(60), "e1 up and answered", || {
-            (health("e1").ok()? == "up" && answers(&dns) == ["127.0.1.1"]).then_some(())
+            (health("e1").ok()? == "up"
+                && dns.answers("10.1.0.0/24", &["+time=1"]).unwrap_or_default() == ["127.0.1.1"])
+            .then_some(())
         })?;
         // Let the votes settle (several passing intervals) first.
         std::thread::sleep(Duration::from_millis(1500));
@@ -130,7 +120,11 @@ fn run(down_after: u32, trials: usize) -> Result<(Vec<f64>, Vec<f64>)> {
             }
             if gone.is_none() && last_dig.elapsed() >= Duration::from_millis(20) {
                 last_dig = Instant::now();
-                if !answers(&dns).contains(&"127.0.1.1".to_owned()) {
+                if !dns
+                    .answers("10.1.0.0/24", &["+time=1"])
+                    .unwrap_or_default()
+                    .contains(&"127.0.1.1".to_owned())
+                {
                     gone = Some(sent.elapsed());
                 }
             }

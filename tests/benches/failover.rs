@@ -55,18 +55,6 @@ fn start_edge(cp: &str, port: u16, dir: &Path) -> Result<Process> {
     Process::start(cmd, "http")
 }
 
-fn answers(dns: &DnsServer) -> Vec<String> {
-    dns.dig(&[
-        "www.example.com",
-        "A",
-        "+short",
-        "+subnet=10.1.0.0/24",
-        "+time=1",
-    ])
-    .map(|s| s.lines().map(str::to_owned).collect())
-    .unwrap_or_default()
-}
-
 fn main() -> Result<()> {
     let trials: usize = std::env::var("TRIALS")
         .ok()
@@ -139,7 +127,9 @@ fn main() -> Result<()> {
         let edge = start_edge(&url, e1_port, &dir.path().join("e1"))?;
         eventually(Duration::from_secs(60), "e1 to serve the group", || {
             dns.iter()
-                .all(|d| answers(d) == ["127.0.1.1"])
+                .all(|d| {
+                    d.answers("10.1.0.0/24", &["+time=1"]).unwrap_or_default() == ["127.0.1.1"]
+                })
                 .then_some(())
         })?;
         // Let the verdict settle (probes passing) before the kill.
@@ -176,7 +166,7 @@ fn main() -> Result<()> {
                 last_dig = Instant::now();
                 for (i, d) in dns.iter().enumerate() {
                     if gone[i].is_none() {
-                        let a = answers(d);
+                        let a = d.answers("10.1.0.0/24", &["+time=1"]).unwrap_or_default();
                         if !a.is_empty() && !a.iter().any(|x| x == "127.0.1.1") {
                             gone[i] = Some(killed.elapsed());
                         }

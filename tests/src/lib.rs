@@ -450,6 +450,15 @@ impl DnsServer {
     pub fn dig(&self, args: &[&str]) -> Result<String> {
         dig(self.addr(), args)
     }
+
+    /// The A answers for `www.example.com` to a client in `subnet` (ECS),
+    /// one per line of `dig +short`; `extra` goes to dig.
+    pub fn answers(&self, subnet: &str, extra: &[&str]) -> Result<Vec<String>> {
+        let ecs = format!("+subnet={subnet}");
+        let mut args = vec!["www.example.com", "A", "+short", ecs.as_str()];
+        args.extend_from_slice(extra);
+        Ok(self.dig(&args)?.lines().map(str::to_owned).collect())
+    }
 }
 
 /// Runs Debian's `dig` against a loopback server and returns its stdout.

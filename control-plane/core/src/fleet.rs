@@ -843,6 +843,27 @@ impl Validator {
         });
     }
 
+    /// A CIDR prefix without host bits, or a problem at `here`.
+    fn cidr(&mut self, here: &str, p: &str) -> Option<IpNet> {
+        match p.parse::<IpNet>() {
+            Ok(net) if net.trunc() != net => {
+                self.problem(
+                    here,
+                    format!("{p} has host bits set; did you mean {}?", net.trunc()),
+                );
+                None
+            }
+            Ok(net) => Some(net),
+            Err(_) => {
+                self.problem(
+                    here,
+                    format!("{p:?} is not a CIDR prefix (e.g. 192.0.2.0/24)"),
+                );
+                None
+            }
+        }
+    }
+
     fn check<T>(&mut self, location: impl Into<String>, r: Result<T, String>) -> Option<T> {
         match r {
             Ok(t) => Some(t),
@@ -1166,26 +1187,13 @@ impl Validator {
             let mut prefixes: Vec<IpNet> = Vec::new();
             for (j, p) in a.prefixes.iter().enumerate() {
                 let here = format!("{at}.prefixes[{j}]");
-                match p.parse::<IpNet>() {
-                    Ok(net) if net.trunc() != net => {
-                        self.problem(
-                            here,
-                            format!("{p} has host bits set; did you mean {}?", net.trunc()),
-                        );
-                        ok = false;
-                    }
-                    Ok(net) if prefixes.contains(&net) => {
+                match self.cidr(&here, p) {
+                    Some(net) if prefixes.contains(&net) => {
                         self.problem(here, format!("duplicate prefix {net}"));
                         ok = false;
                     }
-                    Ok(net) => prefixes.push(net),
-                    Err(_) => {
-                        self.problem(
-                            here,
-                            format!("{p:?} is not a CIDR prefix (e.g. 203.0.113.0/24)"),
-                        );
-                        ok = false;
-                    }
+                    Some(net) => prefixes.push(net),
+                    None => ok = false,
                 }
             }
             let quorum = a.quorum.unwrap_or(a.routers.len());
@@ -1240,28 +1248,15 @@ impl Validator {
             let mut prefixes = Vec::new();
             for (j, p) in g.prefixes.iter().enumerate() {
                 let here = format!("{at}.prefixes[{j}]");
-                match p.parse::<IpNet>() {
-                    Ok(net) if net.trunc() != net => {
-                        self.problem(
-                            here,
-                            format!("{p} has host bits set; did you mean {}?", net.trunc()),
-                        );
-                        ok = false;
-                    }
-                    Ok(net) => {
+                match self.cidr(&here, p) {
+                    Some(net) => {
                         if let Some(other) = prefix_owner.insert(net, g.id.clone()) {
                             self.problem(here, format!("prefix {net} is also in group {other:?}"));
                             ok = false;
                         }
                         prefixes.push(net);
                     }
-                    Err(_) => {
-                        self.problem(
-                            here,
-                            format!("{p:?} is not a CIDR prefix (e.g. 192.0.2.0/24)"),
-                        );
-                        ok = false;
-                    }
+                    None => ok = false,
                 }
             }
             for (j, c) in g.countries.iter().enumerate() {

@@ -307,10 +307,13 @@ impl HealthTracker {
         let mut out = Vec::new();
         for (id, st) in &mut self.edges {
             let from = st.health;
-            let (raw, failing, key) = raw_verdict(&cfg, st, now_ms);
+            let (probes, bgp, key) = tally(&cfg, st, now_ms);
+            let raw = combine(&cfg, st, &probes, &bgp);
             if key != st.words.0 || st.words.1.is_empty() {
-                st.words = (key, describe(&cfg, st, now_ms, raw, failing.len()));
+                st.words = (key, describe(&cfg, st, now_ms, raw, &probes, &bgp));
             }
+            let mut failing = probes.failing;
+            failing.extend(bgp.failing);
             let reason = st.words.1.clone();
             // Damping: a fall adds penalty; a held edge stays down until
             // the penalty decays below reuse.
@@ -532,30 +535,15 @@ fn combine(cfg: &HealthConfig, st: &EdgeState, probes: &Tally, bgp: &Tally) -> O
     }
 }
 
-/// What the voters say now: `Some(Down)`, `Some(Up)`, or `None` (not
-/// enough fresh votes either way: keep the verdict); the failing voters;
-/// and a key of the voters' stands (for [`describe`]).
-fn raw_verdict(
-    cfg: &HealthConfig,
-    st: &EdgeState,
-    now_ms: i64,
-) -> (Option<Health>, Vec<(String, i64, String)>, u64) {
-    let (probes, bgp, key) = tally(cfg, st, now_ms);
-    let raw = combine(cfg, st, &probes, &bgp);
-    let mut failing = probes.failing;
-    failing.extend(bgp.failing);
-    (raw, failing, key)
-}
-
 /// The voters' reason in words.
 fn describe(
     cfg: &HealthConfig,
     st: &EdgeState,
     now_ms: i64,
     raw: Option<Health>,
-    _failing: usize,
+    probes: &Tally,
+    bgp: &Tally,
 ) -> String {
-    let (probes, bgp, _) = tally(cfg, st, now_ms);
     let words: Vec<String> = st
         .voters
         .iter()

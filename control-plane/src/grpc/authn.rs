@@ -61,24 +61,18 @@ impl Default for Limits {
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
-    /// `(kind, id)` from a verified client certificate.
-    pub cert: Option<(String, String)>,
+    /// The identity of a verified client certificate.
+    pub cert: Option<sextant_tls::Identity>,
 }
 
 impl Peer {
     /// The peer of a request, from the connection info tonic put into its
     /// extensions.
     pub fn of(ext: &http::Extensions) -> Peer {
-        if let Some(p) = ext.get::<Peer>() {
-            return p.clone();
-        }
         if let Some(info) = ext.get::<sextant_tls::PeerInfo>() {
             return Peer {
                 addr: info.remote,
-                cert: info
-                    .identity
-                    .as_ref()
-                    .map(|i| (i.kind.as_str().to_owned(), i.id.clone())),
+                cert: info.identity.clone(),
             };
         }
         Peer {
@@ -191,17 +185,18 @@ impl Authenticator {
             Mode::Insecure => return Ok(Principal::Insecure),
             Mode::Secure { policy } => policy,
         };
-        if let Some((kind, id)) = &peer.cert {
+        if let Some(sextant_tls::Identity { kind, id }) = &peer.cert {
+            use sextant_tls::Kind;
             let node = |kind| Principal::Node {
                 kind,
                 id: id.clone(),
             };
-            return match kind.as_str() {
-                "operator" => policy.operator(id),
-                "edge" => Ok(node(NodeKind::Edge)),
-                "dns" => Ok(node(NodeKind::Dns)),
-                "probe" => Ok(node(NodeKind::Probe)),
-                "replica" => match headers.get(auth::ON_BEHALF_OF) {
+            return match kind {
+                Kind::Operator => policy.operator(id),
+                Kind::Edge => Ok(node(NodeKind::Edge)),
+                Kind::Dns => Ok(node(NodeKind::Dns)),
+                Kind::Probe => Ok(node(NodeKind::Probe)),
+                Kind::Replica => match headers.get(auth::ON_BEHALF_OF) {
                     None => Ok(Principal::Replica { id: id.clone() }),
                     Some(v) => v
                         .to_str()
@@ -215,9 +210,6 @@ impl Authenticator {
                             ))
                         }),
                 },
-                other => Err(AuthError::Denied(format!(
-                    "certificate identity {other}/{id}: unknown kind"
-                ))),
             };
         }
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
@@ -498,10 +490,12 @@ mod tests {
     }
 
     fn cert(kind: &str, id: &str) -> http::Extensions {
+        let kind: sextant_tls::Kind = kind.parse().expect("kind");
         let mut ext = http::Extensions::new();
-        ext.insert(Peer {
-            addr: None,
-            cert: Some((kind.into(), id.into())),
+        ext.insert(sextant_tls::PeerInfo {
+            remote: None,
+            identity: Some(sextant_tls::Identity::new(kind, id).expect("identity")),
+            cert_not_after_unix: None,
         });
         ext
     }
