@@ -63,8 +63,18 @@ impl Admin {
         );
         r.register(
             "response_bytes",
-            "Response bytes with a known length",
+            "Response body bytes sent to clients (HTTP/2 and handed-off connections: those with a known length)",
             ConstCounter::new(load(&s.response_bytes)),
+        );
+        r.register(
+            "handoffs",
+            "Client connections handed from the HTTP/1.1 fast path to hyper (HTTP/2, HTTP/1.0, chunked request bodies, Expect, CONNECT)",
+            ConstCounter::new(load(&s.handoffs)),
+        );
+        r.register(
+            "bad_requests",
+            "Request heads refused as malformed or too large",
+            ConstCounter::new(load(&s.bad_requests)),
         );
         r.register(
             "endpoint_ejections",

@@ -133,17 +133,34 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
     ));
     tokio::spawn(proxy::readmit(endpoints.clone(), stop.clone()));
 
-    let listener = bind(config.listen, "http").await?;
+    // The proxy runs on its own worker threads, each with a listener of
+    // its own on the same port (SO_REUSEPORT) and a single-threaded
+    // runtime; the control work above stays on this runtime.
+    let addr = config.listen;
+    let listeners = proxy::bind_workers(addr, config.workers)
+        .map_err(|source| EdgeError::Bind { addr, source })?;
+    if let Some(l) = listeners.first() {
+        let local = l
+            .local_addr()
+            .map_err(|source| EdgeError::Bind { addr, source })?;
+        info!(workers = listeners.len(), "listening for http on {local}");
+    }
     let p = Arc::new(Proxy::new(
         config.node_id.clone(),
         current,
         endpoints,
         stats,
     ));
-    let serving = tokio::spawn(proxy::serve(listener, p, stop.clone()));
+    let workers = proxy::spawn_workers(listeners, p, stop.clone())
+        .map_err(|source| EdgeError::Bind { addr, source })?;
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = serving.await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    })
+    .await;
     Ok(())
 }

@@ -16,6 +16,8 @@
 pub mod admin;
 pub mod dns;
 pub mod edge;
+pub mod h1;
+pub mod h1proxy;
 pub mod probe;
 pub mod process;
 pub mod proxy;

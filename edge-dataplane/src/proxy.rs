@@ -19,8 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::h1proxy::Pool;
 use crate::subscriber::Applied;
-use crate::upstream::{Endpoints, Upstream};
+use crate::upstream::{EndpointState, Endpoints, Origin, Upstream};
 
 /// The config in service, swapped atomically; requests in flight keep the
 /// version they started with.
@@ -41,6 +42,11 @@ pub struct Stats {
     pub response_bytes: AtomicU64,
     pub active_connections: AtomicI64,
     pub ejections: AtomicU64,
+    /// Client connections handed from the HTTP/1.1 fast path to hyper
+    /// (HTTP/2, HTTP/1.0, chunked request bodies, `Expect`, `CONNECT`).
+    pub handoffs: AtomicU64,
+    /// Request heads refused as malformed or too large.
+    pub bad_requests: AtomicU64,
 }
 
 /// Everything a request needs.
@@ -243,10 +249,28 @@ impl Proxy {
         }
     }
 
-    fn count(&self, status: StatusCode) {
-        let class = (status.as_u16() / 100) as usize;
-        if let Some(c) = self.stats.responses.get(class) {
+    /// Counts a response by its status class.
+    pub fn count_status(&self, status: u16) {
+        if let Some(c) = self.stats.responses.get(usize::from(status / 100)) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a request that got no response from `ep` (passive health).
+    pub fn upstream_failed(&self, origin: &Origin, ep: &EndpointState, error: &str) {
+        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        if ep.failure(now_ms()) {
+            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+            warn!(origin = %origin.id, endpoint = %ep.addr, error, "endpoint ejected");
+        }
+        debug!(origin = %origin.id, endpoint = %ep.addr, error, "upstream request failed");
+    }
+
+    /// Records a 5xx answer from `ep` (passive health).
+    pub fn endpoint_5xx(&self, origin: &Origin, ep: &EndpointState) {
+        if ep.failure(now_ms()) {
+            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+            warn!(origin = %origin.id, endpoint = %ep.addr, "endpoint ejected after a run of 5xx");
         }
     }
 
@@ -258,7 +282,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let resp = self.forward(conns, req).await;
-        self.count(resp.status());
+        self.count_status(resp.status().as_u16());
         if let Some(len) = resp
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -319,12 +343,17 @@ impl Proxy {
         };
         let mut req = Some(Request::from_parts(parts, body));
         let mut tried: Option<String> = None;
+        // The failure of the first attempt, said when no other origin is left.
+        let mut first_failure: Option<String> = None;
         for attempt in 0..2 {
             let Some(origin) = cfg.value.pick(tried.as_deref()) else {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "sextant-edge: no origin available\n".into(),
-                );
+                return match first_failure {
+                    Some(e) => text(StatusCode::BAD_GATEWAY, e),
+                    None => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "sextant-edge: no origin available\n".into(),
+                    ),
+                };
             };
             let Some(ep) = origin.pick() else {
                 tried = Some(origin.id.clone());
@@ -339,10 +368,7 @@ impl Proxy {
             match sent {
                 Ok(Ok(resp)) => {
                     if resp.status().is_server_error() {
-                        if ep.failure(now_ms()) {
-                            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
-                            warn!(origin = %origin.id, endpoint = %ep.addr, "endpoint ejected after a run of 5xx");
-                        }
+                        self.endpoint_5xx(origin, ep);
                     } else {
                         ep.success();
                     }
@@ -354,15 +380,14 @@ impl Proxy {
                     return Response::from_parts(rparts, Either::Left(rbody));
                 }
                 Ok(Err((e, back))) => {
-                    self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    if ep.failure(now_ms()) {
-                        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
-                        warn!(origin = %origin.id, endpoint = %ep.addr, error = %e, "endpoint ejected");
-                    }
-                    debug!(origin = %origin.id, endpoint = %ep.addr, error = %e, attempt, "upstream request failed");
+                    self.upstream_failed(origin, ep, &e.to_string());
                     match back {
                         Some(r) if attempt == 0 => {
                             req = Some(r);
+                            first_failure = Some(format!(
+                                "sextant-edge: origin {} ({}) failed: {e}\n",
+                                origin.id, ep.addr
+                            ));
                             tried = Some(origin.id.clone());
                         }
                         _ => {
@@ -377,8 +402,7 @@ impl Proxy {
                     }
                 }
                 Err(_) => {
-                    self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    ep.failure(now_ms());
+                    self.upstream_failed(origin, ep, "timed out");
                     return text(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
@@ -389,16 +413,21 @@ impl Proxy {
                 }
             }
         }
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "sextant-edge: no healthy origin endpoint\n".into(),
-        )
+        match first_failure {
+            Some(e) => text(StatusCode::BAD_GATEWAY, e),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sextant-edge: no healthy origin endpoint\n".into(),
+            ),
+        }
     }
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until
-/// `shutdown` turns true.
+/// `shutdown` turns true: HTTP/1.1 on the fast path ([`crate::h1proxy`]),
+/// the rest in hyper. Origin connections are pooled per call (per worker).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    let pool = Arc::new(Pool::default());
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -415,30 +444,31 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
             }
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let (proxy, pool) = (proxy.clone(), pool.clone());
         tokio::spawn(async move {
-            proxy
-                .stats
-                .active_connections
-                .fetch_add(1, Ordering::Relaxed);
-            let conns = Arc::new(UpstreamConns::new(peer));
-            let svc = {
-                let proxy = proxy.clone();
-                service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    let conns = conns.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(&conns, req).await) }
-                })
-            };
-            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-            proxy
-                .stats
-                .active_connections
-                .fetch_sub(1, Ordering::Relaxed);
+            let stats = proxy.stats.clone();
+            stats.active_connections.fetch_add(1, Ordering::Relaxed);
+            crate::h1proxy::serve_connection(proxy, pool, stream, peer).await;
+            stats.active_connections.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Serves a client connection in hyper (HTTP/1.x or HTTP/2, told apart by
+/// its first bytes).
+pub async fn serve_hyper<I>(proxy: Arc<Proxy>, io: I, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conns = Arc::new(UpstreamConns::new(peer));
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let conns = conns.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(&conns, req).await) }
+    });
+    let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = conn.serve_connection(TokioIo::new(io), svc).await {
+        debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 

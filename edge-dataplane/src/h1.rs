@@ -1,0 +1,814 @@
+//! HTTP/1.1 message heads and bodies for the proxy's fast path.
+//!
+//! Pure byte work, no I/O: parse a request or response head (httparse),
+//! decide how its body is framed (RFC 9112 §6), write the head that is
+//! forwarded (hop-by-hop fields removed, `x-forwarded-for` appended,
+//! `x-sextant-origin` added), and find where a chunked body ends while it
+//! passes through unchanged. What the fast path does not handle itself
+//! (HTTP/1.0, chunked request bodies, `Expect`, `CONNECT`, absolute-form
+//! targets, repeated `Content-Length`) is reported as [`Parsed::HandOff`]
+//! so that the connection goes on in hyper from that request.
+
+/// Largest request or response head accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one head.
+pub const MAX_HEADERS: usize = 100;
+
+/// Fields that belong to one connection and are never forwarded.
+const HOP_BY_HOP: [&[u8]; 8] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding, passed through as is.
+    Chunked,
+    /// Until the sender closes the connection (responses only).
+    Close,
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("malformed head: {0}")]
+    Parse(httparse::Error),
+    #[error("head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("invalid content-length {0:?}")]
+    BadLength(String),
+    #[error("conflicting content-length fields")]
+    ConflictingLength,
+    #[error("unsupported transfer-encoding {0:?} (only chunked is forwarded)")]
+    BadTransferEncoding(String),
+    #[error("unexpected 101 switching protocols (no upgrade was asked for)")]
+    UnexpectedUpgrade,
+}
+
+impl HeadError {
+    /// The status a client gets for a request head refused with this.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::TooLarge | Self::TooManyHeaders => 431,
+            _ => 400,
+        }
+    }
+
+    fn from_httparse(e: httparse::Error) -> Self {
+        match e {
+            httparse::Error::TooManyHeaders => Self::TooManyHeaders,
+            e => Self::Parse(e),
+        }
+    }
+}
+
+/// The outcome of looking at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<T> {
+    /// The head is not complete yet: read more.
+    Partial,
+    /// The head is complete.
+    Done(T),
+    /// A request the fast path leaves to hyper.
+    HandOff,
+}
+
+/// A request head the fast path forwards.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head, final CRLF included.
+    pub len: usize,
+    /// Its body: [`Framing::None`] or [`Framing::Length`].
+    pub body: Framing,
+    /// A HEAD request (its response has no body).
+    pub head_method: bool,
+    /// The client keeps the connection open after this exchange.
+    pub keep_alive: bool,
+}
+
+/// A response head, seen from the proxy.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Bytes of the head, final CRLF included.
+    pub len: usize,
+    pub status: u16,
+    /// An interim (1xx) response: skip it and read the next head.
+    pub interim: bool,
+    pub body: Framing,
+    /// The origin keeps the connection open after this response.
+    pub reusable: bool,
+}
+
+fn is(name: &str, lower: &[u8]) -> bool {
+    name.as_bytes().eq_ignore_ascii_case(lower)
+}
+
+/// Comma-separated tokens of a field value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// The fields named by `Connection` (hop-by-hop too), and whether it said
+/// `close` / `keep-alive`.
+struct ConnectionField<'a> {
+    named: Vec<&'a [u8]>,
+    close: bool,
+    keep_alive: bool,
+}
+
+fn connection_field<'a>(headers: &[httparse::Header<'a>]) -> ConnectionField<'a> {
+    let mut c = ConnectionField {
+        named: Vec::new(),
+        close: false,
+        keep_alive: false,
+    };
+    for h in headers.iter().filter(|h| is(h.name, b"connection")) {
+        for t in tokens(h.value).filter(|t| !t.is_empty()) {
+            if t.eq_ignore_ascii_case(b"close") {
+                c.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                c.keep_alive = true;
+            } else {
+                c.named.push(t);
+            }
+        }
+    }
+    c
+}
+
+fn hop_by_hop(name: &str, conn: &ConnectionField<'_>) -> bool {
+    HOP_BY_HOP.iter().any(|h| is(name, h)) || conn.named.iter().any(|n| is(name, n))
+}
+
+fn parse_length(value: &[u8]) -> Result<u64, HeadError> {
+    let v = value.trim_ascii();
+    let bad = || HeadError::BadLength(String::from_utf8_lossy(value).into_owned());
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    v.iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .ok_or_else(bad)
+}
+
+fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses the request head at the start of `buf`. When the fast path
+/// forwards it, the head to send upstream (origin-form, HTTP/1.1,
+/// hop-by-hop fields removed, the client's address appended to
+/// `x-forwarded-for`) is written to `out`, which is cleared first.
+pub fn forward_request(
+    buf: &[u8],
+    client_ip: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<Parsed<RequestHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        // HTTP/1.0 (and what httparse calls a bad version, which includes
+        // the HTTP/2 preface) is for hyper to judge.
+        Err(httparse::Error::Version) => return Ok(Parsed::HandOff),
+        Err(e) => return Err(HeadError::from_httparse(e)),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Ok(Parsed::HandOff);
+    };
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Ok(Parsed::HandOff);
+    }
+    let headers = &*req.headers;
+    let conn = connection_field(headers);
+    let mut length = None;
+    for h in headers {
+        if is(h.name, b"transfer-encoding") || is(h.name, b"expect") {
+            return Ok(Parsed::HandOff);
+        }
+        if is(h.name, b"content-length") {
+            if length.is_some() {
+                return Ok(Parsed::HandOff);
+            }
+            length = Some(parse_length(h.value)?);
+        }
+    }
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut xff: Option<&[u8]> = None;
+    let mut more_xff = Vec::new();
+    for h in headers {
+        if hop_by_hop(h.name, &conn) {
+            continue;
+        }
+        if is(h.name, b"x-forwarded-for") {
+            match xff {
+                None => xff = Some(h.value),
+                Some(_) => more_xff.push(h.value),
+            }
+            continue;
+        }
+        put_field(out, h.name.as_bytes(), h.value);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for prev in xff.into_iter().chain(more_xff) {
+        out.extend_from_slice(prev.trim_ascii());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip);
+    out.extend_from_slice(b"\r\n\r\n");
+    Ok(Parsed::Done(RequestHead {
+        len,
+        body: match length {
+            None | Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+        },
+        head_method: method == "HEAD",
+        keep_alive: !conn.close,
+    }))
+}
+
+/// Parses the response head at the start of `buf` (the answer to a HEAD
+/// request when `head_method`). For a final response, the head to send to
+/// the client is written to `out` (cleared first): HTTP/1.1, hop-by-hop
+/// fields removed, `x-sextant-origin: origin`, and `connection: close` when
+/// the client connection ends after it (`keep_alive` false, or a body that
+/// only the origin's close delimits).
+pub fn forward_response(
+    buf: &[u8],
+    head_method: bool,
+    origin: &[u8],
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HeadError::from_httparse(e)),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let status = resp.code.unwrap_or(0);
+    let version = resp.version.unwrap_or(0);
+    if status == 101 {
+        return Err(HeadError::UnexpectedUpgrade);
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some(ResponseHead {
+            len,
+            status,
+            interim: true,
+            body: Framing::None,
+            reusable: true,
+        }));
+    }
+    let headers = &*resp.headers;
+    let conn = connection_field(headers);
+    let mut chunked = false;
+    let mut length = None;
+    for h in headers {
+        if is(h.name, b"transfer-encoding") {
+            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(HeadError::BadTransferEncoding(
+                    String::from_utf8_lossy(h.value).into_owned(),
+                ));
+            }
+            chunked = true;
+        } else if is(h.name, b"content-length") {
+            let n = parse_length(h.value)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::ConflictingLength);
+            }
+            length = Some(n);
+        }
+    }
+    let body = if head_method || status == 204 || status == 304 {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    let reusable = body != Framing::Close && !conn.close && (version == 1 || conn.keep_alive);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let framing_field = |name: &str| is(name, b"content-length") || is(name, b"transfer-encoding");
+    for h in headers {
+        // A bodiless response keeps its content-length (a HEAD's says the
+        // size of the GET); otherwise the framing is written once below.
+        let framing = framing_field(h.name) && body != Framing::None;
+        if framing || hop_by_hop(h.name, &conn) || is(h.name, b"x-sextant-origin") {
+            continue;
+        }
+        put_field(out, h.name.as_bytes(), h.value);
+    }
+    match body {
+        Framing::Length(n) => put_field(out, b"content-length", n.to_string().as_bytes()),
+        Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
+        Framing::None | Framing::Close => {}
+    }
+    put_field(out, b"x-sextant-origin", origin);
+    if !keep_alive || body == Framing::Close {
+        put_field(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        interim: false,
+        body,
+        reusable,
+    }))
+}
+
+/// A response the proxy makes itself.
+pub fn local_response(status: u16, reason: &str, body: &str, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    put_field(&mut out, b"content-type", b"text/plain; charset=utf-8");
+    put_field(
+        &mut out,
+        b"content-length",
+        body.len().to_string().as_bytes(),
+    );
+    if close {
+        put_field(&mut out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+/// Why a chunked body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked body at byte {offset}: {what}")]
+pub struct ChunkError {
+    pub offset: u64,
+    pub what: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Hex digits of a chunk size (none read yet when `digits` is 0).
+    Size,
+    /// After the size: whitespace or extensions up to CR.
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// Start of a trailer line, or the final CRLF.
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Finds the end of a chunked body passing through, without copying it.
+#[derive(Debug, Clone)]
+pub struct ChunkedEnd {
+    state: Chunk,
+    size: u64,
+    digits: u8,
+    /// Bytes of the body seen, for error offsets.
+    seen: u64,
+}
+
+impl Default for ChunkedEnd {
+    fn default() -> Self {
+        Self {
+            state: Chunk::Size,
+            size: 0,
+            digits: 0,
+            seen: 0,
+        }
+    }
+}
+
+impl ChunkedEnd {
+    /// Feeds the next bytes of the body; returns how many of them belong to
+    /// it (all of them, unless it ended inside `data`) and whether it ended.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(usize, bool), ChunkError> {
+        if self.state == Chunk::Done {
+            return Ok((0, true));
+        }
+        let mut i = 0;
+        while i < data.len() {
+            if self.state == Chunk::Data {
+                let take = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len() - i);
+                i += take;
+                self.size -= take as u64;
+                if self.size == 0 {
+                    self.state = Chunk::DataCr;
+                }
+                continue;
+            }
+            let b = data[i];
+            let err = |what| ChunkError {
+                offset: self.seen + i as u64,
+                what,
+            };
+            self.state = match (self.state, b) {
+                (Chunk::Size, b) if b.is_ascii_hexdigit() => {
+                    if self.digits == 15 {
+                        return Err(err("chunk size too large"));
+                    }
+                    self.digits += 1;
+                    let d = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = self.size * 16 + u64::from(d);
+                    Chunk::Size
+                }
+                (Chunk::Size, _) if self.digits == 0 => return Err(err("expected a chunk size")),
+                (Chunk::Size | Chunk::Ext, b';' | b' ' | b'\t') => Chunk::Ext,
+                (Chunk::Size | Chunk::Ext, b'\r') => Chunk::SizeLf,
+                (Chunk::Size, _) => return Err(err("bad character after a chunk size")),
+                (Chunk::Ext, b'\n') => return Err(err("bare LF in a chunk extension")),
+                (Chunk::Ext, _) => Chunk::Ext,
+                (Chunk::SizeLf, b'\n') => {
+                    self.digits = 0;
+                    if self.size == 0 {
+                        Chunk::TrailerStart
+                    } else {
+                        Chunk::Data
+                    }
+                }
+                (Chunk::DataCr, b'\r') => Chunk::DataLf,
+                (Chunk::DataLf, b'\n') => Chunk::Size,
+                (Chunk::TrailerStart, b'\r') => Chunk::EndLf,
+                (Chunk::TrailerStart | Chunk::TrailerLine, b'\n') => {
+                    return Err(err("bare LF in a trailer"))
+                }
+                (Chunk::TrailerLine, b'\r') => Chunk::TrailerLf,
+                (Chunk::TrailerStart | Chunk::TrailerLine, _) => Chunk::TrailerLine,
+                (Chunk::TrailerLf, b'\n') => Chunk::TrailerStart,
+                (Chunk::EndLf, b'\n') => Chunk::Done,
+                (
+                    Chunk::SizeLf | Chunk::DataCr | Chunk::DataLf | Chunk::TrailerLf | Chunk::EndLf,
+                    _,
+                ) => return Err(err("expected CRLF")),
+                // Data is consumed above and Done returns below.
+                (Chunk::Data | Chunk::Done, _) => return Err(err("chunk state out of order")),
+            };
+            i += 1;
+            if self.state == Chunk::Done {
+                self.seen += i as u64;
+                return Ok((i, true));
+            }
+        }
+        self.seen += i as u64;
+        Ok((i, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn request(raw: &str) -> (Result<Parsed<RequestHead>, HeadError>, String) {
+        let mut out = Vec::new();
+        let r = forward_request(raw.as_bytes(), b"10.0.0.9", &mut out);
+        (r, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn response(raw: &str, head_method: bool, keep_alive: bool) -> (ResponseHead, String) {
+        let mut out = Vec::new();
+        let r = forward_response(raw.as_bytes(), head_method, b"a", keep_alive, &mut out)
+            .expect("valid response")
+            .expect("complete response");
+        (r, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn response_error(raw: &str) -> HeadError {
+        let mut out = Vec::new();
+        forward_response(raw.as_bytes(), false, b"a", true, &mut out).expect_err("refused")
+    }
+
+    #[test]
+    fn a_request_head_loses_its_hop_by_hop_fields_and_gains_the_client() {
+        let raw =
+            "GET /p?q=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: keep-alive, X-Secret\r\n\
+                   X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: websocket\r\n\
+                   Proxy-Authorization: x\r\nX-Forwarded-For: 192.0.2.1\r\nAccept: */*\r\n\
+                   x-forwarded-for: 192.0.2.2 \r\n\r\nNEXT";
+        let (r, out) = request(raw);
+        assert_eq!(
+            r,
+            Ok(Parsed::Done(RequestHead {
+                len: raw.len() - 4,
+                body: Framing::None,
+                head_method: false,
+                keep_alive: true,
+            }))
+        );
+        assert_eq!(
+            out,
+            "GET /p?q=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept: */*\r\n\
+             x-forwarded-for: 192.0.2.1, 192.0.2.2, 10.0.0.9\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn request_framing_and_keep_alive() {
+        let done = |raw: &str| match request(raw).0 {
+            Ok(Parsed::Done(h)) => h,
+            other => panic!("{raw:?}: {other:?}"),
+        };
+        let h = done("POST / HTTP/1.1\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
+        assert_eq!(h.body, Framing::Length(12));
+        assert!(!h.keep_alive);
+        assert_eq!(
+            done("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n").body,
+            Framing::None
+        );
+        assert!(done("HEAD / HTTP/1.1\r\n\r\n").head_method);
+        let (_, out) = request("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        assert!(out.contains("Content-Length: 3\r\n"), "{out}");
+    }
+
+    #[test]
+    fn incomplete_oversized_and_malformed_request_heads() {
+        assert_eq!(
+            request("GET / HTTP/1.1\r\nHost: x\r\n").0,
+            Ok(Parsed::Partial)
+        );
+        let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD));
+        let e = request(&big).0.expect_err("too large");
+        assert_eq!((e.clone(), e.status()), (HeadError::TooLarge, 431));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let e = request(&format!("GET / HTTP/1.1\r\n{many}\r\n"))
+            .0
+            .expect_err("too many");
+        assert_eq!((e.clone(), e.status()), (HeadError::TooManyHeaders, 431));
+        let e = request("GARBAGE\r\n\r\n").0.expect_err("garbage");
+        assert_eq!(e.status(), 400);
+        for cl in ["abc", "-1", "1 2", "", "99999999999999999999"] {
+            let e = request(&format!("POST / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\n"))
+                .0
+                .expect_err(cl);
+            assert!(matches!(e, HeadError::BadLength(_)), "{cl}: {e}");
+            assert_eq!(e.status(), 400);
+        }
+    }
+
+    #[test]
+    fn what_the_fast_path_leaves_to_hyper() {
+        for raw in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+            "GET http://example.com/ HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert_eq!(request(raw).0, Ok(Parsed::HandOff), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn a_response_head_is_rewritten_for_the_client() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\
+                   Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Sextant-Origin: spoof\r\n\r\nhello";
+        let (r, out) = response(raw, false, true);
+        assert_eq!(
+            r,
+            ResponseHead {
+                len: raw.len() - 5,
+                status: 200,
+                interim: false,
+                body: Framing::Length(5),
+                reusable: true,
+            }
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\ncontent-length: 5\r\nx-sextant-origin: a\r\n\r\n"
+        );
+        let (_, out) = response(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            false,
+            false,
+        );
+        assert!(
+            out.ends_with("x-sextant-origin: a\r\nconnection: close\r\n\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let (r, out) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!(r.body, Framing::Chunked);
+        assert!(
+            out.contains("transfer-encoding: chunked\r\n") && !out.contains("ength"),
+            "{out}"
+        );
+        // No length: the body ends when the origin closes, and so does the
+        // client connection.
+        let (r, out) = response("HTTP/1.1 200 OK\r\n\r\n", false, true);
+        assert_eq!((r.body, r.reusable), (Framing::Close, false));
+        assert!(out.contains("connection: close\r\n"), "{out}");
+        // A HEAD response keeps the length of the GET and has no body.
+        let (r, out) = response("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", true, true);
+        assert_eq!(r.body, Framing::None);
+        assert!(out.contains("Content-Length: 100\r\n"), "{out}");
+        for status in ["204 No Content", "304 Not Modified"] {
+            let (r, _) = response(&format!("HTTP/1.1 {status}\r\n\r\n"), false, true);
+            assert_eq!((r.body, r.reusable), (Framing::None, true), "{status}");
+        }
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!(r.body, Framing::Length(2));
+        // Keep-alive towards the origin.
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            false,
+            true,
+        );
+        assert!(!r.reusable);
+        let (r, _) = response("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false, true);
+        assert!(!r.reusable);
+        let (r, _) = response(
+            "HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n",
+            false,
+            true,
+        );
+        assert!(r.reusable);
+        // Interim responses are skipped, not forwarded.
+        let (r, out) = response(
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+            false,
+            true,
+        );
+        assert!(r.interim && out.is_empty());
+    }
+
+    #[test]
+    fn responses_the_proxy_refuses() {
+        assert!(matches!(
+            response_error("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            HeadError::BadTransferEncoding(_)
+        ));
+        assert!(matches!(
+            response_error("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            HeadError::BadTransferEncoding(_)
+        ));
+        assert_eq!(
+            response_error("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            HeadError::ConflictingLength
+        );
+        assert_eq!(
+            response_error("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"),
+            HeadError::UnexpectedUpgrade
+        );
+        assert!(matches!(
+            response_error("SPDY/3 200 OK\r\n\r\n"),
+            HeadError::Parse(_)
+        ));
+        let mut out = Vec::new();
+        assert_eq!(
+            forward_response(
+                b"HTTP/1.1 200 OK\r\nContent-Le",
+                false,
+                b"a",
+                true,
+                &mut out
+            ),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_local_response_is_complete() {
+        let r = local_response(502, "Bad Gateway", "sextant-edge: down\n", true);
+        assert_eq!(
+            String::from_utf8(r).expect("text"),
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 19\r\nconnection: close\r\n\r\nsextant-edge: down\n"
+        );
+    }
+
+    /// Feeds `body` in pieces of `step` bytes; returns where the body ended.
+    fn chunked_end(body: &[u8], step: usize) -> Result<Option<usize>, ChunkError> {
+        let mut d = ChunkedEnd::default();
+        let mut at = 0;
+        for piece in body.chunks(step.max(1)) {
+            let (n, done) = d.feed(piece)?;
+            at += n;
+            if done {
+                return Ok(Some(at));
+            }
+            assert_eq!(n, piece.len());
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn the_end_of_a_chunked_body_is_found_in_any_pieces() {
+        let body = b"5\r\nhello\r\n1A;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for step in 1..body.len() {
+            assert_eq!(chunked_end(body, step), Ok(Some(end)), "pieces of {step}");
+        }
+        assert_eq!(chunked_end(b"0\r\n\r\n", 100), Ok(Some(5)));
+        assert_eq!(chunked_end(b"5\r\nhel", 100), Ok(None));
+        let mut d = ChunkedEnd::default();
+        assert_eq!(d.feed(b"0\r\n\r\n"), Ok((5, true)));
+        assert_eq!(d.feed(b"more"), Ok((0, true)));
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused_with_their_offset() {
+        for (body, offset, what) in [
+            (&b"x\r\n"[..], 0, "expected a chunk size"),
+            (b"5\r\nhelloX", 8, "expected CRLF"),
+            (b"5\nhello", 1, "bad character after a chunk size"),
+            (b"0\r\nX: 1\n", 7, "bare LF in a trailer"),
+            (b"5;a\n", 3, "bare LF in a chunk extension"),
+            (b"1234567890abcdef0\r\n", 15, "chunk size too large"),
+        ] {
+            assert_eq!(
+                chunked_end(body, 1),
+                Err(ChunkError { offset, what }),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn encoded_chunks_end_exactly_where_they_were_written(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            step in 1usize..64,
+            tail in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut body = Vec::new();
+            for c in &chunks {
+                body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            let end = body.len();
+            body.extend_from_slice(&tail);
+            prop_assert_eq!(chunked_end(&body, step), Ok(Some(end)));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = chunked_end(&bytes, 7);
+            let mut out = Vec::new();
+            let _ = forward_request(&bytes, b"127.0.0.1", &mut out);
+            let _ = forward_response(&bytes, false, b"a", true, &mut out);
+        }
+    }
+}

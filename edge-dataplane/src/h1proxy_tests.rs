@@ -1,0 +1,590 @@
+//! The proxy on loopback, between raw-socket clients and scripted origins.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use sextant_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::h1::ChunkedEnd;
+use crate::proxy::{serve, Proxy, Stats};
+use crate::subscriber::{Applied, Build};
+use crate::upstream::{Endpoints, UpstreamBuilder, EJECT_AFTER};
+
+/// A request as an origin saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// Which of the origin's connections it came on (0, 1, ...).
+    conn: usize,
+    head: String,
+    body: Vec<u8>,
+}
+
+type Respond = Arc<dyn Fn(&Seen) -> Vec<u8> + Send + Sync>;
+
+/// An origin that reads requests (Content-Length or chunked bodies),
+/// records them, and answers each with what `respond` gives. An answer
+/// that starts with "CLOSE" is sent without those five bytes and the
+/// connection is closed after it; "HANG" never answers.
+struct Origin {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Origin {
+    async fn start(respond: impl Fn(&Seen) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let respond: Respond = Arc::new(respond);
+        let record = seen.clone();
+        tokio::spawn(async move {
+            let mut conn = 0;
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve_origin(s, conn, record.clone(), respond.clone()));
+                conn += 1;
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+async fn serve_origin(
+    mut s: TcpStream,
+    conn: usize,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    respond: Respond,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut b = [0u8; 4096];
+            match s.read(&mut b).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        let lower = head.to_ascii_lowercase();
+        let body = if lower.contains("transfer-encoding: chunked") {
+            let mut d = ChunkedEnd::default();
+            let mut body = Vec::new();
+            loop {
+                let (n, done) = d.feed(&buf).expect("chunked request body");
+                body.extend(buf.drain(..n));
+                if done {
+                    break body;
+                }
+                let mut b = [0u8; 4096];
+                match s.read(&mut b).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                    _ => return,
+                }
+            }
+        } else {
+            let len: usize = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < len {
+                let mut b = [0u8; 65536];
+                match s.read(&mut b).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                    _ => return,
+                }
+            }
+            buf.drain(..len).collect()
+        };
+        let req = Seen { conn, head, body };
+        seen.lock().expect("lock").push(req.clone());
+        let answer = respond(&req);
+        if answer.starts_with(b"HANG") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        let (answer, close) = match answer.strip_prefix(b"CLOSE") {
+            Some(rest) => (rest.to_vec(), true),
+            None => (answer, false),
+        };
+        if s.write_all(&answer).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+struct Edge {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    _stop: watch::Sender<bool>,
+}
+
+async fn edge_with(origins: &[(&str, SocketAddr, f64)], upstream_timeout: Duration) -> Edge {
+    let config = pb::NodeConfig {
+        origins: origins
+            .iter()
+            .map(|(id, addr, _)| pb::OriginTarget {
+                id: (*id).into(),
+                endpoints: vec![addr.to_string()],
+            })
+            .collect(),
+        upstream: origins
+            .iter()
+            .map(|(id, _, w)| pb::OriginWeight {
+                origin: (*id).into(),
+                weight: *w,
+            })
+            .collect(),
+        ..pb::NodeConfig::default()
+    };
+    let endpoints = Arc::new(Endpoints::default());
+    let builder = UpstreamBuilder {
+        endpoints: endpoints.clone(),
+        allowed: Vec::new(),
+    };
+    let current = Arc::new(ArcSwapOption::empty());
+    if !origins.is_empty() {
+        let value = builder.build(1, &config).expect("valid config");
+        current.store(Some(Arc::new(Applied {
+            version: 1,
+            value,
+            accepted_at_ms: 0,
+            from_disk: false,
+        })));
+    }
+    let stats = Arc::new(Stats::default());
+    let mut proxy = Proxy::new("e1".into(), current, endpoints, stats.clone());
+    proxy.upstream_timeout = upstream_timeout;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (stop, rx) = watch::channel(false);
+    tokio::spawn(serve(l, Arc::new(proxy), rx));
+    Edge {
+        addr,
+        stats,
+        _stop: stop,
+    }
+}
+
+async fn edge(origins: &[(&str, SocketAddr, f64)]) -> Edge {
+    edge_with(origins, Duration::from_secs(30)).await
+}
+
+/// Reads one response (Content-Length, chunked or to the end) from `s`,
+/// with `pending` bytes read before; returns (status, head, body) and
+/// leaves what follows in `pending`.
+async fn read_response(
+    s: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    head_method: bool,
+) -> (u16, String, Vec<u8>) {
+    async fn more(s: &mut TcpStream, pending: &mut Vec<u8>) -> bool {
+        let mut b = [0u8; 65536];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => {
+                pending.extend_from_slice(&b[..n]);
+                true
+            }
+            _ => false,
+        }
+    }
+    let head_end = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        assert!(
+            more(s, pending).await,
+            "connection ended before a response head: {pending:?}"
+        );
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+    pending.drain(..head_end);
+    let status = head[9..12].parse().expect("status");
+    let lower = head.to_ascii_lowercase();
+    let body = if head_method || status == 204 || status == 304 {
+        Vec::new()
+    } else if lower.contains("transfer-encoding: chunked") {
+        let mut d = ChunkedEnd::default();
+        let mut body = Vec::new();
+        loop {
+            let (n, done) = d.feed(pending).expect("chunked body");
+            body.extend(pending.drain(..n));
+            if done {
+                break body;
+            }
+            assert!(more(s, pending).await, "chunked body cut");
+        }
+    } else if let Some(len) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        while pending.len() < len {
+            assert!(more(s, pending).await, "body cut");
+        }
+        pending.drain(..len).collect()
+    } else {
+        while more(s, pending).await {}
+        std::mem::take(pending)
+    };
+    (status, head, body)
+}
+
+/// Sends `raw` on a new connection and reads one response.
+async fn once(edge: SocketAddr, raw: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(edge).await.expect("connect");
+    s.write_all(raw).await.expect("write");
+    read_response(&mut s, &mut Vec::new(), raw.starts_with(b"HEAD")).await
+}
+
+/// True when the peer closed `s` (nothing more arrives).
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn requests_on_a_kept_alive_connection_reuse_one_origin_connection() {
+    let origin =
+        Origin::start(|r| ok(&format!("hi {}", r.head.lines().next().unwrap_or("")))).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    for i in 0..3 {
+        let req = format!(
+            "GET /{i} HTTP/1.1\r\nHost: www.example.com\r\nConnection: keep-alive, X-Private\r\n\
+             X-Private: 1\r\nX-Kept: yes\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let (status, head, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, format!("hi GET /{i} HTTP/1.1").as_bytes());
+        assert!(head.contains("x-sextant-origin: a\r\n"), "{head}");
+    }
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.iter().all(|r| r.conn == 0),
+        "one origin connection: {seen:?}"
+    );
+    let head = seen[0].head.to_ascii_lowercase();
+    assert!(head.contains("host: www.example.com\r\n"), "{head}");
+    assert!(head.contains("x-kept: yes\r\n"), "{head}");
+    assert!(
+        head.contains("x-forwarded-for: 192.0.2.7, 127.0.0.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        !head.contains("connection") && !head.contains("x-private"),
+        "{head}"
+    );
+    assert_eq!(e.stats.requests.load(Ordering::Relaxed), 3);
+    assert_eq!(e.stats.responses[2].load(Ordering::Relaxed), 3);
+    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let origin = Origin::start(|r| ok(r.head.split(' ').nth(1).unwrap_or("?"))).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\nGET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut pending = Vec::new();
+    for path in ["/one", "/two", "/three"] {
+        let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!((status, body.as_slice()), (200, path.as_bytes()));
+    }
+    assert!(closed(&mut s).await, "closed after Connection: close");
+}
+
+#[tokio::test]
+async fn bodies_pass_through_in_every_framing() {
+    let origin = Origin::start(|r| {
+        let path = r.head.split(' ').nth(1).unwrap_or("");
+        match path {
+            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n".to_vec(),
+            "/close" => b"CLOSEHTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec(),
+            "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".to_vec(),
+            "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater".to_vec(),
+            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            "/hop" => b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            _ => ok(&format!("got {} bytes", r.body.len())),
+        }
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    let get = |path: &'static str, method: &'static str| {
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes()
+    };
+    s.write_all(&get("/chunked", "GET")).await.expect("write");
+    let (status, head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+    assert_eq!(
+        body,
+        b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    );
+    s.write_all(&get("/head", "HEAD")).await.expect("write");
+    let (status, head, _) = read_response(&mut s, &mut pending, true).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Length: 100\r\n"), "{head}");
+    s.write_all(&get("/early", "GET")).await.expect("write");
+    let (status, head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"later"[..]));
+    assert!(
+        !head.contains("Link"),
+        "the interim response is not forwarded: {head}"
+    );
+    s.write_all(&get("/empty", "GET")).await.expect("write");
+    let (status, _, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 204);
+    s.write_all(&get("/hop", "GET")).await.expect("write");
+    let (_, head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(body, b"ok");
+    assert!(
+        !head.contains("X-Hop") && !head.contains("Keep-Alive"),
+        "{head}"
+    );
+    // A request body of 300 kB, sent in pieces.
+    let big = vec![b'x'; 300_000];
+    s.write_all(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    for piece in big.chunks(70_000) {
+        s.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"got 300000 bytes"[..]));
+    assert!(
+        origin.seen().iter().all(|r| r.conn == 0),
+        "one origin connection throughout"
+    );
+    // A body delimited by the origin's close ends the client connection too.
+    s.write_all(&get("/close", "GET")).await.expect("write");
+    let (status, head, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"until the end"[..]));
+    assert!(head.contains("connection: close\r\n"), "{head}");
+    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 0);
+    assert!(e.stats.response_bytes.load(Ordering::Relaxed) >= 16 + 13 + 5);
+}
+
+#[tokio::test]
+async fn what_the_fast_path_does_not_handle_goes_on_in_hyper() {
+    let origin = Origin::start(|r| ok(&format!("got {} body bytes", r.body.len()))).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    // HTTP/1.0.
+    let (status, head, body) = once(e.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!((status, body.as_slice()), (200, &b"got 0 body bytes"[..]));
+    assert!(head.contains("x-sextant-origin: a"), "{head}");
+    // A chunked request body, after a fast-path request on the same
+    // connection.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s, &mut pending, false).await.0, 200);
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("got ") && body != "got 0 body bytes",
+        "{body}"
+    );
+    assert!(origin
+        .seen()
+        .iter()
+        .any(|r| String::from_utf8_lossy(&r.body).contains("hello")));
+    // HTTP/2 with prior knowledge.
+    let stream = TcpStream::connect(e.addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("http://www.example.com/h2")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("x-sextant-origin").map(|v| v.as_bytes()),
+        Some(&b"a"[..])
+    );
+    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_clear_answer_and_harm_no_other_client() {
+    let origin = Origin::start(|_| ok("fine")).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    // Another client, mid-connection while the bad ones come and go.
+    let mut good = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000));
+    for (raw, status, says) in [
+        ("GARBAGE\r\n\r\n".to_owned(), 400, "malformed head"),
+        (
+            "POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n".to_owned(),
+            400,
+            "invalid content-length \"abc\"",
+        ),
+        (big, 431, "head larger than 65536 bytes"),
+    ] {
+        let mut s = TcpStream::connect(e.addr).await.expect("connect");
+        s.write_all(raw.as_bytes()).await.expect("write");
+        let (got, head, body) = read_response(&mut s, &mut Vec::new(), false).await;
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(got, status, "{body}");
+        assert!(body.contains(says), "{body}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(closed(&mut s).await);
+        good.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_response(&mut good, &mut pending, false).await.2,
+            b"fine"
+        );
+    }
+    assert_eq!(e.stats.bad_requests.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        origin.seen().len(),
+        3,
+        "only the good requests reached the origin"
+    );
+}
+
+#[tokio::test]
+async fn an_origin_that_closes_idle_connections_costs_no_request() {
+    // Answers without saying it will close, then closes: every reused
+    // connection the proxy picks is dead.
+    let origin = Origin::start(|_| {
+        let mut r = b"CLOSE".to_vec();
+        r.extend(ok("fresh"));
+        r
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!((status, body.as_slice()), (200, &b"fresh"[..]));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.stats.upstream_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(origin.seen().len(), 5);
+}
+
+#[tokio::test]
+async fn failed_origins_are_skipped_ejected_and_answered_for() {
+    // Nothing listens on a port just freed.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let origin = Origin::start(|_| ok("alive")).await;
+    let e = edge(&[("dead", dead, 0.5), ("alive", origin.addr, 0.5)]).await;
+    // Every request gets an answer: a GET that failed on the dead origin
+    // is retried on the other one.
+    for _ in 0..40 {
+        let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!((status, body.as_slice()), (200, &b"alive"[..]));
+    }
+    assert_eq!(e.stats.ejections.load(Ordering::Relaxed), 1);
+    assert!(e.stats.upstream_errors.load(Ordering::Relaxed) >= u64::from(EJECT_AFTER));
+    // With only the dead origin: 502 naming it, then (ejected) 503.
+    let e = edge(&[("dead", dead, 1.0)]).await;
+    let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 502);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains(&format!("origin dead ({dead}) failed: connect")),
+        "{body}"
+    );
+    for _ in 0..EJECT_AFTER {
+        once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    }
+    let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    // No config yet: 503.
+    let e = edge(&[]).await;
+    let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (503, &b"sextant-edge: no config yet\n"[..])
+    );
+}
+
+#[tokio::test]
+async fn a_run_of_5xx_ejects_and_a_silent_origin_times_out() {
+    let failing =
+        Origin::start(|_| b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+    let e = edge(&[("a", failing.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    for _ in 0..EJECT_AFTER {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_response(&mut s, &mut pending, false).await.0,
+            500,
+            "5xx are forwarded"
+        );
+    }
+    assert_eq!(e.stats.ejections.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        e.stats.responses[5].load(Ordering::Relaxed),
+        u64::from(EJECT_AFTER)
+    );
+    let silent = Origin::start(|_| b"HANG".to_vec()).await;
+    let e = edge_with(&[("a", silent.addr, 1.0)], Duration::from_millis(200)).await;
+    let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+}
