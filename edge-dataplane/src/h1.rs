@@ -95,6 +95,9 @@ pub struct RequestHead {
     pub body: Framing,
     /// A HEAD request (its response has no body).
     pub head_method: bool,
+    /// An idempotent method (RFC 9110 §9.2.2): sent again on a new
+    /// connection when a pooled one dies before answering.
+    pub idempotent: bool,
     /// The client keeps the connection open after this exchange.
     pub keep_alive: bool,
 }
@@ -250,6 +253,10 @@ pub fn forward_request(
             Some(n) => Framing::Length(n),
         },
         head_method: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
         keep_alive: !conn.close,
     }))
 }
@@ -537,6 +544,7 @@ mod tests {
                 len: raw.len() - 4,
                 body: Framing::None,
                 head_method: false,
+                idempotent: true,
                 keep_alive: true,
             }))
         );
@@ -561,6 +569,9 @@ mod tests {
             Framing::None
         );
         assert!(done("HEAD / HTTP/1.1\r\n\r\n").head_method);
+        assert!(done("DELETE /x HTTP/1.1\r\n\r\n").idempotent);
+        assert!(!done("POST /x HTTP/1.1\r\n\r\n").idempotent);
+        assert!(!done("PATCH /x HTTP/1.1\r\n\r\n").idempotent);
         let (_, out) = request("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
         assert!(out.contains("Content-Length: 3\r\n"), "{out}");
     }

@@ -369,7 +369,7 @@ async fn attempt_endpoint(
             Ok(()) => {}
             // A pooled connection the origin closed meanwhile: nothing was
             // taken, so try once more on a new connection.
-            Err(_) if reused && bodyless => {
+            Err(Failure::Retriable(_)) if reused => {
                 up = connect(proxy, ep.addr).await?;
                 reused = false;
                 continue;
@@ -378,7 +378,11 @@ async fn attempt_endpoint(
         }
         match read_response_head(proxy, c, &mut up, head, origin).await {
             Ok(r) => break r,
-            Err(Failure::Final(_)) if reused && bodyless && c.ubuf.is_empty() => {
+            // The request went out but the connection died before a byte
+            // of answer: only an idempotent request may be sent again.
+            Err(Failure::Final(_))
+                if reused && bodyless && head.idempotent && c.ubuf.is_empty() =>
+            {
                 up = connect(proxy, ep.addr).await?;
                 reused = false;
             }
@@ -417,17 +421,13 @@ async fn send_request(
     up: &mut TcpStream,
     body_left: &mut u64,
 ) -> Result<(), Failure> {
-    let upstream_io = |e: io::Error| {
-        if *body_left > 0 {
-            Failure::Final(format!("sending the request: {e}"))
-        } else {
-            Failure::Retriable(format!("sending the request: {e}"))
-        }
-    };
-    if *body_left == 0 {
-        return up.write_all(&c.request).await.map_err(upstream_io);
+    // Nothing of the body is taken from the client before the head is out,
+    // so a head that cannot be sent leaves the request free to go elsewhere.
+    match timeout(proxy.upstream_timeout, up.write_all(&c.request)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Failure::Retriable(format!("sending the request: {e}"))),
+        Err(_) => return Err(Failure::TimedOut),
     }
-    up.write_all(&c.request).await.map_err(upstream_io)?;
     loop {
         let have = c
             .cbuf

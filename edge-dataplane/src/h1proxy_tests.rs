@@ -588,3 +588,54 @@ async fn a_run_of_5xx_ejects_and_a_silent_origin_times_out() {
     let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test]
+async fn only_idempotent_requests_are_sent_again_when_a_pooled_connection_dies() {
+    // Each origin connection answers its first request, and closes without
+    // a word on its second: the request was taken, and no answer came.
+    let origin = Origin::start(|r| {
+        if r.head.contains("X-Second") {
+            b"CLOSE".to_vec()
+        } else {
+            ok("first")
+        }
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s, &mut pending, false).await.2, b"first");
+    // A DELETE dying on the pooled connection is sent again on a new one.
+    s.write_all(b"DELETE /d HTTP/1.1\r\nHost: x\r\nX-Second: 1\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 502, "the new connection dies the same way");
+    let deletes = origin
+        .seen()
+        .iter()
+        .filter(|r| r.head.starts_with("DELETE"))
+        .count();
+    assert_eq!(deletes, 2, "sent once more on a new connection");
+    // A POST is not: the origin may have acted on it.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s, &mut pending, false).await.2, b"first");
+    s.write_all(b"POST /p HTTP/1.1\r\nHost: x\r\nX-Second: 1\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 502);
+    assert!(String::from_utf8_lossy(&body).contains("closed before a response"));
+    let posts = origin
+        .seen()
+        .iter()
+        .filter(|r| r.head.starts_with("POST"))
+        .count();
+    assert_eq!(posts, 1, "never sent twice");
+}
