@@ -56,6 +56,8 @@ pub enum HeadError {
     BadTransferEncoding(String),
     #[error("unexpected 101 switching protocols (no upgrade was asked for)")]
     UnexpectedUpgrade,
+    #[error("status {0} is outside 100..=599")]
+    BadStatus(u16),
 }
 
 impl HeadError {
@@ -287,6 +289,9 @@ pub fn forward_response(
     }
     let status = resp.code.unwrap_or(0);
     let version = resp.version.unwrap_or(0);
+    if !(100..=599).contains(&status) {
+        return Err(HeadError::BadStatus(status));
+    }
     if status == 101 {
         return Err(HeadError::UnexpectedUpgrade);
     }
@@ -724,6 +729,15 @@ mod tests {
             response_error("SPDY/3 200 OK\r\n\r\n"),
             HeadError::Parse(_)
         ));
+        // Found by scripts/fuzz-h1: "003" is three digits, and 3.
+        assert_eq!(
+            response_error("HTTP/1.1 003 E\r\n\r\n"),
+            HeadError::BadStatus(3)
+        );
+        assert_eq!(
+            response_error("HTTP/1.1 600 X\r\n\r\n"),
+            HeadError::BadStatus(600)
+        );
         let mut out = Vec::new();
         assert_eq!(
             forward_response(
