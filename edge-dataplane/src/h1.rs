@@ -229,7 +229,10 @@ pub fn forward_request(
     let mut xff: Option<&[u8]> = None;
     let mut more_xff = Vec::new();
     for h in headers {
-        if hop_by_hop(h.name, &conn) {
+        // The length goes out as parsed, once, whatever Connection names
+        // (a client naming content-length there must not leave the origin
+        // reading its body as the next request); Host always goes out.
+        if is(h.name, b"content-length") || (hop_by_hop(h.name, &conn) && !is(h.name, b"host")) {
             continue;
         }
         if is(h.name, b"x-forwarded-for") {
@@ -240,6 +243,9 @@ pub fn forward_request(
             continue;
         }
         put_field(out, h.name.as_bytes(), h.value);
+    }
+    if let Some(n) = length {
+        put_field(out, b"content-length", n.to_string().as_bytes());
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     for prev in xff.into_iter().chain(more_xff) {
@@ -333,7 +339,12 @@ pub fn forward_response(
     } else {
         Framing::Close
     };
-    let reusable = body != Framing::Close && !conn.close && (version == 1 || conn.keep_alive);
+    // A chunked answer that also gives a length, or chunked from HTTP/1.0,
+    // is read as chunked (RFC 9112 §6.3) but the connection is not trusted
+    // with another request.
+    let doubtful = chunked && (length.is_some() || version == 0);
+    let reusable =
+        body != Framing::Close && !conn.close && !doubtful && (version == 1 || conn.keep_alive);
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.to_string().as_bytes());
@@ -397,9 +408,11 @@ pub struct ChunkError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    /// Hex digits of a chunk size (none read yet when `digits` is 0).
+    /// Hex digits of a chunk size.
     Size,
-    /// After the size: whitespace or extensions up to CR.
+    /// Whitespace after the size, before `;` or CR.
+    SizeWs,
+    /// A chunk extension, up to CR.
     Ext,
     SizeLf,
     Data,
@@ -418,7 +431,10 @@ enum Chunk {
 pub struct ChunkedEnd {
     state: Chunk,
     size: u64,
+    /// Significant hex digits of the size (leading zeros do not count).
     digits: u8,
+    /// A digit of the current size was read.
+    any_digit: bool,
     /// Bytes of the body seen, for error offsets.
     seen: u64,
 }
@@ -429,6 +445,7 @@ impl Default for ChunkedEnd {
             state: Chunk::Size,
             size: 0,
             digits: 0,
+            any_digit: false,
             seen: 0,
         }
     }
@@ -461,22 +478,29 @@ impl ChunkedEnd {
             };
             self.state = match (self.state, b) {
                 (Chunk::Size, b) if b.is_ascii_hexdigit() => {
-                    if self.digits == 15 {
-                        return Err(err("chunk size too large"));
-                    }
-                    self.digits += 1;
                     let d = (b as char).to_digit(16).unwrap_or(0);
+                    if self.size != 0 || d != 0 {
+                        if self.digits == 15 {
+                            return Err(err("chunk size too large"));
+                        }
+                        self.digits += 1;
+                    }
+                    self.any_digit = true;
                     self.size = self.size * 16 + u64::from(d);
                     Chunk::Size
                 }
-                (Chunk::Size, _) if self.digits == 0 => return Err(err("expected a chunk size")),
-                (Chunk::Size | Chunk::Ext, b';' | b' ' | b'\t') => Chunk::Ext,
-                (Chunk::Size | Chunk::Ext, b'\r') => Chunk::SizeLf,
-                (Chunk::Size, _) => return Err(err("bad character after a chunk size")),
+                (Chunk::Size, _) if !self.any_digit => return Err(err("expected a chunk size")),
+                (Chunk::Size | Chunk::SizeWs, b' ' | b'\t') => Chunk::SizeWs,
+                (Chunk::Size | Chunk::SizeWs, b';') => Chunk::Ext,
+                (Chunk::Size | Chunk::SizeWs | Chunk::Ext, b'\r') => Chunk::SizeLf,
+                (Chunk::Size | Chunk::SizeWs, _) => {
+                    return Err(err("bad character after a chunk size"))
+                }
                 (Chunk::Ext, b'\n') => return Err(err("bare LF in a chunk extension")),
                 (Chunk::Ext, _) => Chunk::Ext,
                 (Chunk::SizeLf, b'\n') => {
                     self.digits = 0;
+                    self.any_digit = false;
                     if self.size == 0 {
                         Chunk::TrailerStart
                     } else {
@@ -578,7 +602,24 @@ mod tests {
         assert!(!done("POST /x HTTP/1.1\r\n\r\n").idempotent);
         assert!(!done("PATCH /x HTTP/1.1\r\n\r\n").idempotent);
         let (_, out) = request("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
-        assert!(out.contains("Content-Length: 3\r\n"), "{out}");
+        assert!(out.contains("content-length: 3\r\n"), "{out}");
+        // A length that Connection names still goes to the origin, or the
+        // origin would read the body as a request of its own; so does Host.
+        let raw = "POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length, host\r\nContent-Length: 30\r\n\r\n";
+        let (r, out) = request(raw);
+        assert!(matches!(
+            r,
+            Ok(Parsed::Done(RequestHead {
+                body: Framing::Length(30),
+                ..
+            }))
+        ));
+        assert!(
+            out.contains("content-length: 30\r\n") && out.contains("Host: a\r\n"),
+            "{out}"
+        );
+        let (_, out) = request("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert!(out.contains("content-length: 0\r\n"), "{out}");
     }
 
     #[test]
@@ -698,6 +739,20 @@ mod tests {
             true,
         );
         assert!(r.reusable);
+        // Chunked with a length, or chunked from HTTP/1.0: read as chunked,
+        // not trusted again.
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!((r.body, r.reusable), (Framing::Chunked, false));
+        let (r, _) = response(
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!((r.body, r.reusable), (Framing::Chunked, false));
         // Interim responses are skipped, not forwarded.
         let (r, out) = response(
             "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
@@ -784,6 +839,12 @@ mod tests {
             assert_eq!(chunked_end(body, step), Ok(Some(end)), "pieces of {step}");
         }
         assert_eq!(chunked_end(b"0\r\n\r\n", 100), Ok(Some(5)));
+        // Leading zeros do not make a size too large; whitespace may come
+        // before an extension.
+        assert_eq!(
+            chunked_end(b"00000000000000000001 ;a=b\r\nx\r\n0\r\n\r\n", 100),
+            Ok(Some(35))
+        );
         assert_eq!(chunked_end(b"5\r\nhel", 100), Ok(None));
         let mut d = ChunkedEnd::default();
         assert_eq!(d.feed(b"0\r\n\r\n"), Ok((5, true)));
@@ -799,6 +860,7 @@ mod tests {
             (b"0\r\nX: 1\n", 7, "bare LF in a trailer"),
             (b"5;a\n", 3, "bare LF in a chunk extension"),
             (b"1234567890abcdef0\r\n", 15, "chunk size too large"),
+            (b"5 junk\r\n", 2, "bad character after a chunk size"),
         ] {
             assert_eq!(
                 chunked_end(body, 1),

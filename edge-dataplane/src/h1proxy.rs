@@ -34,6 +34,11 @@ pub const CLIENT_IDLE: Duration = Duration::from_secs(75);
 /// How long the rest of a request head, a body read or a write to the
 /// client may take.
 pub const CLIENT_IO: Duration = Duration::from_secs(30);
+/// Request bodies up to this size (with `Content-Length`) are read whole
+/// before the request goes upstream, so that it can be retried and an
+/// early answer is never lost; larger ones go to hyper, which streams both
+/// ways at once.
+pub const MAX_BUFFERED_BODY: usize = 64 * 1024;
 /// Idle origin connections kept per endpoint and worker.
 pub const POOL_PER_ENDPOINT: usize = 64;
 /// How long an origin connection may sit in the pool.
@@ -48,19 +53,31 @@ pub struct Pool {
 impl Pool {
     /// The most recently used idle connection to `addr` that still looks
     /// open: one the origin closed (or sent stray bytes on) is readable and
-    /// is dropped.
-    fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// is dropped. With `verify`, the socket itself is asked too (a peek, one
+    /// system call), which also catches a close the event loop has not yet
+    /// seen.
+    pub(crate) fn take(&self, addr: SocketAddr, verify: bool) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some((stream, since)) = list.pop() {
-            if since.elapsed() < POOL_IDLE && stream.readable().now_or_never().is_none() {
+            if usable(&stream, since) && (!verify || quiet(&stream)) {
                 return Some(stream);
             }
         }
         None
     }
 
-    fn put(&self, addr: SocketAddr, stream: TcpStream) {
+    /// Drops the idle connections that expired or were closed, for every
+    /// endpoint (also those no config names any more).
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|_, list| {
+            list.retain(|(stream, since)| usable(stream, *since));
+            !list.is_empty()
+        });
+    }
+
+    pub(crate) fn put(&self, addr: SocketAddr, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(addr).or_default();
         if list.len() < POOL_PER_ENDPOINT {
@@ -77,6 +94,21 @@ impl Pool {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// An idle connection young enough, with nothing to read (no close, no
+/// stray bytes) as far as the event loop knows.
+fn usable(stream: &TcpStream, since: Instant) -> bool {
+    since.elapsed() < POOL_IDLE && stream.readable().now_or_never().is_none()
+}
+
+/// Nothing to read on the socket right now: no close, no stray bytes.
+fn quiet(stream: &TcpStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(stream).peek(&mut probe),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
 }
 
 /// A read buffer: bytes `start..end` of `data` are unread.
@@ -154,11 +186,14 @@ enum Next {
 /// Why an attempt at one endpoint got no response.
 #[derive(Debug)]
 enum Failure {
-    /// Nothing was sent that the origin could have acted on: the request
+    /// Nothing reached the origin that it could have acted on: the request
     /// may go to another origin.
     Retriable(String),
-    /// The request reached the origin, or its body is gone.
+    /// The request reached the origin and no answer came.
     Final(String),
+    /// A pooled connection died unanswered under a request that may not be
+    /// sent twice: not the endpoint's fault (no health penalty).
+    Stale(String),
     TimedOut,
     /// The client went away or stalled: nothing to answer.
     Client,
@@ -170,6 +205,7 @@ struct Conn {
     peer_ip: Vec<u8>,
     cbuf: Buf,
     ubuf: Buf,
+    /// The request as it goes upstream: head, then its whole body.
     request: Vec<u8>,
     response: Vec<u8>,
 }
@@ -211,21 +247,29 @@ pub async fn serve_connection(
     let mut c = Conn {
         client,
         peer_ip: peer.ip().to_string().into_bytes(),
-        cbuf: Buf::new(4096, h1::MAX_HEAD + 4096),
+        cbuf: Buf::new(4096, h1::MAX_HEAD + MAX_BUFFERED_BODY + 4096),
         ubuf: Buf::new(0, h1::MAX_HEAD + 4096),
         request: Vec::new(),
         response: Vec::new(),
     };
     loop {
+        // A request, head and body, must arrive within CLIENT_IO of its
+        // first byte: a client trickling bytes cannot hold the connection.
+        let mut deadline = None;
         let head = loop {
             if !c.cbuf.is_empty() {
                 match h1::forward_request(c.cbuf.bytes(), &c.peer_ip, &mut c.request) {
-                    Ok(Parsed::Done(h)) => break h,
+                    Ok(Parsed::Done(h)) => match h.body {
+                        Framing::Length(n) if n > MAX_BUFFERED_BODY as u64 => {
+                            hand_off(proxy, c, peer).await;
+                            return;
+                        }
+                        Framing::Length(n) if c.cbuf.len() < h.len + n as usize => {}
+                        _ => break h,
+                    },
                     Ok(Parsed::Partial) => {}
                     Ok(Parsed::HandOff) => {
-                        proxy.stats.handoffs.fetch_add(1, Ordering::Relaxed);
-                        let pre = c.cbuf.take();
-                        crate::proxy::serve_hyper(proxy, Rewind::new(pre, c.client), peer).await;
+                        hand_off(proxy, c, peer).await;
                         return;
                     }
                     Err(e) => {
@@ -243,17 +287,26 @@ pub async fn serve_connection(
                     }
                 }
             }
-            let wait = if c.cbuf.is_empty() {
-                CLIENT_IDLE
+            let read = if c.cbuf.is_empty() {
+                timeout(CLIENT_IDLE, c.cbuf.fill(&mut c.client)).await
             } else {
-                CLIENT_IO
+                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLIENT_IO);
+                tokio::time::timeout_at(at, c.cbuf.fill(&mut c.client)).await
             };
-            match timeout(wait, c.cbuf.fill(&mut c.client)).await {
+            match read {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
         };
-        c.cbuf.consume(head.len);
+        // The body (at most MAX_BUFFERED_BODY) is all here: it goes out
+        // with the head, and can go again to another origin.
+        let body = match head.body {
+            Framing::Length(n) => n as usize,
+            _ => 0,
+        };
+        c.request
+            .extend_from_slice(&c.cbuf.bytes()[head.len..head.len + body]);
+        c.cbuf.consume(head.len + body);
         proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
         if exchange(&proxy, &pool, &mut c, &head).await == Next::Close {
             return;
@@ -261,12 +314,16 @@ pub async fn serve_connection(
     }
 }
 
+/// Goes on with the connection in hyper, from the request at the start of
+/// `c.cbuf`.
+async fn hand_off(proxy: Arc<Proxy>, mut c: Conn, peer: SocketAddr) {
+    proxy.stats.handoffs.fetch_add(1, Ordering::Relaxed);
+    let pre = c.cbuf.take();
+    crate::proxy::serve_hyper(proxy, Rewind::new(pre, c.client), peer).await;
+}
+
 /// Forwards one request and its response.
 async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) -> Next {
-    let mut body_left = match head.body {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
     let mut tried: Option<&str> = None;
     // The failure of the first attempt, said when no other origin is left.
     let mut first_failure: Option<String> = None;
@@ -286,7 +343,8 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
                 tried = Some(origin.id.as_str());
                 continue;
             };
-            match attempt_endpoint(proxy, pool, c, head, origin, ep, &mut body_left).await {
+            let said = |e: &str| format!("origin {} ({}) failed: {e}", origin.id, ep.addr);
+            match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
                 Ok(next) => return next,
                 Err(Failure::Client) => return Next::Close,
                 Err(Failure::TimedOut) => {
@@ -297,18 +355,18 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
                         format!("origin {} ({}) timed out", origin.id, ep.addr),
                     );
                 }
+                Err(Failure::Stale(e)) => {
+                    proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    break 'attempts (502, "Bad Gateway", said(&e));
+                }
                 Err(Failure::Retriable(e)) if attempt == 0 => {
                     proxy.upstream_failed(origin, ep, &e);
-                    first_failure = Some(format!("origin {} ({}) failed: {e}", origin.id, ep.addr));
+                    first_failure = Some(said(&e));
                     tried = Some(origin.id.as_str());
                 }
                 Err(Failure::Retriable(e) | Failure::Final(e)) => {
                     proxy.upstream_failed(origin, ep, &e);
-                    break 'attempts (
-                        502,
-                        "Bad Gateway",
-                        format!("origin {} ({}) failed: {e}", origin.id, ep.addr),
-                    );
+                    break 'attempts (502, "Bad Gateway", said(&e));
                 }
             }
         }
@@ -323,10 +381,13 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
     };
     let (status, reason, text) = failure;
     proxy.count_status(status);
-    // A body the origin did not take is still on the client connection.
-    let close = !head.keep_alive || body_left > 0;
-    let r = h1::local_response(status, reason, &format!("sextant-edge: {text}\n"), close);
-    if close {
+    let r = h1::local_response(
+        status,
+        reason,
+        &format!("sextant-edge: {text}\n"),
+        !head.keep_alive,
+    );
+    if !head.keep_alive {
         answer_and_close(&mut c.client, &r).await;
         return Next::Close;
     }
@@ -357,32 +418,41 @@ async fn attempt_endpoint(
     head: &RequestHead,
     origin: &Origin,
     ep: &Arc<EndpointState>,
-    body_left: &mut u64,
 ) -> Result<Next, Failure> {
-    let (mut up, mut reused) = match pool.take(ep.addr) {
+    // A request that may not be sent twice gets a pooled connection only
+    // after a look at the socket itself.
+    let (mut up, mut reused) = match pool.take(ep.addr, !head.idempotent) {
         Some(s) => (s, true),
         None => (connect(proxy, ep.addr).await?, false),
     };
-    let bodyless = head.body == Framing::None;
     let response = loop {
-        match send_request(proxy, c, &mut up, body_left).await {
-            Ok(()) => {}
-            // A pooled connection the origin closed meanwhile: nothing was
-            // taken, so try once more on a new connection.
-            Err(Failure::Retriable(_)) if reused => {
-                up = connect(proxy, ep.addr).await?;
-                reused = false;
-                continue;
+        match timeout(proxy.upstream_timeout, up.write_all(&c.request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // The origin may have answered and closed before taking it
+                // all (a 413 to an upload): that answer is the response.
+                if let Ok(r) = read_response_head(proxy, c, &mut up, head, origin).await {
+                    break r;
+                }
+                // Nothing of it can have been acted on: the head or the
+                // body is incomplete at the origin.
+                if reused {
+                    up = connect(proxy, ep.addr).await?;
+                    reused = false;
+                    continue;
+                }
+                return Err(Failure::Retriable(format!("sending the request: {e}")));
             }
-            Err(e) => return Err(e),
+            Err(_) => return Err(Failure::TimedOut),
         }
         match read_response_head(proxy, c, &mut up, head, origin).await {
             Ok(r) => break r,
-            // The request went out but the connection died before a byte
-            // of answer: only an idempotent request may be sent again.
-            Err(Failure::Final(_))
-                if reused && bodyless && head.idempotent && c.ubuf.is_empty() =>
-            {
+            // The request went out but a pooled connection died before a
+            // byte of answer: only an idempotent request is sent again.
+            Err(Failure::Final(e)) if reused && c.ubuf.is_empty() => {
+                if !head.idempotent {
+                    return Err(Failure::Stale(e));
+                }
                 up = connect(proxy, ep.addr).await?;
                 reused = false;
             }
@@ -396,64 +466,29 @@ async fn attempt_endpoint(
     }
     proxy.count_status(response.status);
     let mut body_bytes = 0u64;
-    let reusable = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
+    let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
     proxy
         .stats
         .response_bytes
         .fetch_add(body_bytes, Ordering::Relaxed);
-    let reusable = reusable?;
-    if reusable && response.reusable && c.ubuf.is_empty() {
-        pool.put(ep.addr, up);
+    match relayed {
+        Ok(complete) => {
+            if complete && response.reusable && c.ubuf.is_empty() {
+                pool.put(ep.addr, up);
+            }
+        }
+        Err(Relay::Client) => return Err(Failure::Client),
+        // The answer is cut: the client sees its connection close.
+        Err(Relay::Origin(e)) => {
+            proxy.upstream_failed(origin, ep, &e);
+            return Ok(Next::Close);
+        }
     }
     c.ubuf.consume(c.ubuf.len());
     if head.keep_alive && response.body != Framing::Close {
         Ok(Next::KeepAlive)
     } else {
         Ok(Next::Close)
-    }
-}
-
-/// Writes the request head and its `Content-Length` body (from what was
-/// read with the head, then from the client) to the origin.
-async fn send_request(
-    proxy: &Proxy,
-    c: &mut Conn,
-    up: &mut TcpStream,
-    body_left: &mut u64,
-) -> Result<(), Failure> {
-    // Nothing of the body is taken from the client before the head is out,
-    // so a head that cannot be sent leaves the request free to go elsewhere.
-    match timeout(proxy.upstream_timeout, up.write_all(&c.request)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Failure::Retriable(format!("sending the request: {e}"))),
-        Err(_) => return Err(Failure::TimedOut),
-    }
-    loop {
-        let have = c
-            .cbuf
-            .len()
-            .min(usize::try_from(*body_left).unwrap_or(usize::MAX));
-        if have > 0 {
-            let r = timeout(
-                proxy.upstream_timeout,
-                up.write_all(&c.cbuf.bytes()[..have]),
-            )
-            .await;
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Failure::Final(format!("sending the body: {e}"))),
-                Err(_) => return Err(Failure::TimedOut),
-            }
-            c.cbuf.consume(have);
-            *body_left -= have as u64;
-        }
-        if *body_left == 0 {
-            return Ok(());
-        }
-        match timeout(CLIENT_IO, c.cbuf.fill(&mut c.client)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Err(Failure::Client),
-        }
     }
 }
 
@@ -501,16 +536,24 @@ async fn read_response_head(
     }
 }
 
+/// Why a response body could not be relayed whole.
+enum Relay {
+    /// The client went away or stalled.
+    Client,
+    /// The origin broke the body off, sent a bad one, or stalled.
+    Origin(String),
+}
+
 /// Sends the response head in `c.response` and its body to the client.
-/// Returns whether the origin connection can carry another request; an
-/// error means the client connection is done (the response may be cut).
+/// Returns whether the body ended where its framing said (so that the
+/// origin connection can carry another request).
 async fn relay_body(
     proxy: &Proxy,
     c: &mut Conn,
     up: &mut TcpStream,
     body: Framing,
     bytes: &mut u64,
-) -> Result<bool, Failure> {
+) -> Result<bool, Relay> {
     let mut chunked = ChunkedEnd::default();
     let mut left = match body {
         Framing::Length(n) => n,
@@ -529,20 +572,22 @@ async fn relay_body(
                 left -= t as u64;
                 (t, left == 0)
             }
-            Framing::Chunked => chunked.feed(c.ubuf.bytes()).map_err(|e| {
-                debug!(error = %e, "origin sent a bad chunked body");
-                Failure::Client
-            })?,
+            Framing::Chunked => chunked
+                .feed(c.ubuf.bytes())
+                .map_err(|e| Relay::Origin(format!("bad chunked body: {e}")))?,
             Framing::Close => (c.ubuf.len(), false),
         };
         *bytes += take as u64;
-        if first {
-            c.response.extend_from_slice(&c.ubuf.bytes()[..take]);
-            write_client(&mut c.client, &c.response).await?;
+        let sent = if first {
             first = false;
+            c.response.extend_from_slice(&c.ubuf.bytes()[..take]);
+            write_client(&mut c.client, &c.response).await
         } else if take > 0 {
-            write_client(&mut c.client, &c.ubuf.bytes()[..take]).await?;
-        }
+            write_client(&mut c.client, &c.ubuf.bytes()[..take]).await
+        } else {
+            Ok(())
+        };
+        sent.map_err(|_| Relay::Client)?;
         c.ubuf.consume(take);
         if done {
             return Ok(true);
@@ -550,7 +595,9 @@ async fn relay_body(
         match timeout(proxy.upstream_timeout, c.ubuf.fill(up)).await {
             Ok(Ok(n)) if n > 0 => {}
             Ok(Ok(_)) if body == Framing::Close => return Ok(false),
-            _ => return Err(Failure::Client),
+            Ok(Ok(_)) => return Err(Relay::Origin("body cut short".into())),
+            Ok(Err(e)) => return Err(Relay::Origin(format!("reading the body: {e}"))),
+            Err(_) => return Err(Relay::Origin("body timed out".into())),
         }
     }
 }

@@ -372,8 +372,8 @@ async fn bodies_pass_through_in_every_framing() {
         !head.contains("X-Hop") && !head.contains("Keep-Alive"),
         "{head}"
     );
-    // A request body of 300 kB, sent in pieces.
-    let big = vec![b'x'; 300_000];
+    // A request body of 60 kB, sent in pieces.
+    let big = vec![b'x'; 60_000];
     s.write_all(
         format!(
             "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
@@ -383,12 +383,12 @@ async fn bodies_pass_through_in_every_framing() {
     )
     .await
     .expect("write");
-    for piece in big.chunks(70_000) {
+    for piece in big.chunks(20_000) {
         s.write_all(piece).await.expect("write");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (status, _, body) = read_response(&mut s, &mut pending, false).await;
-    assert_eq!((status, body.as_slice()), (200, &b"got 300000 bytes"[..]));
+    assert_eq!((status, body.as_slice()), (200, &b"got 60000 bytes"[..]));
     assert!(
         origin.seen().iter().all(|r| r.conn == 0),
         "one origin connection throughout"
@@ -434,6 +434,24 @@ async fn what_the_fast_path_does_not_handle_goes_on_in_hyper() {
         .seen()
         .iter()
         .any(|r| String::from_utf8_lossy(&r.body).contains("hello")));
+    // A body larger than the fast path buffers: streamed by hyper.
+    let big = vec![b'y'; 300_000];
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    s.write_all(&big).await.expect("write");
+    let (status, _, body) = read_response(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, &b"got 300000 body bytes"[..])
+    );
     // HTTP/2 with prior knowledge.
     let stream = TcpStream::connect(e.addr).await.expect("connect");
     let (mut send, conn) = hyper::client::conn::http2::handshake(
@@ -452,7 +470,7 @@ async fn what_the_fast_path_does_not_handle_goes_on_in_hyper() {
         resp.headers().get("x-sextant-origin").map(|v| v.as_bytes()),
         Some(&b"a"[..])
     );
-    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 3);
+    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 4);
 }
 
 #[tokio::test]
@@ -638,4 +656,85 @@ async fn only_idempotent_requests_are_sent_again_when_a_pooled_connection_dies()
         .filter(|r| r.head.starts_with("POST"))
         .count();
     assert_eq!(posts, 1, "never sent twice");
+}
+
+#[tokio::test]
+async fn a_length_named_by_connection_cannot_smuggle_a_request() {
+    let origin = Origin::start(|r| ok(&format!("{} body bytes", r.body.len()))).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let smuggled = "GET /admin HTTP/1.1\r\nX-Pad: ";
+    let raw = format!(
+        "POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let (status, _, body) = once(e.addr, raw.as_bytes()).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, format!("{} body bytes", smuggled.len()).as_bytes())
+    );
+    // Another client on the same origin connection gets its own answer.
+    let (status, _, body) = once(e.addr, b"GET /mine HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!((status, body.as_slice()), (200, &b"0 body bytes"[..]));
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|r| !r.head.contains("/admin")), "{seen:?}");
+    assert_eq!(seen[0].body, smuggled.as_bytes());
+}
+
+#[tokio::test]
+async fn an_origin_answering_before_it_read_the_body_is_heard() {
+    // Refuses every upload at once and closes without reading it.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
+                    .await;
+            });
+        }
+    });
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let body = vec![b'z'; 60_000];
+    let mut raw = format!(
+        "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    let (status, _, got) = once(e.addr, &raw).await;
+    assert_eq!((status, got.as_slice()), (413, &b"too big\n"[..]));
+    assert_eq!(e.stats.upstream_errors.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn the_pool_forgets_connections_their_origins_closed() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let pool = crate::h1proxy::Pool::default();
+    let kept = TcpStream::connect(addr).await.expect("connect");
+    let (_open, _) = l.accept().await.expect("accept");
+    let dropped = TcpStream::connect(addr).await.expect("connect");
+    let (closing, _) = l.accept().await.expect("accept");
+    pool.put(addr, kept);
+    pool.put(addr, dropped);
+    drop(closing);
+    // The event loop learns of the close while the task waits.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    pool.sweep();
+    assert_eq!(pool.len(), 1);
+    assert!(
+        pool.take(addr, true).is_some(),
+        "the open one is still good"
+    );
+    assert!(pool.take(addr, false).is_none());
 }

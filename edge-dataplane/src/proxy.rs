@@ -303,13 +303,18 @@ impl Proxy {
         };
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let xff = match parts
+        // Every earlier hop, from every x-forwarded-for field, then the client.
+        let prev: Vec<&str> = parts
             .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conns.peer.ip())).ok(),
-            None => Some(conns.peer_ip.clone()),
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .collect();
+        let xff = if prev.is_empty() {
+            Some(conns.peer_ip.clone())
+        } else {
+            HeaderValue::from_str(&format!("{}, {}", prev.join(", "), conns.peer.ip())).ok()
         };
         if let Some(v) = xff {
             parts.headers.insert("x-forwarded-for", v);
@@ -428,6 +433,18 @@ impl Proxy {
 /// the rest in hyper. Origin connections are pooled per call (per worker).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
     let pool = Arc::new(Pool::default());
+    {
+        let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => pool.sweep(),
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
