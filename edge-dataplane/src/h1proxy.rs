@@ -230,9 +230,25 @@ async fn answer_and_close(client: &mut TcpStream, response: &[u8]) {
 }
 
 async fn write_client(client: &mut TcpStream, bytes: &[u8]) -> Result<(), Failure> {
-    match timeout(CLIENT_IO, client.write_all(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(Failure::Client),
+    match write_within(client, bytes, CLIENT_IO).await {
+        Ok(()) => Ok(()),
+        Err(_) => Err(Failure::Client),
+    }
+}
+
+/// Writes all of `bytes` within `limit`. What the socket buffer takes at
+/// once (nearly every head and small answer) is written without arming a
+/// timer.
+async fn write_within(s: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    let rest = match s.try_write(bytes) {
+        Ok(n) if n == bytes.len() => return Ok(()),
+        Ok(n) => &bytes[n..],
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => bytes,
+        Err(e) => return Err(e),
+    };
+    match timeout(limit, s.write_all(rest)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
     }
 }
 
@@ -426,9 +442,10 @@ async fn attempt_endpoint(
         None => (connect(proxy, ep.addr).await?, false),
     };
     let response = loop {
-        match timeout(proxy.upstream_timeout, up.write_all(&c.request)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        match write_within(&mut up, &c.request, proxy.upstream_timeout).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Failure::TimedOut),
+            Err(e) => {
                 // The origin may have answered and closed before taking it
                 // all (a 413 to an upload): that answer is the response.
                 if let Ok(r) = read_response_head(proxy, c, &mut up, head, origin).await {
@@ -443,7 +460,6 @@ async fn attempt_endpoint(
                 }
                 return Err(Failure::Retriable(format!("sending the request: {e}")));
             }
-            Err(_) => return Err(Failure::TimedOut),
         }
         match read_response_head(proxy, c, &mut up, head, origin).await {
             Ok(r) => break r,
