@@ -9,6 +9,8 @@
 //! targets, repeated `Content-Length`) is reported as [`Parsed::HandOff`]
 //! so that the connection goes on in hyper from that request.
 
+use std::io::Write;
+
 /// Largest request or response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
@@ -171,6 +173,12 @@ fn parse_length(value: &[u8]) -> Result<u64, HeadError> {
         .ok_or_else(bad)
 }
 
+/// Writes `name: N`, the number without an intermediate string.
+fn put_number(out: &mut Vec<u8>, name: &[u8], n: u64) {
+    out.extend_from_slice(name);
+    let _ = write!(out, ": {n}\r\n");
+}
+
 fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -245,7 +253,7 @@ pub fn forward_request(
         put_field(out, h.name.as_bytes(), h.value);
     }
     if let Some(n) = length {
-        put_field(out, b"content-length", n.to_string().as_bytes());
+        put_number(out, b"content-length", n);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     for prev in xff.into_iter().chain(more_xff) {
@@ -346,9 +354,7 @@ pub fn forward_response(
     let reusable =
         body != Framing::Close && !conn.close && !doubtful && (version == 1 || conn.keep_alive);
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
+    let _ = write!(out, "HTTP/1.1 {status} ");
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let framing_field = |name: &str| is(name, b"content-length") || is(name, b"transfer-encoding");
@@ -362,7 +368,7 @@ pub fn forward_response(
         put_field(out, h.name.as_bytes(), h.value);
     }
     match body {
-        Framing::Length(n) => put_field(out, b"content-length", n.to_string().as_bytes()),
+        Framing::Length(n) => put_number(out, b"content-length", n),
         Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
         Framing::None | Framing::Close => {}
     }
@@ -380,16 +386,15 @@ pub fn forward_response(
     }))
 }
 
-/// A response the proxy makes itself.
-pub fn local_response(status: u16, reason: &str, body: &str, close: bool) -> Vec<u8> {
+/// A response the proxy makes itself, `sextant-edge: WHAT` (the same
+/// text the hyper path answers with).
+pub fn local_response(status: hyper::StatusCode, what: &str, close: bool) -> Vec<u8> {
+    let body = format!("sextant-edge: {what}\n");
     let mut out = Vec::with_capacity(128 + body.len());
-    out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    let reason = status.canonical_reason().unwrap_or("");
+    let _ = write!(out, "HTTP/1.1 {} {reason}\r\n", status.as_u16());
     put_field(&mut out, b"content-type", b"text/plain; charset=utf-8");
-    put_field(
-        &mut out,
-        b"content-length",
-        body.len().to_string().as_bytes(),
-    );
+    put_number(&mut out, b"content-length", body.len() as u64);
     if close {
         put_field(&mut out, b"connection", b"close");
     }
@@ -808,7 +813,7 @@ mod tests {
 
     #[test]
     fn a_local_response_is_complete() {
-        let r = local_response(502, "Bad Gateway", "sextant-edge: down\n", true);
+        let r = local_response(hyper::StatusCode::BAD_GATEWAY, "down", true);
         assert_eq!(
             String::from_utf8(r).expect("text"),
             "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n\

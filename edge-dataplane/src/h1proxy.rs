@@ -20,13 +20,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use hyper::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::debug;
 
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
-use crate::proxy::Proxy;
+use crate::proxy::{about, gave_up, Proxy};
 use crate::upstream::{EndpointState, Origin};
 
 /// How long a kept-alive client connection may sit between requests.
@@ -86,13 +87,10 @@ impl Pool {
     }
 
     /// Idle connections held, all endpoints.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -291,13 +289,9 @@ pub async fn serve_connection(
                     Err(e) => {
                         debug!(%peer, error = %e, "bad request head");
                         proxy.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-                        let reason = if e.status() == 431 {
-                            "Request Header Fields Too Large"
-                        } else {
-                            "Bad Request"
-                        };
-                        let body = format!("sextant-edge: {e}\n");
-                        let r = h1::local_response(e.status(), reason, &body, true);
+                        let status =
+                            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+                        let r = h1::local_response(status, &e.to_string(), true);
                         answer_and_close(&mut c.client, &r).await;
                         return;
                     }
@@ -344,65 +338,45 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
     // The failure of the first attempt, said when no other origin is left.
     let mut first_failure: Option<String> = None;
     let cfg = proxy.current.load_full();
-    let failure = 'attempts: {
+    let (status, text) = 'attempts: {
         let Some(cfg) = cfg.as_ref() else {
-            break 'attempts (503, "Service Unavailable", "no config yet".to_owned());
+            break 'attempts (StatusCode::SERVICE_UNAVAILABLE, "no config yet".to_owned());
         };
         for attempt in 0..2 {
             let Some(origin) = cfg.value.pick(tried) else {
-                break 'attempts match first_failure {
-                    Some(e) => (502, "Bad Gateway", e),
-                    None => (503, "Service Unavailable", "no origin available".to_owned()),
-                };
+                break 'attempts gave_up(first_failure, "no origin available");
             };
             let Some(ep) = origin.pick() else {
                 tried = Some(origin.id.as_str());
                 continue;
             };
-            let said = |e: &str| format!("origin {} ({}) failed: {e}", origin.id, ep.addr);
+            let failed = |e: &str| about(origin, ep, format_args!("failed: {e}"));
             match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
                 Ok(next) => return next,
                 Err(Failure::Client) => return Next::Close,
                 Err(Failure::TimedOut) => {
                     proxy.upstream_failed(origin, ep, "timed out");
-                    break 'attempts (
-                        504,
-                        "Gateway Timeout",
-                        format!("origin {} ({}) timed out", origin.id, ep.addr),
-                    );
+                    break 'attempts (StatusCode::GATEWAY_TIMEOUT, about(origin, ep, "timed out"));
                 }
                 Err(Failure::Stale(e)) => {
                     proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    break 'attempts (502, "Bad Gateway", said(&e));
+                    break 'attempts (StatusCode::BAD_GATEWAY, failed(&e));
                 }
                 Err(Failure::Retriable(e)) if attempt == 0 => {
                     proxy.upstream_failed(origin, ep, &e);
-                    first_failure = Some(said(&e));
+                    first_failure = Some(failed(&e));
                     tried = Some(origin.id.as_str());
                 }
                 Err(Failure::Retriable(e) | Failure::Final(e)) => {
                     proxy.upstream_failed(origin, ep, &e);
-                    break 'attempts (502, "Bad Gateway", said(&e));
+                    break 'attempts (StatusCode::BAD_GATEWAY, failed(&e));
                 }
             }
         }
-        match first_failure {
-            Some(e) => (502, "Bad Gateway", e),
-            None => (
-                503,
-                "Service Unavailable",
-                "no healthy origin endpoint".to_owned(),
-            ),
-        }
+        gave_up(first_failure, "no healthy origin endpoint")
     };
-    let (status, reason, text) = failure;
-    proxy.count_status(status);
-    let r = h1::local_response(
-        status,
-        reason,
-        &format!("sextant-edge: {text}\n"),
-        !head.keep_alive,
-    );
+    proxy.count_status(status.as_u16());
+    let r = h1::local_response(status, &text, !head.keep_alive);
     if !head.keep_alive {
         answer_and_close(&mut c.client, &r).await;
         return Next::Close;

@@ -92,7 +92,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+/// A short answer of the proxy's own: `sextant-edge: WHAT`.
+fn text(status: StatusCode, what: impl std::fmt::Display) -> Response<ProxyBody> {
+    let body = format!("sextant-edge: {what}\n");
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -100,6 +102,21 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// What a request that got no origin response is told about `origin`'s
+/// endpoint `ep` (both paths say it the same way).
+pub(crate) fn about(origin: &Origin, ep: &EndpointState, what: impl std::fmt::Display) -> String {
+    format!("origin {} ({}) {what}", origin.id, ep.addr)
+}
+
+/// The answer when no origin is left to try: the first attempt's failure
+/// (502) when there was one, else `none` (503).
+pub(crate) fn gave_up(first_failure: Option<String>, none: &str) -> (StatusCode, String) {
+    match first_failure {
+        Some(e) => (StatusCode::BAD_GATEWAY, e),
+        None => (StatusCode::SERVICE_UNAVAILABLE, none.to_owned()),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -296,10 +313,7 @@ impl Proxy {
 
     async fn forward(&self, conns: &UpstreamConns, req: Request<Incoming>) -> Response<ProxyBody> {
         let Some(cfg) = self.current.load_full() else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "sextant-edge: no config yet\n".into(),
-            );
+            return text(StatusCode::SERVICE_UNAVAILABLE, "no config yet");
         };
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -352,13 +366,8 @@ impl Proxy {
         let mut first_failure: Option<String> = None;
         for attempt in 0..2 {
             let Some(origin) = cfg.value.pick(tried.as_deref()) else {
-                return match first_failure {
-                    Some(e) => text(StatusCode::BAD_GATEWAY, e),
-                    None => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "sextant-edge: no origin available\n".into(),
-                    ),
-                };
+                let (status, said) = gave_up(first_failure, "no origin available");
+                return text(status, said);
             };
             let Some(ep) = origin.pick() else {
                 tried = Some(origin.id.clone());
@@ -389,42 +398,25 @@ impl Proxy {
                     match back {
                         Some(r) if attempt == 0 => {
                             req = Some(r);
-                            first_failure = Some(format!(
-                                "sextant-edge: origin {} ({}) failed: {e}\n",
-                                origin.id, ep.addr
-                            ));
+                            first_failure = Some(about(origin, ep, format_args!("failed: {e}")));
                             tried = Some(origin.id.clone());
                         }
                         _ => {
                             return text(
                                 StatusCode::BAD_GATEWAY,
-                                format!(
-                                    "sextant-edge: origin {} ({}) failed: {e}\n",
-                                    origin.id, ep.addr
-                                ),
+                                about(origin, ep, format_args!("failed: {e}")),
                             )
                         }
                     }
                 }
                 Err(_) => {
                     self.upstream_failed(origin, ep, "timed out");
-                    return text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "sextant-edge: origin {} ({}) timed out\n",
-                            origin.id, ep.addr
-                        ),
-                    );
+                    return text(StatusCode::GATEWAY_TIMEOUT, about(origin, ep, "timed out"));
                 }
             }
         }
-        match first_failure {
-            Some(e) => text(StatusCode::BAD_GATEWAY, e),
-            None => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "sextant-edge: no healthy origin endpoint\n".into(),
-            ),
-        }
+        let (status, said) = gave_up(first_failure, "no healthy origin endpoint");
+        text(status, said)
     }
 }
 
