@@ -13,15 +13,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use hyper::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::debug;
@@ -208,6 +206,14 @@ struct Conn {
     response: Vec<u8>,
 }
 
+impl Conn {
+    /// The bytes read and not yet used, and the client socket; the
+    /// buffers go (they are not kept while hyper serves the connection).
+    fn into_unread(mut self) -> (Vec<u8>, TcpStream) {
+        (self.cbuf.take(), self.client)
+    }
+}
+
 /// Sends a response the proxy made and closes the connection gently: its
 /// side is shut first, and what the client still sends (a body nobody will
 /// read) is read and dropped for a moment, so that the close does not
@@ -326,10 +332,13 @@ pub async fn serve_connection(
 
 /// Goes on with the connection in hyper, from the request at the start of
 /// `c.cbuf`.
-async fn hand_off(proxy: Arc<Proxy>, mut c: Conn, peer: SocketAddr) {
+async fn hand_off(proxy: Arc<Proxy>, c: Conn, peer: SocketAddr) {
     proxy.stats.handoffs.fetch_add(1, Ordering::Relaxed);
-    let pre = c.cbuf.take();
-    crate::proxy::serve_hyper(proxy, Rewind::new(pre, c.client), peer).await;
+    let (unread, client) = c.into_unread();
+    // The bytes already read are read again first, then the socket.
+    let (read, write) = client.into_split();
+    let io = tokio::io::join(io::Cursor::new(unread).chain(read), write);
+    crate::proxy::serve_hyper(proxy, io, peer).await;
 }
 
 /// Forwards one request and its response.
@@ -389,14 +398,9 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
 
 /// Connects to an endpoint within the proxy's connect timeout.
 async fn connect(proxy: &Proxy, addr: SocketAddr) -> Result<TcpStream, Failure> {
-    match timeout(proxy.connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => Err(Failure::Retriable(format!("connect: {e}"))),
-        Err(_) => Err(Failure::Retriable("connect timed out".into())),
-    }
+    crate::proxy::dial(addr, proxy.connect_timeout)
+        .await
+        .map_err(|e| Failure::Retriable(e.to_string()))
 }
 
 /// Sends the request to one endpoint (on a pooled connection, or a new one
@@ -474,7 +478,6 @@ async fn attempt_endpoint(
             return Ok(Next::Close);
         }
     }
-    c.ubuf.consume(c.ubuf.len());
     if head.keep_alive && response.body != Framing::Close {
         Ok(Next::KeepAlive)
     } else {
@@ -589,72 +592,6 @@ async fn relay_body(
             Ok(Err(e)) => return Err(Relay::Origin(format!("reading the body: {e}"))),
             Err(_) => return Err(Relay::Origin("body timed out".into())),
         }
-    }
-}
-
-/// A connection whose first bytes were already read: they are read again
-/// first, then the stream.
-#[derive(Debug)]
-pub struct Rewind {
-    pre: Vec<u8>,
-    pos: usize,
-    inner: TcpStream,
-}
-
-impl Rewind {
-    pub fn new(pre: Vec<u8>, inner: TcpStream) -> Self {
-        Self { pre, pos: 0, inner }
-    }
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.pos < this.pre.len() {
-            let n = (this.pre.len() - this.pos).min(buf.remaining());
-            buf.put_slice(&this.pre[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.pre.len() {
-                this.pre = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -148,7 +148,7 @@ impl std::fmt::Debug for UpstreamConns {
 
 /// Why a request got no origin response.
 #[derive(Debug, thiserror::Error)]
-enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
     #[error("connect timed out")]
@@ -194,11 +194,7 @@ impl UpstreamConns {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<SendRequest<ClientBody>, UpstreamError> {
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout)?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let stream = dial(addr, timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
@@ -479,6 +475,20 @@ where
     if let Err(e) = conn.serve_connection(TokioIo::new(io), svc).await {
         debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// A connection to an origin endpoint within `limit`, Nagle off (both
+/// paths write whole heads and bodies).
+pub(crate) async fn dial(
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)?
+        .map_err(UpstreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Binds `addr` once per worker with SO_REUSEPORT, so that the kernel
