@@ -16,14 +16,19 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
 pub const MAX_HEADERS: usize = 100;
 
-/// Fields that belong to one connection and are never forwarded.
+/// Most fields one `Connection` header may name: real clients name one or
+/// two, and each named field is compared with every header.
+pub const MAX_CONNECTION_OPTIONS: usize = 16;
+
+/// Fields that belong to one connection and are never forwarded
+/// (RFC 9110 §7.6.1; `Trailer` is end-to-end since RFC 9110 §6.6.2).
 const HOP_BY_HOP: [&[u8]; 8] = [
     b"connection",
     b"keep-alive",
     b"proxy-authenticate",
     b"proxy-authorization",
+    b"proxy-connection",
     b"te",
-    b"trailer",
     b"transfer-encoding",
     b"upgrade",
 ];
@@ -60,6 +65,12 @@ pub enum HeadError {
     UnexpectedUpgrade,
     #[error("status {0} is outside 100..=599")]
     BadStatus(u16),
+    #[error("an HTTP/1.1 request needs exactly one host field, found {0}")]
+    HostCount(usize),
+    #[error("invalid host {0:?}")]
+    BadHost(String),
+    #[error("connection names more than {MAX_CONNECTION_OPTIONS} fields")]
+    TooManyConnectionOptions,
 }
 
 impl HeadError {
@@ -136,7 +147,9 @@ struct ConnectionField<'a> {
     keep_alive: bool,
 }
 
-fn connection_field<'a>(headers: &[httparse::Header<'a>]) -> ConnectionField<'a> {
+fn connection_field<'a>(
+    headers: &[httparse::Header<'a>],
+) -> Result<ConnectionField<'a>, HeadError> {
     let mut c = ConnectionField {
         named: Vec::new(),
         close: false,
@@ -148,12 +161,51 @@ fn connection_field<'a>(headers: &[httparse::Header<'a>]) -> ConnectionField<'a>
                 c.close = true;
             } else if t.eq_ignore_ascii_case(b"keep-alive") {
                 c.keep_alive = true;
+            } else if c.named.len() == MAX_CONNECTION_OPTIONS {
+                return Err(HeadError::TooManyConnectionOptions);
             } else {
                 c.named.push(t);
             }
         }
     }
-    c
+    Ok(c)
+}
+
+/// A `Host` value (RFC 9110 §7.2): `host [":" port]` with no userinfo,
+/// path or whitespace; empty is allowed (a target without authority).
+pub fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = match v.strip_prefix(b"[") {
+        // An IP literal: [v6 or vFuture] then an optional port.
+        Some(rest) => match rest.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inner = &rest[..end];
+                if inner.is_empty()
+                    || !inner.iter().all(|&b| {
+                        b.is_ascii_hexdigit() || b":.vV".contains(&b) || unreserved_or_sub(b)
+                    })
+                {
+                    return false;
+                }
+                match &rest[end + 1..] {
+                    [] => return true,
+                    [b':', port @ ..] => (&b""[..], Some(port)),
+                    _ => return false,
+                }
+            }
+            None => return false,
+        },
+        None => match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        },
+    };
+    host.iter().all(|&b| unreserved_or_sub(b) || b == b'%')
+        && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+}
+
+/// RFC 3986 unreserved and sub-delims characters.
+fn unreserved_or_sub(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
 }
 
 fn hop_by_hop(name: &str, conn: &ConnectionField<'_>) -> bool {
@@ -216,11 +268,20 @@ pub fn forward_request(
         return Ok(Parsed::HandOff);
     }
     let headers = &*req.headers;
-    let conn = connection_field(headers);
+    let conn = connection_field(headers)?;
     let mut length = None;
+    let mut hosts = 0;
     for h in headers {
         if is(h.name, b"transfer-encoding") || is(h.name, b"expect") {
             return Ok(Parsed::HandOff);
+        }
+        if is(h.name, b"host") {
+            hosts += 1;
+            if !valid_host(h.value) {
+                return Err(HeadError::BadHost(
+                    String::from_utf8_lossy(h.value).into_owned(),
+                ));
+            }
         }
         if is(h.name, b"content-length") {
             if length.is_some() {
@@ -228,6 +289,10 @@ pub fn forward_request(
             }
             length = Some(parse_length(h.value)?);
         }
+    }
+    // RFC 9112 §3.2: one Host, or a 400.
+    if hosts != 1 {
+        return Err(HeadError::HostCount(hosts));
     }
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -319,7 +384,7 @@ pub fn forward_response(
         }));
     }
     let headers = &*resp.headers;
-    let conn = connection_field(headers);
+    let conn = connection_field(headers)?;
     let mut chunked = false;
     let mut length = None;
     for h in headers {
@@ -360,8 +425,9 @@ pub fn forward_response(
     let framing_field = |name: &str| is(name, b"content-length") || is(name, b"transfer-encoding");
     for h in headers {
         // A bodiless response keeps its content-length (a HEAD's says the
-        // size of the GET); otherwise the framing is written once below.
-        let framing = framing_field(h.name) && body != Framing::None;
+        // size of the GET), except a 204, which must not have one (RFC 9110
+        // §8.6); otherwise the framing is written once below.
+        let framing = framing_field(h.name) && (body != Framing::None || status == 204);
         if framing || hop_by_hop(h.name, &conn) || is(h.name, b"x-sextant-origin") {
             continue;
         }
@@ -595,18 +661,19 @@ mod tests {
             Ok(Parsed::Done(h)) => h,
             other => panic!("{raw:?}: {other:?}"),
         };
-        let h = done("POST / HTTP/1.1\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
+        let h =
+            done("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\nConnection: close\r\n\r\n");
         assert_eq!(h.body, Framing::Length(12));
         assert!(!h.keep_alive);
         assert_eq!(
-            done("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n").body,
+            done("POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n\r\n").body,
             Framing::None
         );
-        assert!(done("HEAD / HTTP/1.1\r\n\r\n").head_method);
-        assert!(done("DELETE /x HTTP/1.1\r\n\r\n").idempotent);
-        assert!(!done("POST /x HTTP/1.1\r\n\r\n").idempotent);
-        assert!(!done("PATCH /x HTTP/1.1\r\n\r\n").idempotent);
-        let (_, out) = request("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        assert!(done("HEAD / HTTP/1.1\r\nHost: h\r\n\r\n").head_method);
+        assert!(done("DELETE /x HTTP/1.1\r\nHost: h\r\n\r\n").idempotent);
+        assert!(!done("POST /x HTTP/1.1\r\nHost: h\r\n\r\n").idempotent);
+        assert!(!done("PATCH /x HTTP/1.1\r\nHost: h\r\n\r\n").idempotent);
+        let (_, out) = request("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc");
         assert!(out.contains("content-length: 3\r\n"), "{out}");
         // A length that Connection names still goes to the origin, or the
         // origin would read the body as a request of its own; so does Host.
@@ -623,8 +690,125 @@ mod tests {
             out.contains("content-length: 30\r\n") && out.contains("Host: a\r\n"),
             "{out}"
         );
-        let (_, out) = request("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        let (_, out) = request("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n");
         assert!(out.contains("content-length: 0\r\n"), "{out}");
+    }
+
+    #[test]
+    fn a_request_needs_exactly_one_valid_host() {
+        for (raw, want) in [
+            ("GET / HTTP/1.1\r\n\r\n", HeadError::HostCount(0)),
+            (
+                "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+                HeadError::HostCount(2),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+                HeadError::BadHost("a, b".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+                HeadError::BadHost("a b".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: u:p@a.example\r\n\r\n",
+                HeadError::BadHost("u:p@a.example".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+                HeadError::BadHost("a/b".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n",
+                HeadError::BadHost("a:80x".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+                HeadError::BadHost("[::1".into()),
+            ),
+        ] {
+            assert_eq!(request(raw).0, Err(want.clone()), "{raw:?}");
+            assert_eq!(want.status(), 400);
+        }
+        for host in [
+            "a.example",
+            "a.example:8080",
+            "[::1]",
+            "[::1]:443",
+            "10.0.0.1:80",
+            "",
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert!(matches!(request(&raw).0, Ok(Parsed::Done(_))), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn proxy_connection_is_dropped_and_trailer_kept() {
+        let (_, out) = request(
+            "GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: keep-alive\r\nTrailer: x-sum\r\n\r\n",
+        );
+        assert!(
+            !out.to_ascii_lowercase().contains("proxy-connection"),
+            "{out}"
+        );
+        assert!(out.contains("Trailer: x-sum\r\n"), "{out}");
+        let (_, out) = response(
+            "HTTP/1.1 200 OK\r\nProxy-Connection: keep-alive\r\nTrailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+            true,
+        );
+        assert!(
+            !out.to_ascii_lowercase().contains("proxy-connection"),
+            "{out}"
+        );
+        assert!(out.contains("Trailer: x-sum\r\n"), "{out}");
+    }
+
+    #[test]
+    fn connection_may_name_only_so_many_fields() {
+        let names = |n: usize| {
+            (0..n)
+                .map(|i| format!("x-{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ok = format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close, {}\r\n\r\n",
+            names(MAX_CONNECTION_OPTIONS)
+        );
+        assert!(matches!(request(&ok).0, Ok(Parsed::Done(_))));
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: {}\r\n\r\n",
+            names(MAX_CONNECTION_OPTIONS + 1)
+        );
+        assert_eq!(request(&many).0, Err(HeadError::TooManyConnectionOptions));
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\n\r\n",
+            names(MAX_CONNECTION_OPTIONS + 1)
+        );
+        assert_eq!(response_error(&resp), HeadError::TooManyConnectionOptions);
+    }
+
+    #[test]
+    fn a_204_loses_its_length_and_a_304_keeps_it() {
+        let (h, out) = response(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!(h.body, Framing::None);
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+        let (h, out) = response(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            false,
+            true,
+        );
+        assert_eq!(h.body, Framing::None);
+        assert!(out.contains("Content-Length: 5\r\n"), "{out}");
     }
 
     #[test]

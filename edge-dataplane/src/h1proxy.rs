@@ -50,16 +50,17 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The most recently used idle connection to `addr` that still looks
-    /// open: one the origin closed (or sent stray bytes on) is readable and
-    /// is dropped. With `verify`, the socket itself is asked too (a peek, one
-    /// system call), which also catches a close the event loop has not yet
-    /// seen.
-    pub(crate) fn take(&self, addr: SocketAddr, verify: bool) -> Option<TcpStream> {
+    /// The most recently used idle connection to `addr` that is still
+    /// open and silent. One the origin closed, or sent bytes on that no
+    /// request asked for, is dropped: those bytes must never be read as the
+    /// next request's response (RFC 9112 §6.3), which may be another
+    /// client's. The socket itself is asked (a peek, one system call), so
+    /// bytes the event loop has not seen yet count too.
+    pub(crate) fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&addr)?;
         while let Some((stream, since)) = list.pop() {
-            if usable(&stream, since) && (!verify || quiet(&stream)) {
+            if usable(&stream, since) && quiet(&stream) {
                 return Some(stream);
             }
         }
@@ -214,12 +215,19 @@ impl Conn {
     }
 }
 
-/// Sends a response the proxy made and closes the connection gently: its
-/// side is shut first, and what the client still sends (a body nobody will
-/// read) is read and dropped for a moment, so that the close does not
-/// reset the connection before the client has read the answer.
+/// Sends a response the proxy made and closes the connection gently.
 async fn answer_and_close(client: &mut TcpStream, response: &[u8]) {
-    if write_client(client, response).await.is_err() || client.shutdown().await.is_err() {
+    if write_client(client, response).await.is_ok() {
+        close_gently(client).await;
+    }
+}
+
+/// Closes a client connection in stages (RFC 9112 §9.6): its side is shut
+/// first, and what the client still sends (a body or pipelined requests
+/// nobody will read) is read and dropped for a moment, so that the close
+/// does not reset the connection before the client has read the answer.
+async fn close_gently(client: &mut TcpStream) {
+    if client.shutdown().await.is_err() {
         return;
     }
     let mut sink = [0u8; 4096];
@@ -276,15 +284,29 @@ pub async fn serve_connection(
         // A request, head and body, must arrive within CLIENT_IO of its
         // first byte: a client trickling bytes cannot hold the connection.
         let mut deadline = None;
+        // A head parsed whose body is still arriving: it is not parsed
+        // again on every read.
+        let mut waiting: Option<RequestHead> = None;
+        // Whether the bytes read since the last parse could complete a head
+        // (a head ends with a line feed): a head trickled byte by byte is
+        // then parsed once per line, not once per byte.
+        let mut new_line = true;
         let head = loop {
-            if !c.cbuf.is_empty() {
+            if let Some(h) = waiting.take() {
+                if c.cbuf.len() >= h.len + body_len(&h) {
+                    break h;
+                }
+                waiting = Some(h);
+            } else if !c.cbuf.is_empty() && new_line {
                 match h1::forward_request(c.cbuf.bytes(), &c.peer_ip, &mut c.request) {
                     Ok(Parsed::Done(h)) => match h.body {
                         Framing::Length(n) if n > MAX_BUFFERED_BODY as u64 => {
                             hand_off(proxy, c, peer).await;
                             return;
                         }
-                        Framing::Length(n) if c.cbuf.len() < h.len + n as usize => {}
+                        Framing::Length(n) if c.cbuf.len() < h.len + n as usize => {
+                            waiting = Some(h);
+                        }
                         _ => break h,
                     },
                     Ok(Parsed::Partial) => {}
@@ -310,23 +332,32 @@ pub async fn serve_connection(
                 tokio::time::timeout_at(at, c.cbuf.fill(&mut c.client)).await
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(n)) if n > 0 => {
+                    new_line = c.cbuf.bytes()[c.cbuf.len() - n..].contains(&b'\n')
+                }
                 _ => return,
             }
         };
         // The body (at most MAX_BUFFERED_BODY) is all here: it goes out
         // with the head, and can go again to another origin.
-        let body = match head.body {
-            Framing::Length(n) => n as usize,
-            _ => 0,
-        };
+        let body = body_len(&head);
         c.request
             .extend_from_slice(&c.cbuf.bytes()[head.len..head.len + body]);
         c.cbuf.consume(head.len + body);
         proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
         if exchange(&proxy, &pool, &mut c, &head).await == Next::Close {
+            close_gently(&mut c.client).await;
             return;
         }
+    }
+}
+
+/// Bytes of a request body the fast path buffers (its length, at most
+/// [`MAX_BUFFERED_BODY`]).
+fn body_len(head: &RequestHead) -> usize {
+    match head.body {
+        Framing::Length(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        _ => 0,
     }
 }
 
@@ -413,9 +444,7 @@ async fn attempt_endpoint(
     origin: &Origin,
     ep: &Arc<EndpointState>,
 ) -> Result<Next, Failure> {
-    // A request that may not be sent twice gets a pooled connection only
-    // after a look at the socket itself.
-    let (mut up, mut reused) = match pool.take(ep.addr, !head.idempotent) {
+    let (mut up, mut reused) = match pool.take(ep.addr) {
         Some(s) => (s, true),
         None => (connect(proxy, ep.addr).await?, false),
     };

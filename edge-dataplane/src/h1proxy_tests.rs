@@ -732,9 +732,180 @@ async fn the_pool_forgets_connections_their_origins_closed() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     pool.sweep();
     assert_eq!(pool.len(), 1);
-    assert!(
-        pool.take(addr, true).is_some(),
-        "the open one is still good"
+    assert!(pool.take(addr).is_some(), "the open one is still good");
+    assert!(pool.take(addr).is_none());
+}
+
+#[tokio::test]
+async fn the_pool_never_hands_out_a_connection_with_bytes_nobody_asked_for() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let pool = crate::h1proxy::Pool::default();
+    let mut origin_sides = Vec::new();
+    for _ in 0..2 {
+        let up = TcpStream::connect(addr).await.expect("connect");
+        let (o, _) = l.accept().await.expect("accept");
+        pool.put(addr, up);
+        origin_sides.push(o);
+    }
+    for o in &mut origin_sides {
+        o.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .expect("write");
+    }
+    // The bytes are in the kernel, but the event loop has not turned since
+    // (a blocking sleep): only the socket itself knows.
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(pool.take(addr).is_none());
+    assert_eq!(pool.len(), 0, "both were dropped");
+}
+
+#[tokio::test]
+async fn requests_and_answers_are_framed_and_addressed_strictly_on_both_paths() {
+    let o = Origin::start(|r| {
+        let line = r.head.lines().next().unwrap_or("").to_owned();
+        if line.contains("/tece") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n".to_vec()
+        } else if line.contains("/switch") {
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n".to_vec()
+        } else {
+            ok(&format!("body={}", String::from_utf8_lossy(&r.body)))
+        }
+    })
+    .await;
+    let e = edge(&[("a", o.addr, 1.0)]).await;
+    let seen_host = |path: &str| -> Vec<String> {
+        let seen = o.seen();
+        let r = seen
+            .iter()
+            .rev()
+            .find(|s| s.head.lines().next().is_some_and(|l| l.contains(path)))
+            .unwrap_or_else(|| panic!("{path} never reached the origin"));
+        r.head
+            .lines()
+            .filter_map(|l| l.strip_prefix("host:").or_else(|| l.strip_prefix("Host:")))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    // Refused by the proxy itself, on either path: nothing reaches the origin.
+    for (raw, status) in [
+        (&b"GET /nohost HTTP/1.1\r\n\r\n"[..], 400),
+        (b"GET /twohosts HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /badhost HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        (b"POST /nohost-chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"GET http://u:pw@good.example/userinfo HTTP/1.1\r\nHost: good.example\r\n\r\n", 400),
+        (b"CONNECT good.example:443 HTTP/1.1\r\nHost: good.example:443\r\n\r\n", 501),
+        (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (
+            b"POST /gzip HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+            501,
+        ),
+    ] {
+        let (got, head, _) = once(e.addr, raw).await;
+        assert_eq!(got, status, "{}: {head}", String::from_utf8_lossy(raw));
+    }
+    assert!(o.seen().is_empty(), "{:?}", o.seen());
+    // An absolute-form target's authority is the Host, whatever the client
+    // sent with it.
+    let (status, _, _) = once(
+        e.addr,
+        b"GET http://good.example/abs HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(seen_host("/abs"), ["good.example"]);
+    // HTTP/1.0 without Host goes out as HTTP/1.1 with one (empty).
+    let (status, _, _) = once(e.addr, b"GET /h10 HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200);
+    assert_eq!(seen_host("/h10"), [""]);
+    // Connection cannot take Host away.
+    let (status, _, _) = once(
+        e.addr,
+        b"POST /connhost HTTP/1.1\r\nHost: a.example\r\nConnection: host\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(seen_host("/connhost"), ["a.example"]);
+    // A GET's chunked body is forwarded, not dropped.
+    let (status, _, body) = once(
+        e.addr,
+        b"GET /getbody HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    // (The test origin records a chunked body as it came, framing and all.)
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, &b"body=5\r\nhello\r\n0\r\n\r\n"[..])
     );
-    assert!(pool.take(addr, false).is_none());
+    // An origin's length sent with chunked is dropped on both paths: the
+    // whole body arrives.
+    for raw in [
+        &b"GET /tece HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"GET http://x/tece HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let (status, head, body) = once(e.addr, raw).await;
+        // (The body as read is still chunked: hyper may write the size as "B".)
+        assert_eq!(status, 200, "{head}");
+        let text = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        assert_eq!(text, "b\r\nhello world\r\n0\r\n\r\n", "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length"),
+            "{head}"
+        );
+    }
+    // A switch of protocols nobody asked for is a bad gateway on both paths.
+    for raw in [
+        &b"GET /switch HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"GET http://x/switch HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let (status, head, _) = once(e.addr, raw).await;
+        assert_eq!(status, 502, "{head}");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_the_client_closes_after_its_answer_is_closed_gently() {
+    let big = "z".repeat(4 << 20);
+    let answer = ok(&big);
+    let o = Origin::start(move |_| answer.clone()).await;
+    let e = edge(&[("a", o.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    // The request says close and more bytes follow it that nobody reads:
+    // an abrupt close would reset the connection and cut the answer.
+    let mut raw = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
+    raw.extend_from_slice(&[b'x'; 200_000]);
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        let _ = wr.write_all(&raw).await;
+    };
+    let read = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut got)).await;
+        got
+    };
+    let ((), got) = tokio::join!(write, read);
+    let text = String::from_utf8_lossy(&got[..got.len().min(200)]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body_start = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |i| i + 4);
+    assert_eq!(got.len() - body_start, big.len(), "answer cut");
+}
+
+#[tokio::test]
+async fn a_request_trickled_byte_by_byte_is_forwarded_whole() {
+    let o = Origin::start(|r| ok(&format!("got {} bytes", r.body.len()))).await;
+    let e = edge(&[("a", o.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let raw = b"POST /t HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n0123456789abcdefghij";
+    for b in raw {
+        s.write_all(&[*b]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (status, _, body) = read_response(&mut s, &mut Vec::new(), false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"got 20 bytes"[..]));
+    assert_eq!(o.seen().len(), 1);
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http_body_util::{Either, Empty, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
@@ -60,19 +60,22 @@ pub struct Proxy {
     pub connect_timeout: Duration,
 }
 
+/// Fields that belong to one connection and are never forwarded
+/// (RFC 9110 §7.6.1; `Trailer` is end-to-end since RFC 9110 §6.6.2).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
+    "proxy-connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
+    // Headers named in Connection are hop-by-hop too, except Host and
+    // Content-Length, which a message cannot do without.
     if headers.contains_key(hyper::header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(hyper::header::CONNECTION)
@@ -80,6 +83,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| n != hyper::header::HOST && n != hyper::header::CONTENT_LENGTH)
             .collect();
         for n in named {
             headers.remove(n);
@@ -90,6 +94,52 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(h);
         }
     }
+}
+
+/// Why a request is answered by the proxy itself instead of forwarded.
+fn refuse(parts: &hyper::http::request::Parts) -> Option<(StatusCode, String)> {
+    let bad = |what: String| Some((StatusCode::BAD_REQUEST, what));
+    if parts.method == Method::CONNECT {
+        return Some((StatusCode::NOT_IMPLEMENTED, "CONNECT is not served".into()));
+    }
+    if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
+        return bad(format!(
+            "{} * (asterisk-form is for OPTIONS only)",
+            parts.method
+        ));
+    }
+    if parts
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return bad("userinfo in the request target".into());
+    }
+    // RFC 9112 §3.2: one valid Host; HTTP/1.1 must send it.
+    let hosts = parts.headers.get_all(hyper::header::HOST);
+    let count = hosts.iter().count();
+    if count > 1 || (count == 0 && parts.version == hyper::Version::HTTP_11) {
+        return bad(crate::h1::HeadError::HostCount(count).to_string());
+    }
+    if let Some(h) = hosts.iter().find(|h| !crate::h1::valid_host(h.as_bytes())) {
+        let e = crate::h1::HeadError::BadHost(String::from_utf8_lossy(h.as_bytes()).into());
+        return bad(e.to_string());
+    }
+    // Only chunked is decoded; another coding would reach the origin as if
+    // it were the content (RFC 9112 §6.1).
+    let mut te = parts
+        .headers
+        .get_all(hyper::header::TRANSFER_ENCODING)
+        .iter();
+    if let Some(v) = te.next() {
+        if te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            let e = crate::h1::HeadError::BadTransferEncoding(
+                String::from_utf8_lossy(v.as_bytes()).into(),
+            );
+            return Some((StatusCode::NOT_IMPLEMENTED, e.to_string()));
+        }
+    }
+    None
 }
 
 /// A short answer of the proxy's own: `sextant-edge: WHAT`.
@@ -312,7 +362,25 @@ impl Proxy {
             return text(StatusCode::SERVICE_UNAVAILABLE, "no config yet");
         };
         let (mut parts, body) = req.into_parts();
+        if let Some((status, what)) = refuse(&parts) {
+            self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return text(status, what);
+        }
+        // Requests without a body can be retried on another origin.
+        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+            && body.is_end_stream();
         strip_hop_by_hop(&mut parts.headers);
+        // A body of unknown length goes out chunked, also under a GET (for
+        // which hyper would otherwise send no body at all).
+        if !bodyless
+            && !parts.headers.contains_key(hyper::header::CONTENT_LENGTH)
+            && body.size_hint().exact().is_none()
+        {
+            parts.headers.insert(
+                hyper::header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         // Every earlier hop, from every x-forwarded-for field, then the client.
         let prev: Vec<&str> = parts
             .headers
@@ -329,13 +397,16 @@ impl Proxy {
         if let Some(v) = xff {
             parts.headers.insert("x-forwarded-for", v);
         }
-        // Origin-form request target; an HTTP/2 client's authority becomes Host.
+        // Origin-form request target. The target's authority (absolute
+        // form, or an HTTP/2 client's :authority) replaces any Host sent
+        // with it (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
         if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
             if let Some(a) = parts.uri.authority() {
-                if !parts.headers.contains_key(hyper::header::HOST) {
-                    if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                match HeaderValue::from_str(a.as_str()) {
+                    Ok(v) => {
                         parts.headers.insert(hyper::header::HOST, v);
                     }
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "invalid authority"),
                 }
             }
             parts.uri = parts
@@ -343,14 +414,14 @@ impl Proxy {
                 .path_and_query()
                 .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
         }
-        parts.version = hyper::Version::HTTP_11;
-        // Requests without a body can be retried on another origin.
-        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            && parts
+        // It goes out as HTTP/1.1, which must have a Host: an HTTP/1.0
+        // request without one gets an empty one.
+        if !parts.headers.contains_key(hyper::header::HOST) {
+            parts
                 .headers
-                .get(hyper::header::CONTENT_LENGTH)
-                .is_none_or(|v| v.as_bytes() == b"0")
-            && !parts.headers.contains_key(hyper::header::TRANSFER_ENCODING);
+                .insert(hyper::header::HOST, HeaderValue::from_static(""));
+        }
+        parts.version = hyper::Version::HTTP_11;
         let body: ClientBody = if bodyless {
             Either::Right(Empty::new())
         } else {
@@ -376,6 +447,12 @@ impl Proxy {
             )
             .await;
             match sent {
+                Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    // Upgrade was not forwarded, so no switch was asked for.
+                    self.upstream_failed(origin, ep, "unexpected 101");
+                    let e = crate::h1::HeadError::UnexpectedUpgrade;
+                    return text(StatusCode::BAD_GATEWAY, about(origin, ep, e));
+                }
                 Ok(Ok(resp)) => {
                     if resp.status().is_server_error() {
                         self.endpoint_5xx(origin, ep);
@@ -383,6 +460,14 @@ impl Proxy {
                         ep.success();
                     }
                     let (mut rparts, rbody) = resp.into_parts();
+                    // A length sent with a transfer coding is not the
+                    // length (RFC 9112 §6.3): the body is sent as decoded.
+                    if rparts
+                        .headers
+                        .contains_key(hyper::header::TRANSFER_ENCODING)
+                    {
+                        rparts.headers.remove(hyper::header::CONTENT_LENGTH);
+                    }
                     strip_hop_by_hop(&mut rparts.headers);
                     rparts
                         .headers
