@@ -563,11 +563,16 @@ impl ChunkedEnd {
                 (Chunk::Size, _) if !self.any_digit => return Err(err("expected a chunk size")),
                 (Chunk::Size | Chunk::SizeWs, b' ' | b'\t') => Chunk::SizeWs,
                 (Chunk::Size | Chunk::SizeWs, b';') => Chunk::Ext,
+                // Whitespace after a size belongs before an extension (RFC
+                // 9112 §7.1.1), but is tolerated before CRLF, as hyper does.
                 (Chunk::Size | Chunk::SizeWs | Chunk::Ext, b'\r') => Chunk::SizeLf,
                 (Chunk::Size | Chunk::SizeWs, _) => {
                     return Err(err("bad character after a chunk size"))
                 }
                 (Chunk::Ext, b'\n') => return Err(err("bare LF in a chunk extension")),
+                (Chunk::Ext, b) if b.is_ascii_control() && b != b'\t' => {
+                    return Err(err("control character in a chunk extension"))
+                }
                 (Chunk::Ext, _) => Chunk::Ext,
                 (Chunk::SizeLf, b'\n') => {
                     self.digits = 0;
@@ -585,6 +590,12 @@ impl ChunkedEnd {
                     return Err(err("bare LF in a trailer"))
                 }
                 (Chunk::TrailerLine, b'\r') => Chunk::TrailerLf,
+                (Chunk::TrailerStart, b' ' | b'\t') => return Err(err("folded trailer line")),
+                (Chunk::TrailerStart | Chunk::TrailerLine, b)
+                    if b.is_ascii_control() && b != b'\t' =>
+                {
+                    return Err(err("control character in a trailer"))
+                }
                 (Chunk::TrailerStart | Chunk::TrailerLine, _) => Chunk::TrailerLine,
                 (Chunk::TrailerLf, b'\n') => Chunk::TrailerStart,
                 (Chunk::EndLf, b'\n') => Chunk::Done,
@@ -1050,6 +1061,9 @@ mod tests {
             (b"5;a\n", 3, "bare LF in a chunk extension"),
             (b"1234567890abcdef0\r\n", 15, "chunk size too large"),
             (b"5 junk\r\n", 2, "bad character after a chunk size"),
+            (b"5;a\x00b\r\n", 3, "control character in a chunk extension"),
+            (b"0\r\n folded\r\n", 3, "folded trailer line"),
+            (b"0\r\nX: a\x00\r\n", 7, "control character in a trailer"),
         ] {
             assert_eq!(
                 chunked_end(body, 1),
