@@ -171,36 +171,93 @@ fn connection_field<'a>(
     Ok(c)
 }
 
-/// A `Host` value (RFC 9110 §7.2): `host [":" port]` with no userinfo,
-/// path or whitespace; empty is allowed (a target without authority).
+/// A `Host` value (RFC 9110 §7.2, RFC 3986 §3.2.2): `host [":" port]`
+/// with no userinfo, path or whitespace; empty is allowed (a target
+/// without authority). The host is a name (letters, digits, `-._~`, the
+/// sub-delimiters, `%XX`), or an IP literal in brackets: an IPv6 address,
+/// with a zone id after `%25` (RFC 6874) or not, or a `v` future form.
 pub fn valid_host(v: &[u8]) -> bool {
-    let (host, port) = match v.strip_prefix(b"[") {
-        // An IP literal: [v6 or vFuture] then an optional port.
+    let (host_ok, port) = match v.strip_prefix(b"[") {
         Some(rest) => match rest.iter().position(|&b| b == b']') {
             Some(end) => {
-                let inner = &rest[..end];
-                if inner.is_empty()
-                    || !inner.iter().all(|&b| {
-                        b.is_ascii_hexdigit() || b":.vV".contains(&b) || unreserved_or_sub(b)
-                    })
-                {
-                    return false;
-                }
-                match &rest[end + 1..] {
-                    [] => return true,
-                    [b':', port @ ..] => (&b""[..], Some(port)),
+                let port = match &rest[end + 1..] {
+                    [] => None,
+                    [b':', port @ ..] => Some(port),
                     _ => return false,
-                }
+                };
+                (ip_literal(&rest[..end]), port)
             }
             None => return false,
         },
-        None => match v.iter().rposition(|&b| b == b':') {
-            Some(i) => (&v[..i], Some(&v[i + 1..])),
-            None => (v, None),
-        },
+        None => {
+            let (host, port) = match v.iter().rposition(|&b| b == b':') {
+                Some(i) => (&v[..i], Some(&v[i + 1..])),
+                None => (v, None),
+            };
+            (reg_name(host), port)
+        }
     };
-    host.iter().all(|&b| unreserved_or_sub(b) || b == b'%')
-        && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+    host_ok
+        && port.is_none_or(|p| {
+            p.is_empty()
+                || (p.len() <= 5
+                    && p.iter().all(u8::is_ascii_digit)
+                    && std::str::from_utf8(p)
+                        .ok()
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .is_some())
+        })
+}
+
+/// A reg-name: unreserved, sub-delims and `%XX` escapes.
+fn reg_name(h: &[u8]) -> bool {
+    let mut i = 0;
+    while i < h.len() {
+        match h[i] {
+            b'%' => {
+                if !(i + 2 < h.len()
+                    && h[i + 1].is_ascii_hexdigit()
+                    && h[i + 2].is_ascii_hexdigit())
+                {
+                    return false;
+                }
+                i += 3;
+            }
+            b if unreserved_or_sub(b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// What is inside the brackets of an IP literal.
+fn ip_literal(inner: &[u8]) -> bool {
+    if let Some(future) = inner
+        .strip_prefix(b"v")
+        .or_else(|| inner.strip_prefix(b"V"))
+    {
+        // "v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" )
+        return match future.iter().position(|&b| b == b'.') {
+            Some(dot) => {
+                dot > 0
+                    && future[..dot].iter().all(u8::is_ascii_hexdigit)
+                    && dot + 1 < future.len()
+                    && future[dot + 1..]
+                        .iter()
+                        .all(|&b| unreserved_or_sub(b) || b == b':')
+            }
+            None => false,
+        };
+    }
+    let (addr, zone) = match inner.windows(3).position(|w| w == b"%25") {
+        Some(i) => (&inner[..i], Some(&inner[i + 3..])),
+        None => (inner, None),
+    };
+    std::str::from_utf8(addr)
+        .ok()
+        .and_then(|a| a.parse::<std::net::Ipv6Addr>().ok())
+        .is_some()
+        && zone.is_none_or(|z| !z.is_empty() && reg_name(z))
 }
 
 /// RFC 3986 unreserved and sub-delims characters.
@@ -737,16 +794,33 @@ mod tests {
                 "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
                 HeadError::BadHost("[::1".into()),
             ),
+            (
+                "GET / HTTP/1.1\r\nHost: [::1,evil]\r\n\r\n",
+                HeadError::BadHost("[::1,evil]".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n",
+                HeadError::BadHost("a%zz".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n",
+                HeadError::BadHost("a:99999".into()),
+            ),
         ] {
             assert_eq!(request(raw).0, Err(want.clone()), "{raw:?}");
             assert_eq!(want.status(), 400);
         }
         for host in [
             "a.example",
-            "a.example:8080",
+            "A.Example.:8080",
+            "xn--bcher-kva.example",
             "[::1]",
             "[::1]:443",
+            "[fe80::1%25eth0]:80",
+            "[v1.x:y]",
             "10.0.0.1:80",
+            "a%41b",
+            "a:",
             "",
         ] {
             let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");

@@ -177,7 +177,11 @@ impl Buf {
 #[derive(Debug, PartialEq, Eq)]
 enum Next {
     KeepAlive,
+    /// Close gently: the client has its whole answer.
     Close,
+    /// Reset the connection: the answer was cut (a clean close would pass
+    /// for the end of a body delimited by close), or the client is gone.
+    Abort,
 }
 
 /// Why an attempt at one endpoint got no response.
@@ -287,17 +291,18 @@ pub async fn serve_connection(
         // A head parsed whose body is still arriving: it is not parsed
         // again on every read.
         let mut waiting: Option<RequestHead> = None;
-        // Whether the bytes read since the last parse could complete a head
-        // (a head ends with a line feed): a head trickled byte by byte is
-        // then parsed once per line, not once per byte.
-        let mut new_line = true;
+        // Whether to parse what is buffered: at first, and then only when
+        // the bytes read since could complete the head (a head ends with a
+        // line feed) or make it too large. A head trickled byte by byte is
+        // parsed once per line, not once per byte.
+        let mut parse = true;
         let head = loop {
             if let Some(h) = waiting.take() {
                 if c.cbuf.len() >= h.len + body_len(&h) {
                     break h;
                 }
                 waiting = Some(h);
-            } else if !c.cbuf.is_empty() && new_line {
+            } else if skip_empty_lines(&mut c.cbuf) > 0 || (parse && !c.cbuf.is_empty()) {
                 match h1::forward_request(c.cbuf.bytes(), &c.peer_ip, &mut c.request) {
                     Ok(Parsed::Done(h)) => match h.body {
                         Framing::Length(n) if n > MAX_BUFFERED_BODY as u64 => {
@@ -333,7 +338,10 @@ pub async fn serve_connection(
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {
-                    new_line = c.cbuf.bytes()[c.cbuf.len() - n..].contains(&b'\n')
+                    let all = c.cbuf.bytes();
+                    parse = all.len() == n
+                        || all.len() > h1::MAX_HEAD
+                        || all[all.len() - n..].contains(&b'\n');
                 }
                 _ => return,
             }
@@ -345,11 +353,37 @@ pub async fn serve_connection(
             .extend_from_slice(&c.cbuf.bytes()[head.len..head.len + body]);
         c.cbuf.consume(head.len + body);
         proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if exchange(&proxy, &pool, &mut c, &head).await == Next::Close {
-            close_gently(&mut c.client).await;
-            return;
+        match exchange(&proxy, &pool, &mut c, &head).await {
+            Next::KeepAlive => {}
+            Next::Close => {
+                close_gently(&mut c.client).await;
+                return;
+            }
+            Next::Abort => {
+                let _ = socket2::SockRef::from(&c.client).set_linger(Some(Duration::ZERO));
+                return;
+            }
         }
     }
+}
+
+/// Drops the empty lines before a request line (RFC 9112 §2.2), so that
+/// a client sending only line feeds does not have a head parsed for each;
+/// returns how many bytes went.
+fn skip_empty_lines(buf: &mut Buf) -> usize {
+    let b = buf.bytes();
+    let mut n = 0;
+    loop {
+        if b[n..].starts_with(b"\r\n") {
+            n += 2;
+        } else if b[n..].starts_with(b"\n") {
+            n += 1;
+        } else {
+            break;
+        }
+    }
+    buf.consume(n);
+    n
 }
 
 /// Bytes of a request body the fast path buffers (its length, at most
@@ -393,7 +427,7 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
             let failed = |e: &str| about(origin, ep, format_args!("failed: {e}"));
             match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
                 Ok(next) => return next,
-                Err(Failure::Client) => return Next::Close,
+                Err(Failure::Client) => return Next::Abort,
                 Err(Failure::TimedOut) => {
                     proxy.upstream_failed(origin, ep, "timed out");
                     break 'attempts (StatusCode::GATEWAY_TIMEOUT, about(origin, ep, "timed out"));
@@ -417,13 +451,10 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
     };
     proxy.count_status(status.as_u16());
     let r = h1::local_response(status, &text, !head.keep_alive);
-    if !head.keep_alive {
-        answer_and_close(&mut c.client, &r).await;
-        return Next::Close;
-    }
     match write_client(&mut c.client, &r).await {
-        Ok(()) => Next::KeepAlive,
-        Err(_) => Next::Close,
+        Ok(()) if head.keep_alive => Next::KeepAlive,
+        Ok(()) => Next::Close,
+        Err(_) => Next::Abort,
     }
 }
 
@@ -496,15 +527,19 @@ async fn attempt_endpoint(
         .fetch_add(body_bytes, Ordering::Relaxed);
     match relayed {
         Ok(complete) => {
-            if complete && response.reusable && c.ubuf.is_empty() {
+            // Not after a HEAD: an origin sending the body anyway (a common
+            // bug) would have it read as the next request's answer, and it
+            // may arrive after the next request went out, too late for the
+            // pool's peek.
+            if complete && response.reusable && c.ubuf.is_empty() && !head.head_method {
                 pool.put(ep.addr, up);
             }
         }
         Err(Relay::Client) => return Err(Failure::Client),
-        // The answer is cut: the client sees its connection close.
+        // The answer is cut: the client sees its connection reset.
         Err(Relay::Origin(e)) => {
             proxy.upstream_failed(origin, ep, &e);
-            return Ok(Next::Close);
+            return Ok(Next::Abort);
         }
     }
     if head.keep_alive && response.body != Framing::Close {

@@ -389,10 +389,20 @@ async fn bodies_pass_through_in_every_framing() {
     }
     let (status, _, body) = read_response(&mut s, &mut pending, false).await;
     assert_eq!((status, body.as_slice()), (200, &b"got 60000 bytes"[..]));
-    assert!(
-        origin.seen().iter().all(|r| r.conn == 0),
-        "one origin connection throughout"
+    // One origin connection throughout, but for a new one after the HEAD
+    // (never reused: its origin might still send a body).
+    let conns: Vec<(String, usize)> = origin
+        .seen()
+        .iter()
+        .map(|r| (r.head.split(' ').nth(1).unwrap_or("").to_owned(), r.conn))
+        .collect();
+    let at = |p: &str| conns.iter().find(|(path, _)| path == p).map(|(_, c)| *c);
+    assert_eq!(
+        (at("/chunked"), at("/head")),
+        (Some(0), Some(0)),
+        "{conns:?}"
     );
+    assert!(conns.iter().skip(2).all(|(_, c)| *c == 1), "{conns:?}");
     // A body delimited by the origin's close ends the client connection too.
     s.write_all(&get("/close", "GET")).await.expect("write");
     let (status, head, body) = read_response(&mut s, &mut pending, false).await;
@@ -766,6 +776,8 @@ async fn requests_and_answers_are_framed_and_addressed_strictly_on_both_paths() 
         let line = r.head.lines().next().unwrap_or("").to_owned();
         if line.contains("/tece") {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n".to_vec()
+        } else if line.contains("/gzresp") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_vec()
         } else if line.contains("/switch") {
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n".to_vec()
         } else {
@@ -853,10 +865,13 @@ async fn requests_and_answers_are_framed_and_addressed_strictly_on_both_paths() 
             "{head}"
         );
     }
-    // A switch of protocols nobody asked for is a bad gateway on both paths.
+    // A switch of protocols nobody asked for, or a transfer coding the
+    // proxy cannot pass on, is a bad gateway on both paths.
     for raw in [
         &b"GET /switch HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         b"GET http://x/switch HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /gzresp HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://x/gzresp HTTP/1.1\r\nHost: x\r\n\r\n",
     ] {
         let (status, head, _) = once(e.addr, raw).await;
         assert_eq!(status, 502, "{head}");
@@ -908,4 +923,102 @@ async fn a_request_trickled_byte_by_byte_is_forwarded_whole() {
     let (status, _, body) = read_response(&mut s, &mut Vec::new(), false).await;
     assert_eq!((status, body.as_slice()), (200, &b"got 20 bytes"[..]));
     assert_eq!(o.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn heads_are_parsed_when_they_can_be_judged_not_only_at_a_line_feed() {
+    let o = Origin::start(|_| ok("fine")).await;
+    let e = edge(&[("a", o.addr, 1.0)]).await;
+    // Bytes that cannot start a request (a TLS hello) are refused at once.
+    let (status, _, _) = once(e.addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").await;
+    assert_eq!(status, 400);
+    // A head with no line feed is refused once it is too large.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut raw = b"GET /".to_vec();
+    raw.extend(std::iter::repeat_n(b'a', crate::h1::MAX_HEAD + 10));
+    s.write_all(&raw).await.expect("write");
+    let (status, _, _) = read_response(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(status, 431);
+    // Empty lines before a request are skipped.
+    let (status, _, body) = once(e.addr, b"\r\n\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!((status, body.as_slice()), (200, &b"fine"[..]));
+}
+
+#[tokio::test]
+async fn a_body_an_origin_sends_late_after_a_head_answer_answers_nobody() {
+    // The origin wrongly sends a "body" 5 ms after its answer to HEAD, and
+    // that body looks like a response.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut b = [0u8; 4096];
+                        match s.read(&mut b).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head: Vec<u8> = buf.drain(..end + 4).collect();
+                    let fake = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPWNED!";
+                    if head.starts_with(b"HEAD") {
+                        let h =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", fake.len());
+                        let _ = s.write_all(h.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        let _ = s.write_all(fake).await;
+                    } else if s.write_all(&ok("real")).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let mut c = TcpStream::connect(e.addr).await.expect("connect");
+    c.write_all(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut pending = Vec::new();
+    let (status, _, _) = read_response(&mut c, &mut pending, true).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = read_response(&mut c, &mut pending, false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"real"[..]));
+}
+
+#[tokio::test]
+async fn an_answer_the_origin_cuts_reaches_the_client_as_a_reset() {
+    // No length: the body ends when the origin closes; a reset instead
+    // must not look like the end of the body.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let mut c = TcpStream::connect(e.addr).await.expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("the connection ends");
+    assert!(String::from_utf8_lossy(&got).contains("partial"), "{got:?}");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a cut answer must not end cleanly"
+    );
 }

@@ -127,17 +127,19 @@ fn refuse(parts: &hyper::http::request::Parts) -> Option<(StatusCode, String)> {
     }
     // Only chunked is decoded; another coding would reach the origin as if
     // it were the content (RFC 9112 §6.1).
-    let mut te = parts
-        .headers
-        .get_all(hyper::header::TRANSFER_ENCODING)
-        .iter();
-    if let Some(v) = te.next() {
-        if te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            let e = crate::h1::HeadError::BadTransferEncoding(
-                String::from_utf8_lossy(v.as_bytes()).into(),
-            );
-            return Some((StatusCode::NOT_IMPLEMENTED, e.to_string()));
-        }
+    unsupported_coding(&parts.headers).map(|e| (StatusCode::NOT_IMPLEMENTED, e))
+}
+
+/// Why a message's transfer coding cannot be passed on: anything but one
+/// `chunked` (hyper removes only that, and the rest would pass for the
+/// content).
+fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
+    let mut te = headers.get_all(hyper::header::TRANSFER_ENCODING).iter();
+    let v = te.next()?;
+    if te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+        let e =
+            crate::h1::HeadError::BadTransferEncoding(String::from_utf8_lossy(v.as_bytes()).into());
+        return Some(e.to_string());
     }
     None
 }
@@ -366,9 +368,14 @@ impl Proxy {
             self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             return text(status, what);
         }
-        // Requests without a body can be retried on another origin.
+        // Requests without a body can be retried on another origin. (An
+        // HTTP/2 GET ending with an empty DATA frame has no body either.)
         let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            && body.is_end_stream();
+            && !parts.headers.contains_key(hyper::header::TRANSFER_ENCODING)
+            && parts
+                .headers
+                .get(hyper::header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
         strip_hop_by_hop(&mut parts.headers);
         // A body of unknown length goes out chunked, also under a GET (for
         // which hyper would otherwise send no body at all).
@@ -447,6 +454,11 @@ impl Proxy {
             )
             .await;
             match sent {
+                Ok(Ok(resp)) if unsupported_coding(resp.headers()).is_some() => {
+                    let e = unsupported_coding(resp.headers()).unwrap_or_default();
+                    self.upstream_failed(origin, ep, &e);
+                    return text(StatusCode::BAD_GATEWAY, about(origin, ep, e));
+                }
                 Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     // Upgrade was not forwarded, so no switch was asked for.
                     self.upstream_failed(origin, ep, "unexpected 101");
