@@ -209,7 +209,8 @@ pub fn valid_host(v: &[u8]) -> bool {
         })
 }
 
-/// A reg-name: unreserved, sub-delims and `%XX` escapes.
+/// A reg-name: unreserved, sub-delims and `%XX` escapes; but no comma,
+/// which no DNS name has and which lets `a,b` read as a list of hosts.
 fn reg_name(h: &[u8]) -> bool {
     let mut i = 0;
     while i < h.len() {
@@ -223,7 +224,7 @@ fn reg_name(h: &[u8]) -> bool {
                 }
                 i += 3;
             }
-            b if unreserved_or_sub(b) => i += 1,
+            b if b != b',' && unreserved_or_sub(b) => i += 1,
             _ => return false,
         }
     }
@@ -797,6 +798,10 @@ mod tests {
             (
                 "GET / HTTP/1.1\r\nHost: [::1,evil]\r\n\r\n",
                 HeadError::BadHost("[::1,evil]".into()),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a,b\r\n\r\n",
+                HeadError::BadHost("a,b".into()),
             ),
             (
                 "GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n",

@@ -808,6 +808,7 @@ async fn requests_and_answers_are_framed_and_addressed_strictly_on_both_paths() 
         (b"GET http://u:pw@good.example/userinfo HTTP/1.1\r\nHost: good.example\r\n\r\n", 400),
         (b"CONNECT good.example:443 HTTP/1.1\r\nHost: good.example:443\r\n\r\n", 501),
         (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET http://a,b/list HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (
             b"POST /gzip HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
             501,

@@ -108,12 +108,13 @@ fn refuse(parts: &hyper::http::request::Parts) -> Option<(StatusCode, String)> {
             parts.method
         ));
     }
-    if parts
-        .uri
-        .authority()
-        .is_some_and(|a| a.as_str().contains('@'))
-    {
-        return bad("userinfo in the request target".into());
+    if let Some(a) = parts.uri.authority() {
+        if a.as_str().contains('@') {
+            return bad("userinfo in the request target".into());
+        }
+        if !crate::h1::valid_host(a.as_str().as_bytes()) {
+            return bad(format!("invalid authority {:?}", a.as_str()));
+        }
     }
     // RFC 9112 §3.2: one valid Host; HTTP/1.1 must send it.
     let hosts = parts.headers.get_all(hyper::header::HOST);
