@@ -198,14 +198,11 @@ pub fn valid_host(v: &[u8]) -> bool {
         }
     };
     host_ok
+        // Digits only: u16's parser would also take a sign.
         && port.is_none_or(|p| {
             p.is_empty()
-                || (p.len() <= 5
-                    && p.iter().all(u8::is_ascii_digit)
-                    && std::str::from_utf8(p)
-                        .ok()
-                        .and_then(|p| p.parse::<u16>().ok())
-                        .is_some())
+                || (p.iter().all(u8::is_ascii_digit)
+                    && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok()))
         })
 }
 
@@ -472,8 +469,10 @@ pub fn forward_response(
     };
     // A chunked answer that also gives a length, or chunked from HTTP/1.0,
     // is read as chunked (RFC 9112 §6.3) but the connection is not trusted
-    // with another request.
-    let doubtful = chunked && (length.is_some() || version == 0);
+    // with another request. Nor is it after a HEAD: an origin sending the
+    // body anyway (a common bug) would have it read as the next request's
+    // answer, and it may come too late for the pool's peek to see it.
+    let doubtful = (chunked && (length.is_some() || version == 0)) || head_method;
     let reusable =
         body != Framing::Close && !conn.close && !doubtful && (version == 1 || conn.keep_alive);
     out.clear();
@@ -771,48 +770,25 @@ mod tests {
                 "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
                 HeadError::HostCount(2),
             ),
-            (
-                "GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
-                HeadError::BadHost("a, b".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
-                HeadError::BadHost("a b".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: u:p@a.example\r\n\r\n",
-                HeadError::BadHost("u:p@a.example".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
-                HeadError::BadHost("a/b".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n",
-                HeadError::BadHost("a:80x".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
-                HeadError::BadHost("[::1".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: [::1,evil]\r\n\r\n",
-                HeadError::BadHost("[::1,evil]".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a,b\r\n\r\n",
-                HeadError::BadHost("a,b".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n",
-                HeadError::BadHost("a%zz".into()),
-            ),
-            (
-                "GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n",
-                HeadError::BadHost("a:99999".into()),
-            ),
         ] {
             assert_eq!(request(raw).0, Err(want.clone()), "{raw:?}");
+            assert_eq!(want.status(), 400);
+        }
+        for host in [
+            "a, b",
+            "a b",
+            "u:p@a.example",
+            "a/b",
+            "a:80x",
+            "[::1",
+            "[::1,evil]",
+            "a,b",
+            "a%zz",
+            "a:99999",
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let want = HeadError::BadHost(host.into());
+            assert_eq!(request(&raw).0, Err(want.clone()), "{raw:?}");
             assert_eq!(want.status(), 400);
         }
         for host in [

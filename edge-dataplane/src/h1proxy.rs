@@ -296,13 +296,11 @@ pub async fn serve_connection(
         // line feed) or make it too large. A head trickled byte by byte is
         // parsed once per line, not once per byte.
         let mut parse = true;
+        skip_empty_lines(&mut c.cbuf);
         let head = loop {
-            if let Some(h) = waiting.take() {
-                if c.cbuf.len() >= h.len + body_len(&h) {
-                    break h;
-                }
-                waiting = Some(h);
-            } else if skip_empty_lines(&mut c.cbuf) > 0 || (parse && !c.cbuf.is_empty()) {
+            if let Some(h) = waiting.take_if(|h| c.cbuf.len() >= h.len + body_len(h)) {
+                break h;
+            } else if waiting.is_none() && parse && !c.cbuf.is_empty() {
                 match h1::forward_request(c.cbuf.bytes(), &c.peer_ip, &mut c.request) {
                     Ok(Parsed::Done(h)) => match h.body {
                         Framing::Length(n) if n > MAX_BUFFERED_BODY as u64 => {
@@ -342,6 +340,7 @@ pub async fn serve_connection(
                     parse = all.len() == n
                         || all.len() > h1::MAX_HEAD
                         || all[all.len() - n..].contains(&b'\n');
+                    skip_empty_lines(&mut c.cbuf);
                 }
                 _ => return,
             }
@@ -368,9 +367,8 @@ pub async fn serve_connection(
 }
 
 /// Drops the empty lines before a request line (RFC 9112 §2.2), so that
-/// a client sending only line feeds does not have a head parsed for each;
-/// returns how many bytes went.
-fn skip_empty_lines(buf: &mut Buf) -> usize {
+/// a client sending only line feeds does not have a head parsed for each.
+fn skip_empty_lines(buf: &mut Buf) {
     let b = buf.bytes();
     let mut n = 0;
     loop {
@@ -383,7 +381,6 @@ fn skip_empty_lines(buf: &mut Buf) -> usize {
         }
     }
     buf.consume(n);
-    n
 }
 
 /// Bytes of a request body the fast path buffers (its length, at most
@@ -527,11 +524,7 @@ async fn attempt_endpoint(
         .fetch_add(body_bytes, Ordering::Relaxed);
     match relayed {
         Ok(complete) => {
-            // Not after a HEAD: an origin sending the body anyway (a common
-            // bug) would have it read as the next request's answer, and it
-            // may arrive after the next request went out, too late for the
-            // pool's peek.
-            if complete && response.reusable && c.ubuf.is_empty() && !head.head_method {
+            if complete && response.reusable && c.ubuf.is_empty() {
                 pool.put(ep.addr, up);
             }
         }

@@ -145,6 +145,16 @@ fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
     None
 }
 
+/// Why an origin's answer cannot be passed on: a switch of protocols (no
+/// Upgrade is forwarded, so none was asked for) or a transfer coding other
+/// than chunked.
+fn unpassable(resp: &Response<Incoming>) -> Option<String> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Some(crate::h1::HeadError::UnexpectedUpgrade.to_string());
+    }
+    unsupported_coding(resp.headers())
+}
+
 /// A short answer of the proxy's own: `sextant-edge: WHAT`.
 fn text(status: StatusCode, what: impl std::fmt::Display) -> Response<ProxyBody> {
     let body = format!("sextant-edge: {what}\n");
@@ -409,13 +419,13 @@ impl Proxy {
         // form, or an HTTP/2 client's :authority) replaces any Host sent
         // with it (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
         if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
-            if let Some(a) = parts.uri.authority() {
-                match HeaderValue::from_str(a.as_str()) {
-                    Ok(v) => {
-                        parts.headers.insert(hyper::header::HOST, v);
-                    }
-                    Err(_) => return text(StatusCode::BAD_REQUEST, "invalid authority"),
-                }
+            // (`refuse` checked it is a valid Host.)
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(hyper::header::HOST, v);
             }
             parts.uri = parts
                 .uri
@@ -455,18 +465,11 @@ impl Proxy {
             )
             .await;
             match sent {
-                Ok(Ok(resp)) if unsupported_coding(resp.headers()).is_some() => {
-                    let e = unsupported_coding(resp.headers()).unwrap_or_default();
-                    self.upstream_failed(origin, ep, &e);
-                    return text(StatusCode::BAD_GATEWAY, about(origin, ep, e));
-                }
-                Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    // Upgrade was not forwarded, so no switch was asked for.
-                    self.upstream_failed(origin, ep, "unexpected 101");
-                    let e = crate::h1::HeadError::UnexpectedUpgrade;
-                    return text(StatusCode::BAD_GATEWAY, about(origin, ep, e));
-                }
                 Ok(Ok(resp)) => {
+                    if let Some(e) = unpassable(&resp) {
+                        self.upstream_failed(origin, ep, &e);
+                        return text(StatusCode::BAD_GATEWAY, about(origin, ep, e));
+                    }
                     if resp.status().is_server_error() {
                         self.endpoint_5xx(origin, ep);
                     } else {
