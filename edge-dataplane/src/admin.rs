@@ -72,6 +72,16 @@ impl Admin {
             ConstCounter::new(load(&s.handoffs)),
         );
         r.register(
+            "websockets",
+            "WebSocket tunnels opened (an origin switched protocols)",
+            ConstCounter::new(load(&s.websockets)),
+        );
+        r.register(
+            "websockets_open",
+            "WebSocket tunnels open now",
+            ConstGauge::new(s.websockets_open.load(Ordering::Relaxed)),
+        );
+        r.register(
             "bad_requests",
             "Request heads refused as malformed or too large",
             ConstCounter::new(load(&s.bad_requests)),

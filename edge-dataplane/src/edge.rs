@@ -37,6 +37,8 @@ pub struct EdgeConfig {
     pub report_interval: Duration,
     /// Proxy worker threads, each with its own listener (SO_REUSEPORT).
     pub workers: usize,
+    /// How long a WebSocket tunnel may be silent both ways.
+    pub websocket_idle: Duration,
 }
 
 /// Why the edge could not start.
@@ -145,12 +147,9 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
             .map_err(|source| EdgeError::Bind { addr, source })?;
         info!(workers = listeners.len(), "listening for http on {local}");
     }
-    let p = Arc::new(Proxy::new(
-        config.node_id.clone(),
-        current,
-        endpoints,
-        stats,
-    ));
+    let mut p = Proxy::new(config.node_id.clone(), current, endpoints, stats);
+    p.websocket_idle = config.websocket_idle;
+    let p = Arc::new(p);
     let workers = proxy::spawn_workers(listeners, p, stop.clone())
         .map_err(|source| EdgeError::Bind { addr, source })?;
     shutdown.await;

@@ -7,7 +7,9 @@
 //! passes through unchanged. What the fast path does not handle itself
 //! (HTTP/1.0, chunked request bodies, `Expect`, `CONNECT`, absolute-form
 //! targets, repeated `Content-Length`) is reported as [`Parsed::HandOff`]
-//! so that the connection goes on in hyper from that request.
+//! so that the connection goes on in hyper from that request. A WebSocket
+//! handshake (RFC 6455) keeps its `Upgrade`, and an origin's `101` to it is
+//! passed on for the caller to tunnel; any other upgrade is removed.
 
 use std::io::Write;
 
@@ -63,6 +65,8 @@ pub enum HeadError {
     BadTransferEncoding(String),
     #[error("unexpected 101 switching protocols (no upgrade was asked for)")]
     UnexpectedUpgrade,
+    #[error("101 switching protocols to something other than websocket")]
+    BadUpgrade,
     #[error("status {0} is outside 100..=599")]
     BadStatus(u16),
     #[error("an HTTP/1.1 request needs exactly one host field, found {0}")]
@@ -115,6 +119,10 @@ pub struct RequestHead {
     pub idempotent: bool,
     /// The client keeps the connection open after this exchange.
     pub keep_alive: bool,
+    /// A WebSocket handshake (RFC 6455 §4.1: a GET without a body whose
+    /// `Connection` names `upgrade` and whose `Upgrade` lists `websocket`):
+    /// it goes out with `upgrade: websocket`, and the origin may switch.
+    pub upgrade: bool,
 }
 
 /// A response head, seen from the proxy.
@@ -128,6 +136,31 @@ pub struct ResponseHead {
     pub body: Framing,
     /// The origin keeps the connection open after this response.
     pub reusable: bool,
+    /// A `101` to a WebSocket handshake: after this head, the client and
+    /// the origin talk through a tunnel.
+    pub upgraded: bool,
+}
+
+/// What a response answers, as far as reading it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Asked {
+    /// A HEAD request (its response has no body).
+    pub head_method: bool,
+    /// The client keeps its connection open after this exchange.
+    pub keep_alive: bool,
+    /// A WebSocket handshake: a `101` may answer it.
+    pub upgrade: bool,
+}
+
+impl RequestHead {
+    /// What the response to this request answers.
+    pub fn asked(&self) -> Asked {
+        Asked {
+            head_method: self.head_method,
+            keep_alive: self.keep_alive,
+            upgrade: self.upgrade,
+        }
+    }
 }
 
 fn is(name: &str, lower: &[u8]) -> bool {
@@ -375,6 +408,20 @@ pub fn forward_request(
     if let Some(n) = length {
         put_number(out, b"content-length", n);
     }
+    let upgrade = method == "GET"
+        && length.unwrap_or(0) == 0
+        && !conn.close
+        && conn
+            .named
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+        && headers.iter().any(|h| {
+            is(h.name, b"upgrade") && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"websocket"))
+        });
+    if upgrade {
+        put_field(out, b"connection", b"upgrade");
+        put_field(out, b"upgrade", b"websocket");
+    }
     out.extend_from_slice(b"x-forwarded-for: ");
     for prev in xff.into_iter().chain(more_xff) {
         out.extend_from_slice(prev.trim_ascii());
@@ -394,22 +441,28 @@ pub fn forward_request(
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         ),
         keep_alive: !conn.close,
+        upgrade,
     }))
 }
 
-/// Parses the response head at the start of `buf` (the answer to a HEAD
-/// request when `head_method`). For a final response, the head to send to
-/// the client is written to `out` (cleared first): HTTP/1.1, hop-by-hop
-/// fields removed, `x-sextant-origin: origin`, and `connection: close` when
-/// the client connection ends after it (`keep_alive` false, or a body that
-/// only the origin's close delimits).
+/// Parses the response head at the start of `buf`, the answer to `asked`.
+/// For a final response, the head to send to the client is written to
+/// `out` (cleared first): HTTP/1.1, hop-by-hop fields removed,
+/// `x-sextant-origin: origin`, and `connection: close` when the client
+/// connection ends after it (the client asked so, or a body that only the
+/// origin's close delimits). A `101` is final when `asked.upgrade` (and
+/// must switch to `websocket`); it goes out with `connection: upgrade`.
 pub fn forward_response(
     buf: &[u8],
-    head_method: bool,
+    asked: Asked,
     origin: &[u8],
-    keep_alive: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, HeadError> {
+    let Asked {
+        head_method,
+        keep_alive,
+        upgrade,
+    } = asked;
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {
@@ -426,20 +479,29 @@ pub fn forward_response(
     if !(100..=599).contains(&status) {
         return Err(HeadError::BadStatus(status));
     }
-    if status == 101 {
+    if status == 101 && !upgrade {
         return Err(HeadError::UnexpectedUpgrade);
     }
-    if (100..200).contains(&status) {
+    if (100..200).contains(&status) && status != 101 {
         return Ok(Some(ResponseHead {
             len,
             status,
             interim: true,
             body: Framing::None,
             reusable: true,
+            upgraded: false,
         }));
     }
     let headers = &*resp.headers;
     let conn = connection_field(headers)?;
+    let upgraded = status == 101;
+    if upgraded
+        && !headers.iter().any(|h| {
+            is(h.name, b"upgrade") && h.value.trim_ascii().eq_ignore_ascii_case(b"websocket")
+        })
+    {
+        return Err(HeadError::BadUpgrade);
+    }
     let mut chunked = false;
     let mut length = None;
     for h in headers {
@@ -458,7 +520,7 @@ pub fn forward_response(
             length = Some(n);
         }
     }
-    let body = if head_method || status == 204 || status == 304 {
+    let body = if head_method || upgraded || status == 204 || status == 304 {
         Framing::None
     } else if chunked {
         Framing::Chunked
@@ -473,8 +535,11 @@ pub fn forward_response(
     // body anyway (a common bug) would have it read as the next request's
     // answer, and it may come too late for the pool's peek to see it.
     let doubtful = (chunked && (length.is_some() || version == 0)) || head_method;
-    let reusable =
-        body != Framing::Close && !conn.close && !doubtful && (version == 1 || conn.keep_alive);
+    let reusable = body != Framing::Close
+        && !conn.close
+        && !doubtful
+        && !upgraded
+        && (version == 1 || conn.keep_alive);
     out.clear();
     let _ = write!(out, "HTTP/1.1 {status} ");
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
@@ -483,8 +548,9 @@ pub fn forward_response(
     for h in headers {
         // A bodiless response keeps its content-length (a HEAD's says the
         // size of the GET), except a 204, which must not have one (RFC 9110
-        // §8.6); otherwise the framing is written once below.
-        let framing = framing_field(h.name) && (body != Framing::None || status == 204);
+        // §8.6), and a 101, after which the bytes are another protocol's;
+        // otherwise the framing is written once below.
+        let framing = framing_field(h.name) && (body != Framing::None || status == 204 || upgraded);
         if framing || hop_by_hop(h.name, &conn) || is(h.name, b"x-sextant-origin") {
             continue;
         }
@@ -496,7 +562,10 @@ pub fn forward_response(
         Framing::None | Framing::Close => {}
     }
     put_field(out, b"x-sextant-origin", origin);
-    if !keep_alive || body == Framing::Close {
+    if upgraded {
+        put_field(out, b"connection", b"upgrade");
+        put_field(out, b"upgrade", b"websocket");
+    } else if !keep_alive || body == Framing::Close {
         put_field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
@@ -506,6 +575,7 @@ pub fn forward_response(
         interim: false,
         body,
         reusable,
+        upgraded,
     }))
 }
 
@@ -679,6 +749,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A GET on a kept-alive connection.
+    const KEEP_ALIVE: Asked = Asked {
+        head_method: false,
+        keep_alive: true,
+        upgrade: false,
+    };
+
     fn request(raw: &str) -> (Result<Parsed<RequestHead>, HeadError>, String) {
         let mut out = Vec::new();
         let r = forward_request(raw.as_bytes(), b"10.0.0.9", &mut out);
@@ -687,7 +764,12 @@ mod tests {
 
     fn response(raw: &str, head_method: bool, keep_alive: bool) -> (ResponseHead, String) {
         let mut out = Vec::new();
-        let r = forward_response(raw.as_bytes(), head_method, b"a", keep_alive, &mut out)
+        let asked = Asked {
+            head_method,
+            keep_alive,
+            upgrade: false,
+        };
+        let r = forward_response(raw.as_bytes(), asked, b"a", &mut out)
             .expect("valid response")
             .expect("complete response");
         (r, String::from_utf8_lossy(&out).into_owned())
@@ -695,7 +777,7 @@ mod tests {
 
     fn response_error(raw: &str) -> HeadError {
         let mut out = Vec::new();
-        forward_response(raw.as_bytes(), false, b"a", true, &mut out).expect_err("refused")
+        forward_response(raw.as_bytes(), KEEP_ALIVE, b"a", &mut out).expect_err("refused")
     }
 
     #[test]
@@ -714,6 +796,7 @@ mod tests {
                 head_method: false,
                 idempotent: true,
                 keep_alive: true,
+                upgrade: false,
             }))
         );
         assert_eq!(
@@ -721,6 +804,94 @@ mod tests {
             "GET /p?q=1 HTTP/1.1\r\nHost: www.example.com\r\nAccept: */*\r\n\
              x-forwarded-for: 192.0.2.1, 192.0.2.2, 10.0.0.9\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_websocket_handshake_keeps_its_upgrade_and_nothing_else_does() {
+        let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+        let raw = format!(
+            "GET /chat HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\n\
+             Upgrade: WebSocket\r\n{key}\r\n"
+        );
+        let (r, out) = request(&raw);
+        assert!(
+            matches!(r, Ok(Parsed::Done(ref h)) if h.upgrade && h.keep_alive),
+            "{r:?}"
+        );
+        assert_eq!(
+            out,
+            format!(
+                "GET /chat HTTP/1.1\r\nHost: h\r\n{key}connection: upgrade\r\n\
+                 upgrade: websocket\r\nx-forwarded-for: 10.0.0.9\r\n\r\n"
+            )
+        );
+        // Not a WebSocket handshake: the upgrade is removed, as before.
+        for raw in [
+            // Upgrade without Connection naming it.
+            "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n",
+            // Another protocol.
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+            // Not a GET, or with a body (RFC 6455 §4.1).
+            "POST / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\
+             Content-Length: 2\r\n\r\nhi",
+            // The client closes after this exchange.
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close, upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            let (r, out) = request(raw);
+            assert!(
+                matches!(r, Ok(Parsed::Done(ref h)) if !h.upgrade),
+                "{raw:?}: {r:?}"
+            );
+            let lower = out.to_ascii_lowercase();
+            assert!(
+                !lower.contains("upgrade") && !lower.contains("http2-settings"),
+                "{out}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_switch_to_websocket_is_passed_on_only_when_asked_for() {
+        let asked = Asked {
+            head_method: false,
+            keep_alive: true,
+            upgrade: true,
+        };
+        let mut out = Vec::new();
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nContent-Length: 5\r\n\r\nframe";
+        let r = forward_response(raw, asked, b"a", &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            (r.len, r.status, r.interim, r.upgraded, r.reusable, r.body),
+            (raw.len() - 5, 101, false, true, false, Framing::None)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 101 Switching Protocols\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nx-sextant-origin: a\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        let h2c =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n";
+        assert_eq!(
+            forward_response(h2c, asked, b"a", &mut out),
+            Err(HeadError::BadUpgrade)
+        );
+        assert_eq!(
+            forward_response(&raw[..], KEEP_ALIVE, b"a", &mut out),
+            Err(HeadError::UnexpectedUpgrade)
+        );
+        // An origin that declines answers as usual, and the connection
+        // stays reusable.
+        let no = b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n";
+        let r = forward_response(no, asked, b"a", &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert!(!r.upgraded && r.reusable && !r.interim, "{r:?}");
     }
 
     #[test]
@@ -931,6 +1102,7 @@ mod tests {
                 interim: false,
                 body: Framing::Length(5),
                 reusable: true,
+                upgraded: false,
             }
         );
         assert_eq!(
@@ -1050,13 +1222,7 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(
-            forward_response(
-                b"HTTP/1.1 200 OK\r\nContent-Le",
-                false,
-                b"a",
-                true,
-                &mut out
-            ),
+            forward_response(b"HTTP/1.1 200 OK\r\nContent-Le", KEEP_ALIVE, b"a", &mut out),
             Ok(None)
         );
     }
@@ -1153,7 +1319,7 @@ mod tests {
             let _ = chunked_end(&bytes, 7);
             let mut out = Vec::new();
             let _ = forward_request(&bytes, b"127.0.0.1", &mut out);
-            let _ = forward_response(&bytes, false, b"a", true, &mut out);
+            let _ = forward_response(&bytes, KEEP_ALIVE, b"a", &mut out);
         }
     }
 }

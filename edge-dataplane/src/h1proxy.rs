@@ -516,6 +516,9 @@ async fn attempt_endpoint(
         ep.success();
     }
     proxy.count_status(response.status);
+    if response.upgraded {
+        return Ok(websocket(proxy, c, up).await);
+    }
     let mut body_bytes = 0u64;
     let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
     proxy
@@ -559,9 +562,8 @@ async fn read_response_head(
         if !c.ubuf.is_empty() {
             let r = h1::forward_response(
                 c.ubuf.bytes(),
-                head.head_method,
+                head.asked(),
                 origin.header.as_bytes(),
-                head.keep_alive,
                 &mut c.response,
             )
             .map_err(|e| Failure::Final(format!("bad response: {e}")))?;
@@ -584,6 +586,78 @@ async fn read_response_head(
             Err(_) => return Err(Failure::TimedOut),
         }
     }
+}
+
+/// Carries a WebSocket once the origin has switched protocols: the 101 and
+/// what came after it go to the client, what the client sent after its
+/// handshake goes to the origin, and then bytes flow both ways (each
+/// direction closed on its own) until both have ended, a side fails (the
+/// client sees a reset), or nothing has moved for `websocket_idle`.
+async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
+    proxy.stats.websockets.fetch_add(1, Ordering::Relaxed);
+    proxy.stats.websockets_open.fetch_add(1, Ordering::Relaxed);
+    let end = tunnel(proxy, c, &mut up).await;
+    proxy.stats.websockets_open.fetch_sub(1, Ordering::Relaxed);
+    match end {
+        Ok(()) => Next::Close,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            debug!(error = %e, "websocket closed");
+            Next::Close
+        }
+        Err(e) => {
+            debug!(error = %e, "websocket broken");
+            Next::Abort
+        }
+    }
+}
+
+async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> io::Result<()> {
+    let idle = proxy.websocket_idle;
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "websocket idle");
+    let stats = &proxy.stats;
+    stats
+        .response_bytes
+        .fetch_add(c.ubuf.len() as u64, Ordering::Relaxed);
+    c.response.extend_from_slice(c.ubuf.bytes());
+    c.ubuf.consume(c.ubuf.len());
+    write_within(&mut c.client, &c.response, idle).await?;
+    write_within(up, c.cbuf.bytes(), idle).await?;
+    c.cbuf.consume(c.cbuf.len());
+    let (mut client_rx, mut client_tx) = c.client.split();
+    let (mut origin_rx, mut origin_tx) = up.split();
+    let (up_buf, down_buf) = (&mut c.cbuf.data, &mut c.ubuf.data);
+    let (mut upward, mut downward) = (true, true);
+    while upward || downward {
+        let read = async {
+            tokio::select! {
+                r = client_rx.read(up_buf), if upward => (true, r),
+                r = origin_rx.read(down_buf), if downward => (false, r),
+            }
+        };
+        let (from_client, n) = match timeout(idle, read).await {
+            Ok((from_client, r)) => (from_client, r?),
+            Err(_) => return Err(timed_out()),
+        };
+        let (tx, buf) = if from_client {
+            (&mut origin_tx, &up_buf[..n])
+        } else {
+            stats.response_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            (&mut client_tx, &down_buf[..n])
+        };
+        let sent = if n == 0 {
+            // One side is done sending: the other hears so, and may go on.
+            *(if from_client {
+                &mut upward
+            } else {
+                &mut downward
+            }) = false;
+            timeout(idle, tx.shutdown()).await
+        } else {
+            timeout(idle, tx.write_all(buf)).await
+        };
+        sent.map_err(|_| timed_out())??;
+    }
+    Ok(())
 }
 
 /// Why a response body could not be relayed whole.

@@ -139,7 +139,7 @@ struct Edge {
     _stop: watch::Sender<bool>,
 }
 
-async fn edge_with(origins: &[(&str, SocketAddr, f64)], upstream_timeout: Duration) -> Edge {
+async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut Proxy)) -> Edge {
     let config = pb::NodeConfig {
         origins: origins
             .iter()
@@ -174,7 +174,7 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], upstream_timeout: Durati
     }
     let stats = Arc::new(Stats::default());
     let mut proxy = Proxy::new("e1".into(), current, endpoints, stats.clone());
-    proxy.upstream_timeout = upstream_timeout;
+    tune(&mut proxy);
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (stop, rx) = watch::channel(false);
@@ -187,7 +187,7 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], upstream_timeout: Durati
 }
 
 async fn edge(origins: &[(&str, SocketAddr, f64)]) -> Edge {
-    edge_with(origins, Duration::from_secs(30)).await
+    edge_with(origins, |_| {}).await
 }
 
 /// Reads one response (Content-Length, chunked or to the end) from `s`,
@@ -612,7 +612,10 @@ async fn a_run_of_5xx_ejects_and_a_silent_origin_times_out() {
         u64::from(EJECT_AFTER)
     );
     let silent = Origin::start(|_| b"HANG".to_vec()).await;
-    let e = edge_with(&[("a", silent.addr, 1.0)], Duration::from_millis(200)).await;
+    let e = edge_with(&[("a", silent.addr, 1.0)], |p| {
+        p.upstream_timeout = Duration::from_millis(200);
+    })
+    .await;
     let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
 }
@@ -1022,4 +1025,178 @@ async fn an_answer_the_origin_cuts_reaches_the_client_as_a_reset() {
         Err(std::io::ErrorKind::ConnectionReset),
         "a cut answer must not end cleanly"
     );
+}
+
+/// An origin that switches every connection to WebSocket: it answers the
+/// handshake with a 101 and `hello` right behind it, echoes what it reads
+/// in upper case, and once the client has finished sending, says `bye` and
+/// closes. The heads it got are kept.
+async fn websocket_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let mut b = [0u8; 4096];
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                        _ => return,
+                    }
+                };
+                seen.lock()
+                    .expect("lock")
+                    .push(String::from_utf8_lossy(&buf[..end]).into_owned());
+                let mut rest = buf.split_off(end).to_ascii_uppercase();
+                let hello = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                              Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\nhello";
+                if s.write_all(hello).await.is_err() {
+                    return;
+                }
+                loop {
+                    if !rest.is_empty() && s.write_all(&rest).await.is_err() {
+                        return;
+                    }
+                    let mut b = vec![0u8; 65536];
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => rest = b[..n].to_ascii_uppercase(),
+                        _ => break,
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+const HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\n\
+                         Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                         Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// Reads from `s` until `want` bytes have come (or 10 s pass).
+async fn read_exactly(s: &mut TcpStream, pending: &mut Vec<u8>, want: usize) -> Vec<u8> {
+    while pending.len() < want {
+        let mut b = vec![0u8; 65536];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&b[..n]),
+            other => panic!("{} of {want} bytes, then {other:?}", pending.len()),
+        }
+    }
+    pending.drain(..want).collect()
+}
+
+#[tokio::test]
+async fn a_websocket_is_tunnelled_both_ways_and_each_side_closes_on_its_own() {
+    let (addr, heads) = websocket_origin().await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    // Bytes sent right behind the handshake reach the origin too.
+    s.write_all(format!("{HANDSHAKE}early").as_bytes())
+        .await
+        .expect("write");
+    // A 101 has no body (read as if it answered a HEAD): what follows is
+    // the tunnel's.
+    let mut pending = Vec::new();
+    let (status, head, _) = read_response(&mut s, &mut pending, true).await;
+    assert_eq!(status, 101);
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    for f in [
+        "connection: upgrade\r\n",
+        "upgrade: websocket\r\n",
+        "sec-websocket-accept: x\r\n",
+        "x-sextant-origin: a\r\n",
+    ] {
+        assert!(head.contains(f), "{f} in {head}");
+    }
+    assert_eq!(read_exactly(&mut s, &mut pending, 10).await, b"helloEARLY");
+    let origin_head = heads.lock().expect("lock")[0].to_ascii_lowercase();
+    assert!(
+        origin_head.contains("connection: upgrade\r\nupgrade: websocket\r\n")
+            && origin_head.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"),
+        "{origin_head}"
+    );
+    // Both ways, more than one buffer's worth.
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let (mut rx, mut tx) = s.into_split();
+    let send = tokio::spawn(async move {
+        tx.write_all(&big).await.expect("write");
+        tx.write_all(b"ping").await.expect("write");
+        // The client is done sending; the origin still answers.
+        tx.shutdown().await.expect("shutdown");
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rx.read_to_end(&mut echoed))
+        .await
+        .expect("in time")
+        .expect("read");
+    send.await.expect("sender");
+    let want: Vec<u8> = (0..300_000u32).map(|i| b'A' + (i % 26) as u8).collect();
+    assert_eq!(echoed.len(), want.len() + 7);
+    assert!(echoed.starts_with(&want));
+    assert!(echoed.ends_with(b"PINGbye"));
+    assert_eq!(e.stats.websockets.load(Ordering::Relaxed), 1);
+    eventually_zero(&e.stats.websockets_open).await;
+    assert_eq!(e.stats.responses[1].load(Ordering::Relaxed), 1);
+}
+
+async fn eventually_zero(n: &std::sync::atomic::AtomicI64) {
+    for _ in 0..100 {
+        if n.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("still {}", n.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn a_silent_websocket_is_closed_after_its_idle_time() {
+    let (addr, _) = websocket_origin().await;
+    let e = edge_with(&[("a", addr, 1.0)], |p| {
+        p.websocket_idle = Duration::from_millis(300);
+    })
+    .await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let started = std::time::Instant::now();
+    s.write_all(HANDSHAKE.as_bytes()).await.expect("write");
+    let mut pending = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut pending, true).await;
+    assert_eq!(read_exactly(&mut s, &mut pending, 5).await, b"hello");
+    assert_eq!(status, 101);
+    assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
+    assert!(closed(&mut s).await, "the edge closes a silent tunnel");
+    // Not before its idle time, which starts after the handshake.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    eventually_zero(&e.stats.websockets_open).await;
+}
+
+#[tokio::test]
+async fn an_origin_that_declines_a_websocket_answers_as_usual() {
+    let origin = Origin::start(|_| ok("no websocket here")).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        s.write_all(HANDSHAKE.as_bytes()).await.expect("write");
+        let (status, head, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!((status, body.as_slice()), (200, &b"no websocket here"[..]));
+        assert!(!head.to_ascii_lowercase().contains("upgrade"), "{head}");
+    }
+    let seen = origin.seen();
+    assert!(seen.iter().all(|r| r.conn == 0), "one origin connection");
+    assert!(
+        seen[0].head.contains("upgrade: websocket\r\n"),
+        "{:?}",
+        seen[0]
+    );
+    assert_eq!(e.stats.websockets.load(Ordering::Relaxed), 0);
 }

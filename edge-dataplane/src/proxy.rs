@@ -47,6 +47,9 @@ pub struct Stats {
     pub handoffs: AtomicU64,
     /// Request heads refused as malformed or too large.
     pub bad_requests: AtomicU64,
+    /// WebSocket tunnels opened (an origin's 101), and those open now.
+    pub websockets: AtomicU64,
+    pub websockets_open: AtomicI64,
 }
 
 /// Everything a request needs.
@@ -58,6 +61,8 @@ pub struct Proxy {
     pub stats: Arc<Stats>,
     pub upstream_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a WebSocket tunnel may carry no byte either way.
+    pub websocket_idle: Duration,
 }
 
 /// Fields that belong to one connection and are never forwarded
@@ -322,6 +327,7 @@ impl Proxy {
             stats,
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
+            websocket_idle: Duration::from_secs(300),
         }
     }
 

@@ -267,12 +267,30 @@ impl EdgeProxy {
 
     /// The config version the edge serves (from its metrics), 0 for none.
     pub fn config_version(&self) -> Result<u64> {
-        let (_, body) = http_get(self.admin, "/metrics")?;
-        body.lines()
-            .find_map(|l| l.strip_prefix("sextant_edge_config_version "))
-            .and_then(|v| v.trim().parse().ok())
+        self.metric("sextant_edge_config_version ")?
+            .map(|v| v as u64)
             .ok_or_else(|| anyhow!("no config version in the edge's metrics"))
     }
+
+    /// One sample of a metric (the line's value), if present.
+    pub fn metric(&self, line_prefix: &str) -> Result<Option<f64>> {
+        admin_metric(self.admin, line_prefix)
+    }
+}
+
+/// The metrics text an admin port serves.
+pub fn admin_metrics(admin: SocketAddr) -> Result<String> {
+    let (code, body) = http_get(admin, "/metrics")?;
+    ensure!(code == 200, "metrics: status {code}");
+    Ok(body)
+}
+
+/// One sample of a metric on an admin port (the line's value), if present.
+pub fn admin_metric(admin: SocketAddr, line_prefix: &str) -> Result<Option<f64>> {
+    Ok(admin_metrics(admin)?.lines().find_map(|l| {
+        l.strip_prefix(line_prefix)
+            .and_then(|v| v.trim().parse().ok())
+    }))
 }
 
 /// The address of a `listening for <what> on ADDR` line in a log.
@@ -426,17 +444,12 @@ impl DnsServer {
 
     /// Its metrics text.
     pub fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin, "/metrics")?;
-        ensure!(code == 200, "metrics: status {code}");
-        Ok(body)
+        admin_metrics(self.admin)
     }
 
     /// One sample of a metric (the line's value), if present.
     pub fn metric(&self, line_prefix: &str) -> Result<Option<f64>> {
-        Ok(self.metrics()?.lines().find_map(|l| {
-            l.strip_prefix(line_prefix)
-                .and_then(|v| v.trim().parse().ok())
-        }))
+        admin_metric(self.admin, line_prefix)
     }
 
     /// The config version it serves, 0 for none.
@@ -516,16 +529,11 @@ impl Prober {
 
     /// Its metrics text.
     pub fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin, "/metrics")?;
-        ensure!(code == 200, "metrics: status {code}");
-        Ok(body)
+        admin_metrics(self.admin)
     }
 
     /// One sample of a metric (the line's value), if present.
     pub fn metric(&self, line_prefix: &str) -> Result<Option<f64>> {
-        Ok(self.metrics()?.lines().find_map(|l| {
-            l.strip_prefix(line_prefix)
-                .and_then(|v| v.trim().parse().ok())
-        }))
+        admin_metric(self.admin, line_prefix)
     }
 }

@@ -324,3 +324,103 @@ async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
     );
     Ok(())
 }
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket to `www.example.com` through the edge at `edge`.
+async fn open_websocket(edge: std::net::SocketAddr) -> Result<Ws> {
+    let tcp = tokio::net::TcpStream::connect(edge).await?;
+    let (ws, resp) = tokio_tungstenite::client_async("ws://www.example.com/chat", tcp).await?;
+    ensure!(resp.status() == 101, "status {}", resp.status());
+    Ok(ws)
+}
+
+/// Sends `text` and returns the answer, split into (origin, echoed text).
+async fn ask(ws: &mut Ws, text: &str) -> Result<(String, String)> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await?;
+    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .context("no answer within 10 s")?
+        .context("closed")??;
+    let reply = m.into_text()?;
+    let (origin, echoed) = reply.split_once(": ").context("an answer NAME: TEXT")?;
+    Ok((origin.to_owned(), echoed.to_owned()))
+}
+
+/// Closes `ws` with the close handshake, to the end of the stream.
+async fn close(mut ws: Ws) -> Result<()> {
+    use futures::StreamExt;
+    ws.close(None).await?;
+    while tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .context("close not answered within 10 s")?
+        .is_some()
+    {}
+    Ok(())
+}
+
+#[test]
+fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
+    let ctl = cp.ctl();
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
+    let v1 = version(&ctl)?;
+    eventually(Duration::from_secs(10), "the edge to apply", || {
+        (e1.config_version().ok()? == v1).then_some(())
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let edge = e1.process.addr;
+
+    // Handshakes go by the weights (1/4, 1/2, 1/4): of 60, every origin
+    // gets some (all but certain), and each tunnel carries its echo.
+    let by_origin = rt.block_on(async {
+        let mut by_origin = BTreeMap::<String, usize>::new();
+        for i in 0..60 {
+            let mut ws = open_websocket(edge).await?;
+            let (origin, echoed) = ask(&mut ws, &format!("hi {i}")).await?;
+            ensure!(echoed == format!("hi {i}"), "echoed {echoed:?}");
+            *by_origin.entry(origin).or_default() += 1;
+            close(ws).await?;
+        }
+        Ok::<_, anyhow::Error>(by_origin)
+    })?;
+    ensure!(
+        by_origin.keys().eq(["o1", "o2", "o3"].iter()),
+        "{by_origin:?}"
+    );
+
+    // One stays open while the weights change, with the same origin.
+    let mut ws = rt.block_on(open_websocket(edge))?;
+    let (origin, _) = rt.block_on(ask(&mut ws, "before"))?;
+    ensure!(e1.metric("sextant_edge_websockets_open ")? == Some(1.0));
+    ctl.run([
+        "drain",
+        "region/r2/origin/o2",
+        "--fraction",
+        "0.5",
+        "--reason",
+        "o2 maintenance",
+    ])?
+    .ok()?;
+    let v2 = version(&ctl)?;
+    eventually(Duration::from_secs(10), "the edge to apply v2", || {
+        (e1.config_version().ok()? == v2).then_some(())
+    })?;
+    let (after, echoed) = rt.block_on(ask(&mut ws, "after"))?;
+    ensure!(
+        (after.as_str(), echoed.as_str()) == (origin.as_str(), "after"),
+        "{after}: {echoed} (was {origin})"
+    );
+    rt.block_on(close(ws))?;
+    eventually(Duration::from_secs(5), "the tunnel to be gone", || {
+        (e1.metric("sextant_edge_websockets_open ").ok()? == Some(0.0)).then_some(())
+    })?;
+    ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(61.0));
+    Ok(())
+}

@@ -49,6 +49,10 @@ struct Args {
     /// runtime (default: one per core).
     #[arg(long, env = "SEXTANT_THREADS")]
     threads: Option<usize>,
+    /// Seconds a WebSocket tunnel may carry no byte either way before the
+    /// edge closes it.
+    #[arg(long, env = "SEXTANT_WEBSOCKET_IDLE", default_value_t = 300.0)]
+    websocket_idle: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +60,9 @@ fn main() -> anyhow::Result<()> {
     sextant_edge::process::init_logging("info");
     if !(args.report_interval > 0.0 && args.report_interval.is_finite()) {
         anyhow::bail!("--report-interval must be a positive number of seconds");
+    }
+    if !(args.websocket_idle > 0.0 && args.websocket_idle < 1e9) {
+        anyhow::bail!("--websocket-idle must be a positive number of seconds");
     }
     let workers = args
         .threads
@@ -78,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         capacity_rps: args.capacity_rps,
         report_interval: std::time::Duration::from_secs_f64(args.report_interval),
         workers,
+        websocket_idle: std::time::Duration::from_secs_f64(args.websocket_idle),
     };
     runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
     Ok(())
