@@ -421,13 +421,13 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
                 tried = Some(origin.id.as_str());
                 continue;
             };
-            let failed = |e: &str| about(origin, ep, format_args!("failed: {e}"));
+            let failed = |e: &str| about(origin, format_args!("failed: {e}"));
             match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
                 Ok(next) => return next,
                 Err(Failure::Client) => return Next::Abort,
                 Err(Failure::TimedOut) => {
                     proxy.upstream_failed(origin, ep, "timed out");
-                    break 'attempts (StatusCode::GATEWAY_TIMEOUT, about(origin, ep, "timed out"));
+                    break 'attempts (StatusCode::GATEWAY_TIMEOUT, about(origin, "timed out"));
                 }
                 Err(Failure::Stale(e)) => {
                     proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);

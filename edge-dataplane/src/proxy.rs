@@ -172,10 +172,11 @@ fn text(status: StatusCode, what: impl std::fmt::Display) -> Response<ProxyBody>
     r
 }
 
-/// What a request that got no origin response is told about `origin`'s
-/// endpoint `ep` (both paths say it the same way).
-pub(crate) fn about(origin: &Origin, ep: &EndpointState, what: impl std::fmt::Display) -> String {
-    format!("origin {} ({}) {what}", origin.id, ep.addr)
+/// What a request that got no origin response is told about `origin`:
+/// its id, never its endpoint (clients are not shown internal addresses;
+/// the edge's debug log and metrics have them).
+pub(crate) fn about(origin: &Origin, what: impl std::fmt::Display) -> String {
+    format!("origin {} {what}", origin.id)
 }
 
 /// The answer when no origin is left to try: the first attempt's failure
@@ -474,7 +475,7 @@ impl Proxy {
                 Ok(Ok(resp)) => {
                     if let Some(e) = unpassable(&resp) {
                         self.upstream_failed(origin, ep, &e);
-                        return text(StatusCode::BAD_GATEWAY, about(origin, ep, e));
+                        return text(StatusCode::BAD_GATEWAY, about(origin, e));
                     }
                     if resp.status().is_server_error() {
                         self.endpoint_5xx(origin, ep);
@@ -501,20 +502,20 @@ impl Proxy {
                     match back {
                         Some(r) if attempt == 0 => {
                             req = Some(r);
-                            first_failure = Some(about(origin, ep, format_args!("failed: {e}")));
+                            first_failure = Some(about(origin, format_args!("failed: {e}")));
                             tried = Some(origin.id.clone());
                         }
                         _ => {
                             return text(
                                 StatusCode::BAD_GATEWAY,
-                                about(origin, ep, format_args!("failed: {e}")),
+                                about(origin, format_args!("failed: {e}")),
                             )
                         }
                     }
                 }
                 Err(_) => {
                     self.upstream_failed(origin, ep, "timed out");
-                    return text(StatusCode::GATEWAY_TIMEOUT, about(origin, ep, "timed out"));
+                    return text(StatusCode::GATEWAY_TIMEOUT, about(origin, "timed out"));
                 }
             }
         }
