@@ -131,7 +131,8 @@ pub struct ResponseHead {
     /// Bytes of the head, final CRLF included.
     pub len: usize,
     pub status: u16,
-    /// An interim (1xx) response: skip it and read the next head.
+    /// An interim (1xx) response other than a 101: pass it on (RFC 9110
+    /// §15.2) and read the next head.
     pub interim: bool,
     pub body: Framing,
     /// The origin keeps the connection open after this response.
@@ -446,12 +447,13 @@ pub fn forward_request(
 }
 
 /// Parses the response head at the start of `buf`, the answer to `asked`.
-/// For a final response, the head to send to the client is written to
-/// `out` (cleared first): HTTP/1.1, hop-by-hop fields removed,
+/// The head to send to the client is written to `out` (cleared first):
+/// HTTP/1.1, hop-by-hop fields removed; for a final response also
 /// `x-sextant-origin: origin`, and `connection: close` when the client
 /// connection ends after it (the client asked so, or a body that only the
-/// origin's close delimits). A `101` is final when `asked.upgrade` (and
-/// must switch to `websocket`); it goes out with `connection: upgrade`.
+/// origin's close delimits). An interim 1xx goes out with no framing
+/// field. A `101` is final when `asked.upgrade` (and must switch to
+/// `websocket`); it goes out with `connection: upgrade`.
 pub fn forward_response(
     buf: &[u8],
     asked: Asked,
@@ -482,19 +484,10 @@ pub fn forward_response(
     if status == 101 && !upgrade {
         return Err(HeadError::UnexpectedUpgrade);
     }
-    if (100..200).contains(&status) && status != 101 {
-        return Ok(Some(ResponseHead {
-            len,
-            status,
-            interim: true,
-            body: Framing::None,
-            reusable: true,
-            upgraded: false,
-        }));
-    }
     let headers = &*resp.headers;
     let conn = connection_field(headers)?;
     let upgraded = status == 101;
+    let interim = (100..200).contains(&status) && !upgraded;
     if upgraded
         && !headers.iter().any(|h| {
             is(h.name, b"upgrade") && h.value.trim_ascii().eq_ignore_ascii_case(b"websocket")
@@ -520,7 +513,7 @@ pub fn forward_response(
             length = Some(n);
         }
     }
-    let body = if head_method || upgraded || status == 204 || status == 304 {
+    let body = if head_method || status < 200 || status == 204 || status == 304 {
         Framing::None
     } else if chunked {
         Framing::Chunked
@@ -547,10 +540,11 @@ pub fn forward_response(
     let framing_field = |name: &str| is(name, b"content-length") || is(name, b"transfer-encoding");
     for h in headers {
         // A bodiless response keeps its content-length (a HEAD's says the
-        // size of the GET), except a 204, which must not have one (RFC 9110
-        // §8.6), and a 101, after which the bytes are another protocol's;
+        // size of the GET), except a 1xx or a 204, which must not have one
+        // (RFC 9110 §8.6; after a 101 the bytes are another protocol's);
         // otherwise the framing is written once below.
-        let framing = framing_field(h.name) && (body != Framing::None || status == 204 || upgraded);
+        let framing =
+            framing_field(h.name) && (body != Framing::None || status < 200 || status == 204);
         if framing || hop_by_hop(h.name, &conn) || is(h.name, b"x-sextant-origin") {
             continue;
         }
@@ -561,18 +555,21 @@ pub fn forward_response(
         Framing::Chunked => put_field(out, b"transfer-encoding", b"chunked"),
         Framing::None | Framing::Close => {}
     }
-    put_field(out, b"x-sextant-origin", origin);
     if upgraded {
+        put_field(out, b"x-sextant-origin", origin);
         put_field(out, b"connection", b"upgrade");
         put_field(out, b"upgrade", b"websocket");
-    } else if !keep_alive || body == Framing::Close {
-        put_field(out, b"connection", b"close");
+    } else if !interim {
+        put_field(out, b"x-sextant-origin", origin);
+        if !keep_alive || body == Framing::Close {
+            put_field(out, b"connection", b"close");
+        }
     }
     out.extend_from_slice(b"\r\n");
     Ok(Some(ResponseHead {
         len,
         status,
-        interim: false,
+        interim,
         body,
         reusable,
         upgraded,
@@ -1180,13 +1177,16 @@ mod tests {
             true,
         );
         assert_eq!((r.body, r.reusable), (Framing::Chunked, false));
-        // Interim responses are skipped, not forwarded.
+        // Interim responses are passed on, without hop-by-hop or framing
+        // fields and without the origin's name (the final answer has it).
         let (r, out) = response(
-            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\nConnection: x-h\r\nX-H: 1\r\n\
+             Content-Length: 0\r\n\r\n",
             false,
             true,
         );
-        assert!(r.interim && out.is_empty());
+        assert!(r.interim && r.body == Framing::None, "{r:?}");
+        assert_eq!(out, "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n");
     }
 
     #[test]

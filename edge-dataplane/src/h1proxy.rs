@@ -546,7 +546,8 @@ async fn attempt_endpoint(
 }
 
 /// Reads the origin's final response head into `c.response` (interim 1xx
-/// responses are skipped); the bytes after it stay in `c.ubuf`.
+/// responses are passed on to the client as they come); the bytes after it
+/// stay in `c.ubuf`.
 async fn read_response_head(
     proxy: &Proxy,
     c: &mut Conn,
@@ -568,8 +569,10 @@ async fn read_response_head(
             )
             .map_err(|e| Failure::Final(format!("bad response: {e}")))?;
             match r {
+                // Such as 103 Early Hints: the client gets it now.
                 Some(r) if r.interim => {
                     c.ubuf.consume(r.len);
+                    write_client(&mut c.client, &c.response).await?;
                     continue;
                 }
                 Some(r) => {
