@@ -13,13 +13,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use hyper::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::debug;
@@ -593,74 +593,184 @@ async fn read_response_head(
 
 /// Carries a WebSocket once the origin has switched protocols: the 101 and
 /// what came after it go to the client, what the client sent after its
-/// handshake goes to the origin, and then bytes flow both ways (each
-/// direction closed on its own) until both have ended, a side fails (the
-/// client sees a reset), or nothing has moved for `websocket_idle`.
+/// handshake goes to the origin, and then each direction is copied on its
+/// own (one side not reading never holds up the other) until both have
+/// ended, a side fails, or nothing has moved either way for
+/// `websocket_idle`. A failure, or a write stalled that long, resets both
+/// connections; an idle tunnel is closed cleanly.
 async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
     proxy.stats.websockets.fetch_add(1, Ordering::Relaxed);
-    proxy.stats.websockets_open.fetch_add(1, Ordering::Relaxed);
-    let end = tunnel(proxy, c, &mut up).await;
-    proxy.stats.websockets_open.fetch_sub(1, Ordering::Relaxed);
-    match end {
-        Ok(()) => Next::Close,
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-            debug!(error = %e, "websocket closed");
+    let _open = Gauge::up(&proxy.stats.websockets_open);
+    match tunnel(proxy, c, &mut up).await {
+        Tunnel::Done => Next::Close,
+        Tunnel::Idle => {
+            debug!("websocket idle: closed");
             Next::Close
         }
-        Err(e) => {
-            debug!(error = %e, "websocket broken");
-            Next::Abort
-        }
+        Tunnel::Stalled => reset(&up, "websocket write stalled"),
+        Tunnel::Failed(e) => reset(&up, &format!("websocket broken: {e}")),
     }
 }
 
-async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> io::Result<()> {
+/// Ends a tunnel with a reset both ways: the origin's here, the client's
+/// by the caller.
+fn reset(up: &TcpStream, why: &str) -> Next {
+    debug!("{why}: reset");
+    let _ = socket2::SockRef::from(up).set_linger(Some(Duration::ZERO));
+    Next::Abort
+}
+
+/// A gauge raised while this lives.
+struct Gauge<'a>(&'a AtomicI64);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a AtomicI64) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+enum Tunnel {
+    /// Both directions ended (each side closed its sending half).
+    Done,
+    /// Nothing moved either way for the idle time, nothing waiting.
+    Idle,
+    /// A write made no progress for the idle time.
+    Stalled,
+    Failed(io::Error),
+}
+
+/// When bytes last moved through a tunnel, and how many writes are under
+/// way.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+    writing: AtomicUsize,
+}
+
+impl Activity {
+    fn moved(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
     let idle = proxy.websocket_idle;
-    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "websocket idle");
     let stats = &proxy.stats;
     stats
         .response_bytes
         .fetch_add(c.ubuf.len() as u64, Ordering::Relaxed);
     c.response.extend_from_slice(c.ubuf.bytes());
-    c.ubuf.consume(c.ubuf.len());
-    write_within(&mut c.client, &c.response, idle).await?;
-    write_within(up, c.cbuf.bytes(), idle).await?;
-    c.cbuf.consume(c.cbuf.len());
-    let (mut client_rx, mut client_tx) = c.client.split();
+    let activity = Activity {
+        start: tokio::time::Instant::now(),
+        last_ms: AtomicU64::new(0),
+        writing: AtomicUsize::new(0),
+    };
+    let Conn {
+        client,
+        cbuf,
+        ubuf,
+        response,
+        ..
+    } = c;
+    let (mut client_rx, mut client_tx) = client.split();
     let (mut origin_rx, mut origin_tx) = up.split();
-    let (up_buf, down_buf) = (&mut c.cbuf.data, &mut c.ubuf.data);
-    let (mut upward, mut downward) = (true, true);
-    while upward || downward {
-        let read = async {
-            tokio::select! {
-                r = client_rx.read(up_buf), if upward => (true, r),
-                r = origin_rx.read(down_buf), if downward => (false, r),
+    let both = async {
+        pass(&mut client_tx, response, &activity).await?;
+        pass(&mut origin_tx, cbuf.bytes(), &activity).await?;
+        tokio::try_join!(
+            pump(
+                &mut client_rx,
+                &mut origin_tx,
+                &mut cbuf.data,
+                &activity,
+                None
+            ),
+            pump(
+                &mut origin_rx,
+                &mut client_tx,
+                &mut ubuf.data,
+                &activity,
+                Some(&stats.response_bytes)
+            ),
+        )
+    };
+    tokio::pin!(both);
+    loop {
+        tokio::select! {
+            r = &mut both => return match r {
+                Ok(_) => Tunnel::Done,
+                Err(e) => Tunnel::Failed(e),
+            },
+            () = tokio::time::sleep_until(activity.last() + idle) => {
+                if activity.last() + idle <= tokio::time::Instant::now() {
+                    return if activity.writing.load(Ordering::Relaxed) > 0 {
+                        Tunnel::Stalled
+                    } else {
+                        Tunnel::Idle
+                    };
+                }
             }
-        };
-        let (from_client, n) = match timeout(idle, read).await {
-            Ok((from_client, r)) => (from_client, r?),
-            Err(_) => return Err(timed_out()),
-        };
-        let (tx, buf) = if from_client {
-            (&mut origin_tx, &up_buf[..n])
-        } else {
-            stats.response_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            (&mut client_tx, &down_buf[..n])
-        };
-        let sent = if n == 0 {
-            // One side is done sending: the other hears so, and may go on.
-            *(if from_client {
-                &mut upward
-            } else {
-                &mut downward
-            }) = false;
-            timeout(idle, tx.shutdown()).await
-        } else {
-            timeout(idle, tx.write_all(buf)).await
-        };
-        sent.map_err(|_| timed_out())??;
+        }
     }
-    Ok(())
+}
+
+/// Copies one direction of a tunnel until its reader ends, then passes the
+/// end on (a half close).
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rx: &mut R,
+    tx: &mut W,
+    buf: &mut [u8],
+    activity: &Activity,
+    counted: Option<&AtomicU64>,
+) -> io::Result<()> {
+    loop {
+        let n = rx.read(buf).await?;
+        activity.moved();
+        if n == 0 {
+            return tx.shutdown().await;
+        }
+        if let Some(c) = counted {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        pass(tx, &buf[..n], activity).await?;
+    }
+}
+
+/// Writes all of `bytes`, noting each bit of progress.
+async fn pass<W: AsyncWrite + Unpin>(
+    tx: &mut W,
+    mut bytes: &[u8],
+    activity: &Activity,
+) -> io::Result<()> {
+    activity.writing.fetch_add(1, Ordering::Relaxed);
+    let r = async {
+        while !bytes.is_empty() {
+            let n = tx.write(bytes).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n..];
+            activity.moved();
+        }
+        Ok(())
+    }
+    .await;
+    activity.writing.fetch_sub(1, Ordering::Relaxed);
+    r
 }
 
 /// Why a response body could not be relayed whole.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures::future::BoxFuture;
 use sextant_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1028,18 +1029,24 @@ async fn an_answer_the_origin_cuts_reaches_the_client_as_a_reset() {
     );
 }
 
+type After = Box<dyn Fn(TcpStream, Vec<u8>) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// An origin that switches every connection to WebSocket: it answers the
-/// handshake with a 101 and `hello` right behind it, echoes what it reads
-/// in upper case, and once the client has finished sending, says `bye` and
-/// closes. The heads it got are kept.
-async fn websocket_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// handshake with a 101 and `greeting` in the same write, then hands the
+/// connection and the bytes read past the head to `after`. The heads it got
+/// are kept.
+async fn switching_origin(
+    greeting: &'static [u8],
+    after: After,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = heads.clone();
+    let after = Arc::new(after);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
-            let seen = seen.clone();
+            let (seen, after) = (seen.clone(), after.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let end = loop {
@@ -1055,27 +1062,221 @@ async fn websocket_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                 seen.lock()
                     .expect("lock")
                     .push(String::from_utf8_lossy(&buf[..end]).into_owned());
-                let mut rest = buf.split_off(end).to_ascii_uppercase();
-                let hello = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                              Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\nhello";
-                if s.write_all(hello).await.is_err() {
-                    return;
+                if s.write_all(&[SWITCH.as_bytes(), greeting].concat())
+                    .await
+                    .is_ok()
+                {
+                    after(s, buf.split_off(end)).await;
                 }
-                loop {
-                    if !rest.is_empty() && s.write_all(&rest).await.is_err() {
-                        return;
-                    }
-                    let mut b = vec![0u8; 65536];
-                    match s.read(&mut b).await {
-                        Ok(n) if n > 0 => rest = b[..n].to_ascii_uppercase(),
-                        _ => break,
-                    }
-                }
-                let _ = s.write_all(b"bye").await;
             });
         }
     });
     (addr, heads)
+}
+
+/// The answer to [`HANDSHAKE`].
+const SWITCH: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                      Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+/// A [`switching_origin`] that says `hello`, echoes what it reads in upper
+/// case, and once the client has finished sending, says `bye` and closes.
+async fn websocket_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    switching_origin(
+        b"hello",
+        Box::new(|mut s, rest| {
+            Box::pin(async move {
+                let mut out = rest.to_ascii_uppercase();
+                loop {
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    let mut b = vec![0u8; 65536];
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => out = b[..n].to_ascii_uppercase(),
+                        _ => break,
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+            })
+        }),
+    )
+    .await
+}
+
+/// Writes `n` bytes of `b` to `s`.
+async fn send_n(s: &mut (impl AsyncWriteExt + Unpin), n: usize, b: u8) -> std::io::Result<()> {
+    let chunk = vec![b; 65536];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        s.write_all(&chunk[..k]).await?;
+        left -= k;
+    }
+    Ok(())
+}
+
+/// Opens a WebSocket through the edge at `addr`; returns the stream, and
+/// what was read past the 101.
+async fn open_websocket(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(HANDSHAKE.as_bytes()).await.expect("write");
+    // A 101 has no body (read as if it answered a HEAD).
+    let mut pending = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut pending, true).await;
+    assert_eq!(status, 101);
+    (s, pending)
+}
+
+#[tokio::test]
+async fn each_direction_of_a_websocket_flows_on_its_own() {
+    // The origin writes 16 MiB before it reads anything, while the client
+    // writes 16 MiB as it reads: far more than socket buffers hold, so a
+    // tunnel that waited for one direction before serving the other would
+    // deadlock.
+    const N: usize = 16 << 20;
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(|mut s, rest| {
+            Box::pin(async move {
+                if send_n(&mut s, N, b'o').await.is_err() {
+                    return;
+                }
+                let mut got = rest.len();
+                let mut b = vec![0u8; 65536];
+                while got < N {
+                    match s.read(&mut b).await {
+                        Ok(k) if k > 0 => got += k,
+                        _ => return,
+                    }
+                }
+                let _ = s.write_all(b"done").await;
+            })
+        }),
+    )
+    .await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let (s, pending) = open_websocket(e.addr).await;
+    let (mut rx, mut tx) = s.into_split();
+    let writer = tokio::spawn(async move { send_n(&mut tx, N, b'c').await.map(|()| tx) });
+    let mut got = pending.len();
+    let mut tail = Vec::new();
+    let mut b = vec![0u8; 65536];
+    while got < N + 4 {
+        match tokio::time::timeout(Duration::from_secs(30), rx.read(&mut b)).await {
+            Ok(Ok(k)) if k > 0 => {
+                got += k;
+                tail.extend_from_slice(&b[..k]);
+                tail.drain(..tail.len().saturating_sub(4));
+            }
+            other => panic!("{got} of {} bytes, then {other:?}", N + 4),
+        }
+    }
+    assert_eq!(tail, b"done");
+    writer.await.expect("writer").expect("all sent");
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_still_reaches_the_origin_until_stalled() {
+    // The origin floods the client, which reads nothing but still sends.
+    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(move |s, _| {
+            let to_test = to_test.clone();
+            Box::pin(async move {
+                let (mut rx, mut tx) = s.into_split();
+                let flood = tokio::spawn(async move { send_n(&mut tx, 1 << 30, b'o').await });
+                let mut b = [0u8; 64];
+                while let Ok(n) = rx.read(&mut b).await {
+                    let _ = to_test.send(Ok(b[..n].to_vec()));
+                    if n == 0 {
+                        break;
+                    }
+                }
+                // What the flood ran into once the edge gave up on the client.
+                let _ = to_test.send(flood.await.expect("flood").map(|()| Vec::new()));
+            })
+        }),
+    )
+    .await;
+    let e = edge_with(&[("a", addr, 1.0)], |p| {
+        p.websocket_idle = Duration::from_millis(500);
+    })
+    .await;
+    let (mut s, _) = open_websocket(e.addr).await;
+    s.write_all(b"ping").await.expect("write");
+    let got = recv(&mut heard).await;
+    assert_eq!(got.expect("read"), b"ping");
+    // The edge's writes to the client stall for the idle time: both
+    // connections are reset, not closed as if the stream had ended.
+    let flood = loop {
+        match recv(&mut heard).await {
+            Ok(b) if !b.is_empty() => continue,
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            flood.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{flood:?}"
+    );
+    let mut b = vec![0u8; 1 << 20];
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(&end, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
+    eventually_zero(&e.stats.websockets_open).await;
+}
+
+/// The next thing the origin reports, within 10 s.
+async fn recv<T>(heard: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), heard.recv())
+        .await
+        .expect("in time")
+        .expect("origin alive")
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_resets_resets_the_origin() {
+    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(move |mut s, _| {
+            let to_test = to_test.clone();
+            Box::pin(async move {
+                let mut b = [0u8; 64];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => continue,
+                        end => {
+                            let _ = to_test.send(end.map_err(|e| e.kind()));
+                            return;
+                        }
+                    }
+                }
+            })
+        }),
+    )
+    .await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let (s, _) = open_websocket(e.addr).await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(s);
+    assert_eq!(
+        recv(&mut heard).await,
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
 }
 
 const HANDSHAKE: &str = "GET /chat HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\n\
@@ -1113,7 +1314,7 @@ async fn a_websocket_is_tunnelled_both_ways_and_each_side_closes_on_its_own() {
     for f in [
         "connection: upgrade\r\n",
         "upgrade: websocket\r\n",
-        "sec-websocket-accept: x\r\n",
+        "sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n",
         "x-sextant-origin: a\r\n",
     ] {
         assert!(head.contains(f), "{f} in {head}");
@@ -1174,7 +1375,10 @@ async fn a_silent_websocket_is_closed_after_its_idle_time() {
     assert_eq!(read_exactly(&mut s, &mut pending, 5).await, b"hello");
     assert_eq!(status, 101);
     assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
-    assert!(closed(&mut s).await, "the edge closes a silent tunnel");
+    // A clean close, not a reset.
+    let mut b = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    assert!(matches!(end, Ok(Ok(0))), "{end:?}");
     // Not before its idle time, which starts after the handshake.
     assert!(started.elapsed() >= Duration::from_millis(300));
     eventually_zero(&e.stats.websockets_open).await;
