@@ -65,7 +65,7 @@ pub enum HeadError {
     BadTransferEncoding(String),
     #[error("unexpected 101 switching protocols (no upgrade was asked for)")]
     UnexpectedUpgrade,
-    #[error("101 switching protocols to something other than websocket")]
+    #[error("101 switching protocols without upgrade: websocket and this handshake's accept key")]
     BadUpgrade,
     #[error("status {0} is outside 100..=599")]
     BadStatus(u16),
@@ -120,9 +120,11 @@ pub struct RequestHead {
     /// The client keeps the connection open after this exchange.
     pub keep_alive: bool,
     /// A WebSocket handshake (RFC 6455 §4.1: a GET without a body whose
-    /// `Connection` names `upgrade` and whose `Upgrade` lists `websocket`):
-    /// it goes out with `upgrade: websocket`, and the origin may switch.
-    pub upgrade: bool,
+    /// `Connection` names `upgrade`, whose `Upgrade` lists `websocket`, with
+    /// one 16-byte `Sec-WebSocket-Key` and version 13) goes out with
+    /// `upgrade: websocket`, and the origin may switch: this is the
+    /// `Sec-WebSocket-Accept` its 101 must carry.
+    pub upgrade: Option<WebSocketAccept>,
 }
 
 /// A response head, seen from the proxy.
@@ -137,9 +139,46 @@ pub struct ResponseHead {
     pub body: Framing,
     /// The origin keeps the connection open after this response.
     pub reusable: bool,
-    /// A `101` to a WebSocket handshake: after this head, the client and
-    /// the origin talk through a tunnel.
+    /// A `101` to a WebSocket handshake, with its accept key: after this
+    /// head, the client and the origin talk through a tunnel.
     pub upgraded: bool,
+}
+
+/// A `Sec-WebSocket-Accept` value (base64 of a SHA-1).
+pub type WebSocketAccept = [u8; 28];
+
+/// The `Sec-WebSocket-Accept` that answers `key` (RFC 6455 §4.2.2), which
+/// only a server that read this handshake can give.
+pub fn websocket_accept(key: &[u8]) -> WebSocketAccept {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let digest = sha1::Sha1::new()
+        .chain_update(key)
+        .chain_update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11")
+        .finalize();
+    let mut out = [0u8; 28];
+    // 20 bytes are always 28 base64 characters.
+    let _ = base64::engine::general_purpose::STANDARD.encode_slice(digest, &mut out);
+    out
+}
+
+/// The accept key a WebSocket handshake expects, if these fields make one
+/// (one `Sec-WebSocket-Key` of 16 bytes in base64, version 13).
+fn websocket_key(headers: &[httparse::Header<'_>]) -> Option<WebSocketAccept> {
+    use base64::Engine as _;
+    let one = |name: &[u8]| {
+        let mut v = headers.iter().filter(|h| is(h.name, name));
+        match (v.next(), v.next()) {
+            (Some(h), None) => Some(h.value.trim_ascii()),
+            _ => None,
+        }
+    };
+    if one(b"sec-websocket-version")? != b"13" {
+        return None;
+    }
+    let key = one(b"sec-websocket-key")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key).ok()?;
+    (decoded.len() == 16).then(|| websocket_accept(key))
 }
 
 /// What a response answers, as far as reading it goes.
@@ -149,8 +188,8 @@ pub struct Asked {
     pub head_method: bool,
     /// The client keeps its connection open after this exchange.
     pub keep_alive: bool,
-    /// A WebSocket handshake: a `101` may answer it.
-    pub upgrade: bool,
+    /// A WebSocket handshake: a `101` with this accept key may answer it.
+    pub upgrade: Option<WebSocketAccept>,
 }
 
 impl RequestHead {
@@ -409,7 +448,7 @@ pub fn forward_request(
     if let Some(n) = length {
         put_number(out, b"content-length", n);
     }
-    let upgrade = method == "GET"
+    let asks_upgrade = method == "GET"
         && length.unwrap_or(0) == 0
         && !conn.close
         && conn
@@ -419,7 +458,12 @@ pub fn forward_request(
         && headers.iter().any(|h| {
             is(h.name, b"upgrade") && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"websocket"))
         });
-    if upgrade {
+    let upgrade = if asks_upgrade {
+        websocket_key(headers)
+    } else {
+        None
+    };
+    if upgrade.is_some() {
         put_field(out, b"connection", b"upgrade");
         put_field(out, b"upgrade", b"websocket");
     }
@@ -481,18 +525,29 @@ pub fn forward_response(
     if !(100..=599).contains(&status) {
         return Err(HeadError::BadStatus(status));
     }
-    if status == 101 && !upgrade {
+    if status == 101 && upgrade.is_none() {
         return Err(HeadError::UnexpectedUpgrade);
     }
     let headers = &*resp.headers;
     let conn = connection_field(headers)?;
     let upgraded = status == 101;
     let interim = (100..200).contains(&status) && !upgraded;
-    if upgraded
-        && !headers.iter().any(|h| {
+    // A 101 must switch to websocket, with the accept key of this very
+    // handshake: then it comes from a WebSocket server that read it, not
+    // from an application that can be made to answer 101 (which would
+    // give the client a raw channel to the origin, past this proxy).
+    let switches = || {
+        headers.iter().any(|h| {
             is(h.name, b"upgrade") && h.value.trim_ascii().eq_ignore_ascii_case(b"websocket")
         })
-    {
+    };
+    // Base64: compared case-sensitively.
+    let accepted = |a: WebSocketAccept| {
+        headers
+            .iter()
+            .any(|h| is(h.name, b"sec-websocket-accept") && h.value.trim_ascii() == a)
+    };
+    if upgraded && !(switches() && upgrade.is_some_and(accepted)) {
         return Err(HeadError::BadUpgrade);
     }
     let mut chunked = false;
@@ -750,7 +805,7 @@ mod tests {
     const KEEP_ALIVE: Asked = Asked {
         head_method: false,
         keep_alive: true,
-        upgrade: false,
+        upgrade: None,
     };
 
     fn request(raw: &str) -> (Result<Parsed<RequestHead>, HeadError>, String) {
@@ -764,7 +819,7 @@ mod tests {
         let asked = Asked {
             head_method,
             keep_alive,
-            upgrade: false,
+            upgrade: None,
         };
         let r = forward_response(raw.as_bytes(), asked, b"a", &mut out)
             .expect("valid response")
@@ -793,7 +848,7 @@ mod tests {
                 head_method: false,
                 idempotent: true,
                 keep_alive: true,
-                upgrade: false,
+                upgrade: None,
             }))
         );
         assert_eq!(
@@ -812,7 +867,7 @@ mod tests {
         );
         let (r, out) = request(&raw);
         assert!(
-            matches!(r, Ok(Parsed::Done(ref h)) if h.upgrade && h.keep_alive),
+            matches!(r, Ok(Parsed::Done(ref h)) if h.upgrade == Some(ACCEPT) && h.keep_alive),
             "{r:?}"
         );
         assert_eq!(
@@ -835,10 +890,27 @@ mod tests {
              Content-Length: 2\r\n\r\nhi",
             // The client closes after this exchange.
             "GET / HTTP/1.1\r\nHost: h\r\nConnection: close, upgrade\r\nUpgrade: websocket\r\n\r\n",
-        ] {
-            let (r, out) = request(raw);
+        ]
+        .into_iter()
+        .map(|r| r.replace("\r\n\r\n", &format!("\r\n{key}\r\n")))
+        .chain(
+            [
+                // No key, two keys, a key that is not 16 bytes, version 8.
+                "Sec-WebSocket-Version: 13\r\n",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\
+                 Sec-WebSocket-Version: 13\r\n",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZQ==\r\nSec-WebSocket-Version: 13\r\n",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n",
+            ]
+            .map(|k| {
+                format!(
+                    "GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n{k}\r\n"
+                )
+            }),
+        ) {
+            let (r, out) = request(&raw);
             assert!(
-                matches!(r, Ok(Parsed::Done(ref h)) if !h.upgrade),
+                matches!(r, Ok(Parsed::Done(ref h)) if h.upgrade.is_none()),
                 "{raw:?}: {r:?}"
             );
             let lower = out.to_ascii_lowercase();
@@ -849,12 +921,16 @@ mod tests {
         }
     }
 
+    /// RFC 6455 §1.3's example: the answer to `dGhlIHNhbXBsZSBub25jZQ==`.
+    const ACCEPT: WebSocketAccept = *b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
     #[test]
     fn a_switch_to_websocket_is_passed_on_only_when_asked_for() {
+        assert_eq!(websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="), ACCEPT);
         let asked = Asked {
             head_method: false,
             keep_alive: true,
-            upgrade: true,
+            upgrade: Some(ACCEPT),
         };
         let mut out = Vec::new();
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -872,12 +948,21 @@ mod tests {
              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nx-sextant-origin: a\r\n\
              connection: upgrade\r\nupgrade: websocket\r\n\r\n"
         );
-        let h2c =
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n";
-        assert_eq!(
-            forward_response(h2c, asked, b"a", &mut out),
-            Err(HeadError::BadUpgrade)
-        );
+        // Another protocol, or no key, another handshake's, or one in
+        // another case: a 502, never a tunnel.
+        for bad in [
+            "Upgrade: h2c\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n",
+            "Upgrade: websocket\r\n",
+            "Upgrade: websocket\r\nSec-WebSocket-Accept: HSmrc0sMlYUkAGmm5OPpG2HaGWk=\r\n",
+            "Upgrade: websocket\r\nSec-WebSocket-Accept: S3PPLMBITXAQ9KYGZZHZRBK+XOO=\r\n",
+        ] {
+            let raw = format!("HTTP/1.1 101 Switching Protocols\r\n{bad}\r\n");
+            assert_eq!(
+                forward_response(raw.as_bytes(), asked, b"a", &mut out),
+                Err(HeadError::BadUpgrade),
+                "{bad}"
+            );
+        }
         assert_eq!(
             forward_response(&raw[..], KEEP_ALIVE, b"a", &mut out),
             Err(HeadError::UnexpectedUpgrade)

@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sextant_edge::h1::{forward_request, forward_response, Asked, ChunkedEnd, Parsed};
+use sextant_edge::h1::{forward_request, forward_response, Asked, ChunkedEnd, Framing, Parsed};
 
 fn hop_by_hop_free(head: &[u8], upgrade: bool) {
     let mut fields = [httparse::EMPTY_HEADER; 128];
@@ -50,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     if let Ok(Parsed::Done(h)) = forward_request(data, b"127.0.0.1", &mut out) {
         assert!(h.len <= data.len());
-        hop_by_hop_free(&out, h.upgrade);
+        hop_by_hop_free(&out, h.upgrade.is_some());
+        // Only a GET without a body is a WebSocket handshake.
+        assert!(h.upgrade.is_none() || (out.starts_with(b"GET ") && h.body == Framing::None));
         // Exactly one Host goes out, and a valid one.
         let mut fields = [httparse::EMPTY_HEADER; 128];
         let mut req = httparse::Request::new(&mut fields);
@@ -62,11 +64,14 @@ fuzz_target!(|data: &[u8]| {
     let asked = Asked {
         head_method: false,
         keep_alive: true,
-        upgrade: data.last().is_some_and(|b| b & 1 == 1),
+        upgrade: data
+            .last()
+            .is_some_and(|b| b & 1 == 1)
+            .then_some(*b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
     };
     if let Ok(Some(r)) = forward_response(data, asked, b"a", &mut out) {
         assert!(r.len <= data.len());
-        assert!(!r.upgraded || asked.upgrade);
+        assert!(!r.upgraded || asked.upgrade.is_some());
         hop_by_hop_free(&out, r.upgraded);
     }
     let piece = usize::from(data.first().copied().unwrap_or(1)).max(1);

@@ -395,10 +395,17 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
         "{by_origin:?}"
     );
 
+    let open_now = |n: f64| {
+        eventually(Duration::from_secs(5), &format!("{n} tunnels open"), || {
+            (e1.metric("sextant_edge_websockets_open ").ok()? == Some(n)).then_some(())
+        })
+    };
+    open_now(0.0)?;
+
     // One stays open while the weights change, with the same origin.
     let mut ws = rt.block_on(open_websocket(edge))?;
     let (origin, _) = rt.block_on(ask(&mut ws, "before"))?;
-    ensure!(e1.metric("sextant_edge_websockets_open ")? == Some(1.0));
+    open_now(1.0)?;
     ctl.run([
         "drain",
         "region/r2/origin/o2",
@@ -418,9 +425,7 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
         "{after}: {echoed} (was {origin})"
     );
     rt.block_on(close(ws))?;
-    eventually(Duration::from_secs(5), "the tunnel to be gone", || {
-        (e1.metric("sextant_edge_websockets_open ").ok()? == Some(0.0)).then_some(())
-    })?;
+    open_now(0.0)?;
     ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(61.0));
     Ok(())
 }

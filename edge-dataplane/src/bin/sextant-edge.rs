@@ -61,8 +61,8 @@ fn main() -> anyhow::Result<()> {
     if !(args.report_interval > 0.0 && args.report_interval.is_finite()) {
         anyhow::bail!("--report-interval must be a positive number of seconds");
     }
-    if !(args.websocket_idle > 0.0 && args.websocket_idle < 1e9) {
-        anyhow::bail!("--websocket-idle must be a positive number of seconds");
+    if !(0.001..1e9).contains(&args.websocket_idle) {
+        anyhow::bail!("--websocket-idle must be at least 0.001 seconds (and under 1e9)");
     }
     let workers = args
         .threads
