@@ -59,6 +59,21 @@ impl Origin {
     }
 }
 
+/// Reads into `buf` until it holds a whole head; returns the head's
+/// length, or `None` when the connection ends first.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut b = [0u8; 4096];
+        match s.read(&mut b).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+            _ => return None,
+        }
+    }
+}
+
 async fn serve_origin(
     mut s: TcpStream,
     conn: usize,
@@ -67,15 +82,8 @@ async fn serve_origin(
 ) {
     let mut buf = Vec::new();
     loop {
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut b = [0u8; 4096];
-            match s.read(&mut b).await {
-                Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                _ => return,
-            }
+        let Some(head_end) = read_head(&mut s, &mut buf).await else {
+            return;
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         buf.drain(..head_end);
@@ -1049,15 +1057,8 @@ async fn switching_origin(
             let (seen, after) = (seen.clone(), after.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let end = loop {
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    let mut b = [0u8; 4096];
-                    match s.read(&mut b).await {
-                        Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                        _ => return,
-                    }
+                let Some(end) = read_head(&mut s, &mut buf).await else {
+                    return;
                 };
                 seen.lock()
                     .expect("lock")

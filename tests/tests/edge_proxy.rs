@@ -52,6 +52,21 @@ fn version(ctl: &Ctl) -> Result<u64> {
         .context("routing_version")
 }
 
+/// Drains half of origin o2's capacity: o1, o2 and o3 then get a third
+/// each.
+fn drain_half_of_o2(ctl: &Ctl) -> Result<()> {
+    ctl.run([
+        "drain",
+        "region/r2/origin/o2",
+        "--fraction",
+        "0.5",
+        "--reason",
+        "o2 maintenance",
+    ])?
+    .ok()?;
+    Ok(())
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
     let p = dir.join(name);
     std::fs::write(&p, text)?;
@@ -86,15 +101,7 @@ fn weights_reach_the_edges_and_survive_the_control_plane() -> Result<()> {
     )?;
 
     // A weight change: half of o2's capacity drained → a third each.
-    ctl.run([
-        "drain",
-        "region/r2/origin/o2",
-        "--fraction",
-        "0.5",
-        "--reason",
-        "o2 maintenance",
-    ])?
-    .ok()?;
+    drain_half_of_o2(&ctl)?;
     let v2 = version(&ctl)?;
     ensure!(v2 == v1 + 1, "version {v2}");
     for (e, node) in [(&e1, "e1"), (&e2, "e2")] {
@@ -406,15 +413,7 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
     let mut ws = rt.block_on(open_websocket(edge))?;
     let (origin, _) = rt.block_on(ask(&mut ws, "before"))?;
     open_now(1.0)?;
-    ctl.run([
-        "drain",
-        "region/r2/origin/o2",
-        "--fraction",
-        "0.5",
-        "--reason",
-        "o2 maintenance",
-    ])?
-    .ok()?;
+    drain_half_of_o2(&ctl)?;
     let v2 = version(&ctl)?;
     eventually(Duration::from_secs(10), "the edge to apply v2", || {
         (e1.config_version().ok()? == v2).then_some(())
