@@ -39,6 +39,8 @@ pub struct EdgeConfig {
     pub workers: usize,
     /// How long a WebSocket tunnel may be silent both ways.
     pub websocket_idle: Duration,
+    /// How long, once told to stop, the proxy lets open exchanges finish.
+    pub shutdown_grace: Duration,
 }
 
 /// Why the edge could not start.
@@ -149,6 +151,7 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     let mut p = Proxy::new(config.node_id.clone(), current, endpoints, stats);
     p.websocket_idle = config.websocket_idle;
+    p.shutdown_grace = config.shutdown_grace;
     let p = Arc::new(p);
     let workers = proxy::spawn_workers(listeners, p, stop.clone())
         .map_err(|source| EdgeError::Bind { addr, source })?;

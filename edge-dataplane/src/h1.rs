@@ -142,6 +142,9 @@ pub struct ResponseHead {
     /// A `101` to a WebSocket handshake, with its accept key: after this
     /// head, the client and the origin talk through a tunnel.
     pub upgraded: bool,
+    /// The client connection ends after this final response (it was
+    /// written with `connection: close`).
+    pub close: bool,
 }
 
 /// A `Sec-WebSocket-Accept` value (base64 of a SHA-1).
@@ -588,6 +591,7 @@ pub fn forward_response(
         && !doubtful
         && !upgraded
         && (version == 1 || conn.keep_alive);
+    let close = !interim && !upgraded && (!keep_alive || body == Framing::Close);
     out.clear();
     let _ = write!(out, "HTTP/1.1 {status} ");
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
@@ -616,7 +620,7 @@ pub fn forward_response(
         put_field(out, b"upgrade", b"websocket");
     } else if !interim {
         put_field(out, b"x-sextant-origin", origin);
-        if !keep_alive || body == Framing::Close {
+        if close {
             put_field(out, b"connection", b"close");
         }
     }
@@ -628,6 +632,7 @@ pub fn forward_response(
         body,
         reusable,
         upgraded,
+        close,
     }))
 }
 
@@ -1185,19 +1190,20 @@ mod tests {
                 body: Framing::Length(5),
                 reusable: true,
                 upgraded: false,
+                close: false,
             }
         );
         assert_eq!(
             out,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\ncontent-length: 5\r\nx-sextant-origin: a\r\n\r\n"
         );
-        let (_, out) = response(
+        let (r, out) = response(
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
             false,
             false,
         );
         assert!(
-            out.ends_with("x-sextant-origin: a\r\nconnection: close\r\n\r\n"),
+            r.close && out.ends_with("x-sextant-origin: a\r\nconnection: close\r\n\r\n"),
             "{out}"
         );
     }
@@ -1217,7 +1223,7 @@ mod tests {
         // No length: the body ends when the origin closes, and so does the
         // client connection.
         let (r, out) = response("HTTP/1.1 200 OK\r\n\r\n", false, true);
-        assert_eq!((r.body, r.reusable), (Framing::Close, false));
+        assert_eq!((r.body, r.reusable, r.close), (Framing::Close, false, true));
         assert!(out.contains("connection: close\r\n"), "{out}");
         // A HEAD response keeps the length of the GET and has no body.
         let (r, out) = response("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", true, true);

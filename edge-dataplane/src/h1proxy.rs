@@ -22,6 +22,7 @@ use hyper::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
@@ -204,6 +205,8 @@ enum Failure {
 struct Conn {
     client: TcpStream,
     peer_ip: Vec<u8>,
+    /// The worker is stopping.
+    stop: CancellationToken,
     cbuf: Buf,
     ubuf: Buf,
     /// The request as it goes upstream: head, then its whole body.
@@ -214,8 +217,8 @@ struct Conn {
 impl Conn {
     /// The bytes read and not yet used, and the client socket; the
     /// buffers go (they are not kept while hyper serves the connection).
-    fn into_unread(mut self) -> (Vec<u8>, TcpStream) {
-        (self.cbuf.take(), self.client)
+    fn into_unread(mut self) -> (Vec<u8>, TcpStream, CancellationToken) {
+        (self.cbuf.take(), self.client, self.stop)
     }
 }
 
@@ -270,15 +273,19 @@ async fn write_within(s: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::R
 
 /// Serves one client connection until it closes, on the fast path while
 /// its requests allow, then in hyper.
+/// When `stop` is cancelled, the connection ends after the exchange under
+/// way (answered with `connection: close`), or at once when idle.
 pub async fn serve_connection(
     proxy: Arc<Proxy>,
     pool: Arc<Pool>,
     client: TcpStream,
     peer: SocketAddr,
+    stop: CancellationToken,
 ) {
     let mut c = Conn {
         client,
         peer_ip: peer.ip().to_string().into_bytes(),
+        stop,
         cbuf: Buf::new(4096, h1::MAX_HEAD + MAX_BUFFERED_BODY + 4096),
         ubuf: Buf::new(0, h1::MAX_HEAD + 4096),
         request: Vec::new(),
@@ -329,7 +336,14 @@ pub async fn serve_connection(
                 }
             }
             let read = if c.cbuf.is_empty() {
-                timeout(CLIENT_IDLE, c.cbuf.fill(&mut c.client)).await
+                // Idle between requests: a stopping worker closes it.
+                tokio::select! {
+                    r = timeout(CLIENT_IDLE, c.cbuf.fill(&mut c.client)) => r,
+                    () = c.stop.cancelled() => {
+                        close_gently(&mut c.client).await;
+                        return;
+                    }
+                }
             } else {
                 let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLIENT_IO);
                 tokio::time::timeout_at(at, c.cbuf.fill(&mut c.client)).await
@@ -348,6 +362,9 @@ pub async fn serve_connection(
         // The body (at most MAX_BUFFERED_BODY) is all here: it goes out
         // with the head, and can go again to another origin.
         let body = body_len(&head);
+        // The last exchange on a stopping worker: the client is told.
+        let mut head = head;
+        head.keep_alive &= !c.stop.is_cancelled();
         c.request
             .extend_from_slice(&c.cbuf.bytes()[head.len..head.len + body]);
         c.cbuf.consume(head.len + body);
@@ -396,11 +413,11 @@ fn body_len(head: &RequestHead) -> usize {
 /// `c.cbuf`.
 async fn hand_off(proxy: Arc<Proxy>, c: Conn, peer: SocketAddr) {
     proxy.stats.handoffs.fetch_add(1, Ordering::Relaxed);
-    let (unread, client) = c.into_unread();
+    let (unread, client, stop) = c.into_unread();
     // The bytes already read are read again first, then the socket.
     let (read, write) = client.into_split();
     let io = tokio::io::join(io::Cursor::new(unread).chain(read), write);
-    crate::proxy::serve_hyper(proxy, io, peer).await;
+    crate::proxy::serve_hyper(proxy, io, peer, stop).await;
 }
 
 /// Forwards one request and its response.
@@ -538,10 +555,10 @@ async fn attempt_endpoint(
             return Ok(Next::Abort);
         }
     }
-    if head.keep_alive && response.body != Framing::Close {
-        Ok(Next::KeepAlive)
-    } else {
+    if response.close {
         Ok(Next::Close)
+    } else {
+        Ok(Next::KeepAlive)
     }
 }
 
@@ -561,9 +578,14 @@ async fn read_response_head(
     c.ubuf.consume(c.ubuf.len());
     loop {
         if !c.ubuf.is_empty() {
+            // A worker stopping by now closes after this answer.
+            let asked = h1::Asked {
+                keep_alive: head.keep_alive && !c.stop.is_cancelled(),
+                ..head.asked()
+            };
             let r = h1::forward_response(
                 c.ubuf.bytes(),
-                head.asked(),
+                asked,
                 origin.header.as_bytes(),
                 &mut c.response,
             )

@@ -31,7 +31,8 @@ type Respond = Arc<dyn Fn(&Seen) -> Vec<u8> + Send + Sync>;
 /// An origin that reads requests (Content-Length or chunked bodies),
 /// records them, and answers each with what `respond` gives. An answer
 /// that starts with "CLOSE" is sent without those five bytes and the
-/// connection is closed after it; "HANG" never answers.
+/// connection is closed after it; "HANG" never answers; "SLOW" answers
+/// (the rest) after 300 ms.
 struct Origin {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -124,6 +125,13 @@ async fn serve_origin(
         if answer.starts_with(b"HANG") {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
+        let answer = match answer.strip_prefix(b"SLOW") {
+            Some(rest) => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                rest.to_vec()
+            }
+            None => answer,
+        };
         let (answer, close) = match answer.strip_prefix(b"CLOSE") {
             Some(rest) => (rest.to_vec(), true),
             None => (answer, false),
@@ -145,7 +153,8 @@ fn ok(body: &str) -> Vec<u8> {
 struct Edge {
     addr: SocketAddr,
     stats: Arc<Stats>,
-    _stop: watch::Sender<bool>,
+    /// Tells the proxy worker to stop.
+    stop: watch::Sender<bool>,
 }
 
 async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut Proxy)) -> Edge {
@@ -188,11 +197,7 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut P
     let addr = l.local_addr().expect("addr");
     let (stop, rx) = watch::channel(false);
     tokio::spawn(serve(l, Arc::new(proxy), rx));
-    Edge {
-        addr,
-        stats,
-        _stop: stop,
-    }
+    Edge { addr, stats, stop }
 }
 
 async fn edge(origins: &[(&str, SocketAddr, f64)]) -> Edge {
@@ -1405,4 +1410,46 @@ async fn an_origin_that_declines_a_websocket_answers_as_usual() {
         seen[0]
     );
     assert_eq!(e.stats.websockets.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_stopping_worker_finishes_the_exchange_under_way_and_closes_idle_connections() {
+    let origin = Origin::start(|r| {
+        if r.head.starts_with("GET /slow") {
+            [&b"SLOW"[..], &ok("slow")].concat()
+        } else {
+            ok("fast")
+        }
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+    // An idle kept-alive connection, and one with a request under way.
+    let mut idle = TcpStream::connect(e.addr).await.expect("connect");
+    idle.write_all(&get("/")).await.expect("write");
+    let (status, _, _) = read_response(&mut idle, &mut Vec::new(), false).await;
+    assert_eq!(status, 200);
+    let mut busy = TcpStream::connect(e.addr).await.expect("connect");
+    busy.write_all(&get("/slow")).await.expect("write");
+    for _ in 0..500 {
+        if origin
+            .seen()
+            .iter()
+            .any(|r| r.head.starts_with("GET /slow"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    e.stop.send(true).expect("worker listening");
+    assert!(closed(&mut idle).await, "the idle connection is closed");
+    let mut pending = Vec::new();
+    let (status, head, body) = read_response(&mut busy, &mut pending, false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"slow"[..]));
+    assert!(head.contains("connection: close\r\n"), "{head}");
+    assert!(closed(&mut busy).await, "closed after its answer");
+    assert!(
+        TcpStream::connect(e.addr).await.is_err(),
+        "no new connection is accepted"
+    );
 }

@@ -17,6 +17,8 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::h1proxy::Pool;
@@ -63,6 +65,8 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     /// How long a WebSocket tunnel may carry no byte either way.
     pub websocket_idle: Duration,
+    /// How long a stopping worker lets open connections finish.
+    pub shutdown_grace: Duration,
 }
 
 /// Fields that belong to one connection and are never forwarded
@@ -329,6 +333,7 @@ impl Proxy {
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
             websocket_idle: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 
@@ -527,8 +532,16 @@ impl Proxy {
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until
 /// `shutdown` turns true: HTTP/1.1 on the fast path ([`crate::h1proxy`]),
 /// the rest in hyper. Origin connections are pooled per call (per worker).
+/// Serves connections accepted on `listener` until `shutdown`; then it stops
+/// accepting, lets each connection finish the exchange under way (idle
+/// ones close at once; answers say `connection: close`; hyper's
+/// connections shut down gracefully) and returns when all are done, or
+/// once `proxy.shutdown_grace` has passed (what is left is cut).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
     let pool = Arc::new(Pool::default());
+    // This worker's connections, and the signal they watch to stop.
+    let open = TaskTracker::new();
+    let stop = CancellationToken::new();
     {
         let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -551,25 +564,35 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
                     continue;
                 }
             },
-            _ = shutdown.changed() => {
-                debug!("proxy worker stopped accepting");
-                return;
-            }
+            _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (proxy, pool) = (proxy.clone(), pool.clone());
-        tokio::spawn(async move {
+        let (proxy, pool, stop) = (proxy.clone(), pool.clone(), stop.clone());
+        open.spawn(async move {
             let stats = proxy.stats.clone();
             stats.active_connections.fetch_add(1, Ordering::Relaxed);
-            crate::h1proxy::serve_connection(proxy, pool, stream, peer).await;
+            crate::h1proxy::serve_connection(proxy, pool, stream, peer, stop).await;
             stats.active_connections.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+    drop(listener);
+    stop.cancel();
+    open.close();
+    debug!(open = open.len(), "proxy worker stopped accepting");
+    if tokio::time::timeout(proxy.shutdown_grace, open.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = open.len(),
+            "shutdown grace over: open connections cut"
+        );
     }
 }
 
 /// Serves a client connection in hyper (HTTP/1.x or HTTP/2, told apart by
 /// its first bytes).
-pub async fn serve_hyper<I>(proxy: Arc<Proxy>, io: I, peer: SocketAddr)
+pub async fn serve_hyper<I>(proxy: Arc<Proxy>, io: I, peer: SocketAddr, stop: CancellationToken)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -580,7 +603,17 @@ where
         async move { Ok::<_, Infallible>(proxy.handle(&conns, req).await) }
     });
     let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = conn.serve_connection(TokioIo::new(io), svc).await {
+    let conn = conn.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            // Finish what is under way, take nothing new.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         debug!(%peer, error = %e, "connection ended with an error");
     }
 }

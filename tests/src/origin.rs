@@ -1,6 +1,7 @@
 //! Small origin HTTP servers for end-to-end tests: each answers every
-//! request with its own name, or with 500 when told to fail, and accepts
-//! WebSockets (RFC 6455), answering each text message `NAME: MESSAGE`.
+//! request with its own name (`/slow` after [`SLOW`]), or with 500 when
+//! told to fail, and accepts WebSockets (RFC 6455), answering each text
+//! message `NAME: MESSAGE`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +18,9 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 use tokio_tungstenite::WebSocketStream;
+
+/// How long an origin takes to answer `/slow`.
+pub const SLOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running origin.
 #[derive(Debug)]
@@ -46,25 +50,29 @@ impl Origin {
                 let (n, r, f) = (n.clone(), r.clone(), f.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        r.fetch_add(1, Ordering::Relaxed);
-                        if let Some(key) = websocket_key(&req) {
-                            let accept = derive_accept_key(key.as_bytes());
-                            tokio::spawn(echo(n.clone(), req));
-                            let resp = Response::builder()
-                                .status(StatusCode::SWITCHING_PROTOCOLS)
-                                .header("connection", "upgrade")
-                                .header("upgrade", "websocket")
-                                .header("sec-websocket-accept", accept)
-                                .body(Full::new(Bytes::new()));
-                            return std::future::ready(
-                                resp.map_err(|e| std::io::Error::other(e.to_string())),
-                            );
+                        let (n, r, f) = (n.clone(), r.clone(), f.clone());
+                        async move {
+                            r.fetch_add(1, Ordering::Relaxed);
+                            if let Some(key) = websocket_key(&req) {
+                                let accept = derive_accept_key(key.as_bytes());
+                                tokio::spawn(echo(n, req));
+                                return Response::builder()
+                                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "websocket")
+                                    .header("sec-websocket-accept", accept)
+                                    .body(Full::new(Bytes::new()))
+                                    .map_err(|e| std::io::Error::other(e.to_string()));
+                            }
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(SLOW).await;
+                            }
+                            let mut resp = Response::new(Full::new(Bytes::from(format!("{n}\n"))));
+                            if f.load(Ordering::Relaxed) {
+                                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok(resp)
                         }
-                        let mut resp = Response::new(Full::new(Bytes::from(format!("{n}\n"))));
-                        if f.load(Ordering::Relaxed) {
-                            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                        std::future::ready(Ok(resp))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)

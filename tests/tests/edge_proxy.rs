@@ -428,3 +428,48 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
     ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(61.0));
     Ok(())
 }
+
+#[test]
+fn a_stopped_edge_finishes_the_requests_under_way() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
+    let v1 = version(&cp.ctl())?;
+    eventually(Duration::from_secs(10), "the edge to apply", || {
+        (e1.config_version().ok()? == v1).then_some(())
+    })?;
+    let edge = e1.process.addr;
+    let requests = || -> u64 {
+        origins
+            .iter()
+            .map(|o| o.requests.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    };
+    let before = requests();
+    let slow = std::thread::spawn(move || sextant_tests::http_get(edge, "/slow"));
+    eventually(
+        Duration::from_secs(5),
+        "the slow request to reach an origin",
+        || (requests() > before).then_some(()),
+    )?;
+    // SIGTERM while the origin takes its time: the answer still comes (with
+    // --shutdown-grace 0 it does not), and the edge exits once it has.
+    let started = std::time::Instant::now();
+    let status = e1.process.stop()?;
+    ensure!(status.success(), "edge exited with {status}");
+    let (code, body) = slow
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
+    ensure!(code == 200 && body.starts_with('o'), "{code} {body}");
+    ensure!(
+        started.elapsed() < Duration::from_secs(9),
+        "the edge took {:?} to stop",
+        started.elapsed()
+    );
+    ensure!(
+        std::net::TcpStream::connect(edge).is_err(),
+        "a stopped edge accepts nothing"
+    );
+    Ok(())
+}

@@ -53,6 +53,10 @@ struct Args {
     /// edge closes it.
     #[arg(long, env = "SEXTANT_WEBSOCKET_IDLE", default_value_t = 300.0)]
     websocket_idle: f64,
+    /// Seconds the proxy, once told to stop (SIGTERM, SIGINT), lets open
+    /// exchanges and WebSockets finish; idle connections close at once.
+    #[arg(long, env = "SEXTANT_SHUTDOWN_GRACE", default_value_t = 10.0)]
+    shutdown_grace: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +67,9 @@ fn main() -> anyhow::Result<()> {
     }
     if !(0.001..1e9).contains(&args.websocket_idle) {
         anyhow::bail!("--websocket-idle must be at least 0.001 seconds (and under 1e9)");
+    }
+    if !(0.0..1e9).contains(&args.shutdown_grace) {
+        anyhow::bail!("--shutdown-grace must be a number of seconds, 0 or more (and under 1e9)");
     }
     let workers = args
         .threads
@@ -86,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         report_interval: std::time::Duration::from_secs_f64(args.report_interval),
         workers,
         websocket_idle: std::time::Duration::from_secs_f64(args.websocket_idle),
+        shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace),
     };
     runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
     Ok(())
