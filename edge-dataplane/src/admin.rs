@@ -72,6 +72,11 @@ impl Admin {
             ConstCounter::new(load(&s.handoffs)),
         );
         r.register(
+            "connection_limit_hits",
+            "Times a proxy worker stopped accepting, at its share of --max-connections",
+            ConstCounter::new(load(&s.connection_limit_hits)),
+        );
+        r.register(
             "websockets",
             "WebSocket tunnels opened (an origin switched protocols)",
             ConstCounter::new(load(&s.websockets)),

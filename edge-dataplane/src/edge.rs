@@ -41,6 +41,8 @@ pub struct EdgeConfig {
     pub websocket_idle: Duration,
     /// How long, once told to stop, the proxy lets open exchanges finish.
     pub shutdown_grace: Duration,
+    /// Client connections open at once, all workers (0: no limit).
+    pub max_connections: usize,
 }
 
 /// Why the edge could not start.
@@ -152,6 +154,8 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
     let mut p = Proxy::new(config.node_id.clone(), current, endpoints, stats);
     p.websocket_idle = config.websocket_idle;
     p.shutdown_grace = config.shutdown_grace;
+    // Each worker takes its share (SO_REUSEPORT spreads connections evenly).
+    p.connection_limit = config.max_connections.div_ceil(listeners.len().max(1));
     let p = Arc::new(p);
     let workers = proxy::spawn_workers(listeners, p, stop.clone())
         .map_err(|source| EdgeError::Bind { addr, source })?;

@@ -1453,3 +1453,33 @@ async fn a_stopping_worker_finishes_the_exchange_under_way_and_closes_idle_conne
         "no new connection is accepted"
     );
 }
+
+#[tokio::test]
+async fn past_its_connection_limit_a_worker_leaves_new_connections_waiting() {
+    let origin = Origin::start(|_| ok("hi")).await;
+    let e = edge_with(&[("a", origin.addr, 1.0)], |p| p.connection_limit = 2).await;
+    let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(e.addr).await.expect("connect");
+        s.write_all(get).await.expect("write");
+        let (status, _, _) = read_response(&mut s, &mut Vec::new(), false).await;
+        assert_eq!(status, 200);
+        open.push(s);
+    }
+    // The third is left in the backlog: its request is not answered...
+    let mut third = TcpStream::connect(e.addr).await.expect("connect");
+    third.write_all(get).await.expect("write");
+    let mut b = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), third.read(&mut b))
+            .await
+            .is_err(),
+        "answered past the limit"
+    );
+    assert_eq!(e.stats.connection_limit_hits.load(Ordering::Relaxed), 1);
+    // ...until one of the others ends.
+    drop(open.pop());
+    let (status, _, body) = read_response(&mut third, &mut Vec::new(), false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"hi"[..]));
+}

@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -49,6 +49,8 @@ pub struct Stats {
     pub handoffs: AtomicU64,
     /// Request heads refused as malformed or too large.
     pub bad_requests: AtomicU64,
+    /// Times a worker stopped accepting, at its connection limit.
+    pub connection_limit_hits: AtomicU64,
     /// WebSocket tunnels opened (an origin's 101), and those open now.
     pub websockets: AtomicU64,
     pub websockets_open: AtomicI64,
@@ -67,6 +69,9 @@ pub struct Proxy {
     pub websocket_idle: Duration,
     /// How long a stopping worker lets open connections finish.
     pub shutdown_grace: Duration,
+    /// Client connections one worker keeps open at once (0: no limit);
+    /// past it, new ones wait in the listen backlog.
+    pub connection_limit: usize,
 }
 
 /// Fields that belong to one connection and are never forwarded
@@ -334,6 +339,7 @@ impl Proxy {
             connect_timeout: Duration::from_secs(2),
             websocket_idle: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
+            connection_limit: 0,
         }
     }
 
@@ -542,6 +548,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
     // This worker's connections, and the signal they watch to stop.
     let open = TaskTracker::new();
     let stop = CancellationToken::new();
+    let slots =
+        (proxy.connection_limit > 0).then(|| Arc::new(Semaphore::new(proxy.connection_limit)));
     {
         let (pool, mut shutdown) = (pool.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -555,6 +563,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
         });
     }
     loop {
+        // At the limit, new connections wait in the kernel's backlog until
+        // one of ours ends.
+        let slot = match &slots {
+            None => None,
+            Some(s) => match s.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    proxy
+                        .stats
+                        .connection_limit_hits
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(limit = proxy.connection_limit, "connection limit reached");
+                    tokio::select! {
+                        p = s.clone().acquire_owned() => p.ok(),
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -573,6 +600,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
             stats.active_connections.fetch_add(1, Ordering::Relaxed);
             crate::h1proxy::serve_connection(proxy, pool, stream, peer, stop).await;
             stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
         });
     }
     drop(listener);

@@ -473,3 +473,40 @@ fn a_stopped_edge_finishes_the_requests_under_way() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_edge_at_its_connection_limit_serves_the_next_client_when_one_leaves() -> Result<()> {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir()?;
+    let (_origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
+    let limit = ["--threads", "1", "--max-connections", "1"];
+    let e1 = EdgeProxy::start_with(&cp.url(), "e1", SITE1, &dir.path().join("e1"), &limit)?;
+    let v1 = version(&cp.ctl())?;
+    eventually(Duration::from_secs(10), "the edge to apply", || {
+        (e1.config_version().ok()? == v1).then_some(())
+    })?;
+    let get = b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
+    let answered = |s: &mut std::net::TcpStream| -> Result<bool> {
+        let mut b = [0u8; 12];
+        match s.read(&mut b) {
+            Ok(n) => Ok(b[..n].starts_with(b"HTTP/1.1 200")),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let mut first = std::net::TcpStream::connect(e1.process.addr)?;
+    first.set_read_timeout(Some(Duration::from_secs(10)))?;
+    first.write_all(get)?;
+    ensure!(answered(&mut first)?, "the first client is served");
+    let mut second = std::net::TcpStream::connect(e1.process.addr)?;
+    second.set_read_timeout(Some(Duration::from_millis(500)))?;
+    second.write_all(get)?;
+    ensure!(!answered(&mut second)?, "served past the limit");
+    drop(first);
+    second.set_read_timeout(Some(Duration::from_secs(10)))?;
+    ensure!(answered(&mut second)?, "the second client is served");
+    ensure!(e1.metric("sextant_edge_connection_limit_hits_total ")? >= Some(1.0));
+    Ok(())
+}

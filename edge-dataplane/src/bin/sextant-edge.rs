@@ -57,6 +57,12 @@ struct Args {
     /// exchanges and WebSockets finish; idle connections close at once.
     #[arg(long, env = "SEXTANT_SHUTDOWN_GRACE", default_value_t = 10.0)]
     shutdown_grace: f64,
+    /// Client connections open at once (0: no limit); each worker takes an
+    /// equal share, and past it new connections wait in the listen
+    /// backlog. Keep it well under the open-file limit: each connection
+    /// may also hold an origin connection.
+    #[arg(long, env = "SEXTANT_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         workers,
         websocket_idle: std::time::Duration::from_secs_f64(args.websocket_idle),
         shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace),
+        max_connections: args.max_connections,
     };
     runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
     Ok(())
