@@ -207,6 +207,9 @@ struct Conn {
     peer_ip: Vec<u8>,
     /// The worker is stopping.
     stop: CancellationToken,
+    /// A 1xx of the origin's went to the client in this exchange: it
+    /// cannot be sent elsewhere any more.
+    interim_sent: bool,
     cbuf: Buf,
     ubuf: Buf,
     /// The request as it goes upstream: head, then its whole body.
@@ -286,6 +289,7 @@ pub async fn serve_connection(
         client,
         peer_ip: peer.ip().to_string().into_bytes(),
         stop,
+        interim_sent: false,
         cbuf: Buf::new(4096, h1::MAX_HEAD + MAX_BUFFERED_BODY + 4096),
         ubuf: Buf::new(0, h1::MAX_HEAD + 4096),
         request: Vec::new(),
@@ -336,13 +340,23 @@ pub async fn serve_connection(
                 }
             }
             let read = if c.cbuf.is_empty() {
-                // Idle between requests: a stopping worker closes it.
+                // Idle between requests: a stopping worker closes it, but
+                // serves a request that has already arrived (its last).
                 tokio::select! {
+                    biased;
                     r = timeout(CLIENT_IDLE, c.cbuf.fill(&mut c.client)) => r,
-                    () = c.stop.cancelled() => {
-                        close_gently(&mut c.client).await;
-                        return;
-                    }
+                    // Asked of the socket itself: the event loop may not
+                    // have seen those bytes yet.
+                    () = c.stop.cancelled() => match read_now(&c.client, &mut c.cbuf.data) {
+                        Ok(n) if n > 0 => {
+                            c.cbuf.end = n;
+                            Ok(Ok(n))
+                        }
+                        _ => {
+                            close_gently(&mut c.client).await;
+                            return;
+                        }
+                    },
                 }
             } else {
                 let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLIENT_IO);
@@ -381,6 +395,13 @@ pub async fn serve_connection(
             }
         }
     }
+}
+
+/// What the socket holds now, read without waiting and whatever the event
+/// loop knows (0 or an error: nothing).
+fn read_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read as _;
+    (&*socket2::SockRef::from(s)).read(buf)
 }
 
 /// Drops the empty lines before a request line (RFC 9112 §2.2), so that
@@ -422,6 +443,7 @@ async fn hand_off(proxy: Arc<Proxy>, c: Conn, peer: SocketAddr) {
 
 /// Forwards one request and its response.
 async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) -> Next {
+    c.interim_sent = false;
     let mut tried: Option<&str> = None;
     // The failure of the first attempt, said when no other origin is left.
     let mut first_failure: Option<String> = None;
@@ -464,9 +486,11 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
         gave_up(first_failure, "no healthy origin endpoint")
     };
     proxy.count_status(status.as_u16());
-    let r = h1::local_response(status, &text, !head.keep_alive);
+    // A worker stopping by now closes after this answer.
+    let keep_alive = head.keep_alive && !c.stop.is_cancelled();
+    let r = h1::local_response(status, &text, !keep_alive);
     match write_client(&mut c.client, &r).await {
-        Ok(()) if head.keep_alive => Next::KeepAlive,
+        Ok(()) if keep_alive => Next::KeepAlive,
         Ok(()) => Next::Close,
         Err(_) => Next::Abort,
     }
@@ -505,19 +529,24 @@ async fn attempt_endpoint(
                 }
                 // Nothing of it can have been acted on: the head or the
                 // body is incomplete at the origin.
-                if reused {
+                if reused && !c.interim_sent {
                     up = connect(proxy, ep.addr).await?;
                     reused = false;
                     continue;
                 }
-                return Err(Failure::Retriable(format!("sending the request: {e}")));
+                let e = format!("sending the request: {e}");
+                return Err(if c.interim_sent {
+                    Failure::Final(e)
+                } else {
+                    Failure::Retriable(e)
+                });
             }
         }
         match read_response_head(proxy, c, &mut up, head, origin).await {
             Ok(r) => break r,
             // The request went out but a pooled connection died before a
             // byte of answer: only an idempotent request is sent again.
-            Err(Failure::Final(e)) if reused && c.ubuf.is_empty() => {
+            Err(Failure::Final(e)) if reused && c.ubuf.is_empty() && !c.interim_sent => {
                 if !head.idempotent {
                     return Err(Failure::Stale(e));
                 }
@@ -594,6 +623,7 @@ async fn read_response_head(
                 // Such as 103 Early Hints: the client gets it now.
                 Some(r) if r.interim => {
                     c.ubuf.consume(r.len);
+                    c.interim_sent = true;
                     write_client(&mut c.client, &c.response).await?;
                     continue;
                 }

@@ -1,10 +1,11 @@
 //! The HTTP reverse proxy: forwards each request to an origin picked by the
 //! pushed weights, with connection reuse and passive health.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -17,8 +18,8 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::h1proxy::Pool;
@@ -545,9 +546,12 @@ impl Proxy {
 /// once `proxy.shutdown_grace` has passed (what is left is cut).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
     let pool = Arc::new(Pool::default());
-    // This worker's connections, and the signal they watch to stop.
-    let open = TaskTracker::new();
+    // This worker's connections, the signal they watch to stop, and a
+    // second handle on each socket to reset those the grace cuts.
+    let mut open = JoinSet::new();
     let stop = CancellationToken::new();
+    let sockets = Arc::new(Mutex::new(HashMap::new()));
+    let mut next_id: u64 = 0;
     let slots =
         (proxy.connection_limit > 0).then(|| Arc::new(Semaphore::new(proxy.connection_limit)));
     {
@@ -594,27 +598,78 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        // Connections that ended are reaped as new ones come.
+        while open.try_join_next().is_some() {}
+        next_id += 1;
+        let conn = OpenConn::new(next_id, &stream, &sockets, &proxy.stats);
         let (proxy, pool, stop) = (proxy.clone(), pool.clone(), stop.clone());
         open.spawn(async move {
-            let stats = proxy.stats.clone();
-            stats.active_connections.fetch_add(1, Ordering::Relaxed);
             crate::h1proxy::serve_connection(proxy, pool, stream, peer, stop).await;
-            stats.active_connections.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
+            drop((conn, slot));
         });
     }
     drop(listener);
     stop.cancel();
-    open.close();
     debug!(open = open.len(), "proxy worker stopped accepting");
-    if tokio::time::timeout(proxy.shutdown_grace, open.wait())
+    let finished = async { while open.join_next().await.is_some() {} };
+    if tokio::time::timeout(proxy.shutdown_grace, finished)
         .await
         .is_err()
     {
         warn!(
             open = open.len(),
-            "shutdown grace over: open connections cut"
+            "shutdown grace over: open connections reset"
         );
+        // A reset, not a close: a body the close would delimit must not
+        // look complete.
+        for s in lock(&sockets).values() {
+            let _ = s.set_linger(Some(Duration::ZERO));
+        }
+        open.shutdown().await;
+    }
+}
+
+type Sockets = Mutex<HashMap<u64, socket2::Socket>>;
+
+fn lock(sockets: &Sockets) -> std::sync::MutexGuard<'_, HashMap<u64, socket2::Socket>> {
+    sockets
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An open client connection, counted, with a second handle (a dup) on
+/// its socket held by the worker while it lives.
+struct OpenConn {
+    id: u64,
+    sockets: Arc<Sockets>,
+    stats: Arc<Stats>,
+}
+
+impl OpenConn {
+    fn new(
+        id: u64,
+        stream: &tokio::net::TcpStream,
+        sockets: &Arc<Sockets>,
+        stats: &Arc<Stats>,
+    ) -> Self {
+        if let Ok(dup) = socket2::SockRef::from(stream).try_clone() {
+            lock(sockets).insert(id, dup);
+        }
+        stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        Self {
+            id,
+            sockets: sockets.clone(),
+            stats: stats.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        lock(&self.sockets).remove(&self.id);
+        self.stats
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -634,6 +689,9 @@ where
     let conn = conn.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
+        // The connection first: a request whose bytes are already here
+        // (handed off by the fast path) is read before the stop is heeded.
+        biased;
         r = conn.as_mut() => r,
         () = stop.cancelled() => {
             // Finish what is under way, take nothing new.
