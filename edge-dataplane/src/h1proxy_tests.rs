@@ -1569,3 +1569,34 @@ async fn a_request_handed_to_hyper_on_a_stopping_worker_is_still_answered() {
         assert_eq!((status, body.as_slice()), (200, &b"13 bytes"[..]));
     }
 }
+
+#[tokio::test]
+async fn a_request_whose_1xx_went_out_is_not_sent_again() {
+    // The second request on the pooled origin connection gets a 103, then
+    // the origin closes.
+    let origin = Origin::start(|r| {
+        if r.head.starts_with("GET /second") {
+            b"CLOSEHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n".to_vec()
+        } else {
+            ok("first")
+        }
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 200);
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut pending, true).await;
+    assert_eq!(status, 103);
+    // The client has heard from this origin: no second try elsewhere.
+    let (status, _, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 502);
+    assert_eq!(origin.seen().len(), 2, "{:?}", origin.seen());
+}
