@@ -376,9 +376,20 @@ pub async fn serve_connection(
         // The body (at most MAX_BUFFERED_BODY) is all here: it goes out
         // with the head, and can go again to another origin.
         let body = body_len(&head);
-        // The last exchange on a stopping worker: the client is told.
+        // The last exchange on a stopping worker: the client is told, and
+        // no new WebSocket opens (the grace would only cut it).
         let mut head = head;
         head.keep_alive &= !c.stop.is_cancelled();
+        if head.upgrade.is_some() && c.stop.is_cancelled() {
+            proxy.count_status(503);
+            let r = h1::local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping: no new websockets here",
+                true,
+            );
+            answer_and_close(&mut c.client, &r).await;
+            return;
+        }
         c.request
             .extend_from_slice(&c.cbuf.bytes()[head.len..head.len + body]);
         c.cbuf.consume(head.len + body);

@@ -1600,3 +1600,23 @@ async fn a_request_whose_1xx_went_out_is_not_sent_again() {
     assert_eq!(status, 502);
     assert_eq!(origin.seen().len(), 2, "{:?}", origin.seen());
 }
+
+#[tokio::test]
+async fn a_stopping_worker_opens_no_new_websocket() {
+    let origin = Origin::start(|_| ok("plain")).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 200);
+    // The handshake reaches the edge as it stops.
+    s.write_all(HANDSHAKE.as_bytes()).await.expect("write");
+    e.stop.send(true).expect("worker listening");
+    let (status, head, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 503);
+    assert!(head.contains("connection: close\r\n"), "{head}");
+    assert_eq!(origin.seen().len(), 1, "the handshake went nowhere");
+}

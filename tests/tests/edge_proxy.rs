@@ -510,3 +510,31 @@ fn an_edge_at_its_connection_limit_serves_the_next_client_when_one_leaves() -> R
     ensure!(e1.metric("sextant_edge_connection_limit_hits_total ")? >= Some(1.0));
     Ok(())
 }
+
+#[test]
+fn a_second_stop_signal_does_not_wait_for_the_grace() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
+    let grace = ["--shutdown-grace", "60"];
+    let e1 = EdgeProxy::start_with(&cp.url(), "e1", SITE1, &dir.path().join("e1"), &grace)?;
+    let v1 = version(&cp.ctl())?;
+    eventually(Duration::from_secs(10), "the edge to apply", || {
+        (e1.config_version().ok()? == v1).then_some(())
+    })?;
+    // An open WebSocket would hold a stopping edge for the whole grace.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut ws = rt.block_on(open_websocket(e1.process.addr))?;
+    rt.block_on(ask(&mut ws, "hello"))?;
+    let pid = e1.process.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?;
+    std::thread::sleep(Duration::from_millis(300));
+    // Process::stop sends the second SIGTERM and waits at most 10 s.
+    let status = e1.process.stop()?;
+    ensure!(!status.success(), "a forced exit says so: {status}");
+    Ok(())
+}

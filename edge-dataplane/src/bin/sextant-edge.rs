@@ -102,6 +102,15 @@ fn main() -> anyhow::Result<()> {
         shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace),
         max_connections: args.max_connections,
     };
-    runtime.block_on(run(config, sextant_edge::process::shutdown_signal()))?;
+    let stop = async {
+        sextant_edge::process::shutdown_signal().await;
+        // A second signal does not wait for the shutdown grace.
+        tokio::spawn(async {
+            sextant_edge::process::shutdown_signal().await;
+            tracing::warn!("second stop signal: exiting without waiting for the shutdown grace");
+            std::process::exit(1);
+        });
+    };
+    runtime.block_on(run(config, stop))?;
     Ok(())
 }
