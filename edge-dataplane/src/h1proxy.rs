@@ -276,6 +276,7 @@ async fn write_within(s: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::R
 
 /// Serves one client connection until it closes, on the fast path while
 /// its requests allow, then in hyper.
+///
 /// When `stop` is cancelled, the connection ends after the exchange under
 /// way (answered with `connection: close`), or at once when idle.
 pub async fn serve_connection(

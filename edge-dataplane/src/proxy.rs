@@ -539,11 +539,12 @@ impl Proxy {
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until
 /// `shutdown` turns true: HTTP/1.1 on the fast path ([`crate::h1proxy`]),
 /// the rest in hyper. Origin connections are pooled per call (per worker).
-/// Serves connections accepted on `listener` until `shutdown`; then it stops
+/// Serves connections accepted on `listener` (at most
+/// `proxy.connection_limit` at once) until `shutdown`; then it stops
 /// accepting, lets each connection finish the exchange under way (idle
 /// ones close at once; answers say `connection: close`; hyper's
 /// connections shut down gracefully) and returns when all are done, or
-/// once `proxy.shutdown_grace` has passed (what is left is cut).
+/// once `proxy.shutdown_grace` has passed (what is left is reset).
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
     let pool = Arc::new(Pool::default());
     // This worker's connections, the signal they watch to stop, and a
