@@ -332,6 +332,20 @@ async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
     Ok(())
 }
 
+/// Origins o1–o3, a control plane with their fleet, and edge e1 (started
+/// with `extra`) serving the first version. Keep the origins and the
+/// control plane as long as the edge is used.
+fn one_edge(dir: &Path, extra: &[&str]) -> Result<(Vec<Origin>, ControlPlane, EdgeProxy)> {
+    let (origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir)?;
+    let cp = ControlPlane::start(&dir.join("cp"), Some(&fleet_file))?;
+    let e1 = EdgeProxy::start_with(&cp.url(), "e1", SITE1, &dir.join("e1"), extra)?;
+    let v1 = version(&cp.ctl())?;
+    eventually(Duration::from_secs(10), "the edge to apply", || {
+        (e1.config_version().ok()? == v1).then_some(())
+    })?;
+    Ok((origins, cp, e1))
+}
+
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// A WebSocket to `www.example.com` through the edge at `edge`.
@@ -371,14 +385,8 @@ async fn close(mut ws: Ws) -> Result<()> {
 #[test]
 fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (_origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
-    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
+    let (_origins, cp, e1) = one_edge(dir.path(), &[])?;
     let ctl = cp.ctl();
-    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
-    let v1 = version(&ctl)?;
-    eventually(Duration::from_secs(10), "the edge to apply", || {
-        (e1.config_version().ok()? == v1).then_some(())
-    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -432,13 +440,7 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
 #[test]
 fn a_stopped_edge_finishes_the_requests_under_way() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
-    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
-    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
-    let v1 = version(&cp.ctl())?;
-    eventually(Duration::from_secs(10), "the edge to apply", || {
-        (e1.config_version().ok()? == v1).then_some(())
-    })?;
+    let (origins, _cp, e1) = one_edge(dir.path(), &[])?;
     let edge = e1.process.addr;
     let requests = || -> u64 {
         origins
@@ -478,14 +480,8 @@ fn a_stopped_edge_finishes_the_requests_under_way() -> Result<()> {
 fn an_edge_at_its_connection_limit_serves_the_next_client_when_one_leaves() -> Result<()> {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir()?;
-    let (_origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
-    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
     let limit = ["--threads", "1", "--max-connections", "1"];
-    let e1 = EdgeProxy::start_with(&cp.url(), "e1", SITE1, &dir.path().join("e1"), &limit)?;
-    let v1 = version(&cp.ctl())?;
-    eventually(Duration::from_secs(10), "the edge to apply", || {
-        (e1.config_version().ok()? == v1).then_some(())
-    })?;
+    let (_origins, _cp, e1) = one_edge(dir.path(), &limit)?;
     let get = b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
     let answered = |s: &mut std::net::TcpStream| -> Result<bool> {
         let mut b = [0u8; 12];
@@ -514,14 +510,7 @@ fn an_edge_at_its_connection_limit_serves_the_next_client_when_one_leaves() -> R
 #[test]
 fn a_second_stop_signal_does_not_wait_for_the_grace() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (_origins, fleet_file) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
-    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&fleet_file))?;
-    let grace = ["--shutdown-grace", "60"];
-    let e1 = EdgeProxy::start_with(&cp.url(), "e1", SITE1, &dir.path().join("e1"), &grace)?;
-    let v1 = version(&cp.ctl())?;
-    eventually(Duration::from_secs(10), "the edge to apply", || {
-        (e1.config_version().ok()? == v1).then_some(())
-    })?;
+    let (_origins, _cp, e1) = one_edge(dir.path(), &["--shutdown-grace", "60"])?;
     // An open WebSocket would hold a stopping edge for the whole grace.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
