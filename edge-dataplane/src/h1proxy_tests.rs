@@ -567,11 +567,18 @@ async fn an_origin_that_closes_idle_connections_costs_no_request() {
 
 #[tokio::test]
 async fn failed_origins_are_skipped_ejected_and_answered_for() {
-    // Nothing listens on a port just freed.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    // A port held, bound but not listening, for the whole test: connects
+    // to it are refused, and no other test running alongside can take it
+    // (a port merely freed could be).
+    let held =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let dead = held
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an IP address");
     let origin = Origin::start(|_| ok("alive")).await;
     let e = edge(&[("dead", dead, 0.5), ("alive", origin.addr, 0.5)]).await;
     // Every request gets an answer: a GET that failed on the dead origin
@@ -635,6 +642,18 @@ async fn a_run_of_5xx_ejects_and_a_silent_origin_times_out() {
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
 }
 
+/// A client connection whose first request (answered `first`) left an
+/// origin connection in the edge's pool; and what was read past it.
+async fn primed(edge: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(edge).await.expect("connect");
+    let mut pending = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s, &mut pending, false).await.2, b"first");
+    (s, pending)
+}
+
 #[tokio::test]
 async fn only_idempotent_requests_are_sent_again_when_a_pooled_connection_dies() {
     // Each origin connection answers its first request, and closes without
@@ -648,12 +667,7 @@ async fn only_idempotent_requests_are_sent_again_when_a_pooled_connection_dies()
     })
     .await;
     let e = edge(&[("a", origin.addr, 1.0)]).await;
-    let mut s = TcpStream::connect(e.addr).await.expect("connect");
-    let mut pending = Vec::new();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    assert_eq!(read_response(&mut s, &mut pending, false).await.2, b"first");
+    let (mut s, mut pending) = primed(e.addr).await;
     // A DELETE dying on the pooled connection is sent again on a new one.
     s.write_all(b"DELETE /d HTTP/1.1\r\nHost: x\r\nX-Second: 1\r\n\r\n")
         .await
@@ -667,11 +681,7 @@ async fn only_idempotent_requests_are_sent_again_when_a_pooled_connection_dies()
         .count();
     assert_eq!(deletes, 2, "sent once more on a new connection");
     // A POST is not: the origin may have acted on it.
-    let mut s = TcpStream::connect(e.addr).await.expect("connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    assert_eq!(read_response(&mut s, &mut pending, false).await.2, b"first");
+    let (mut s, mut pending) = primed(e.addr).await;
     s.write_all(b"POST /p HTTP/1.1\r\nHost: x\r\nX-Second: 1\r\n\r\n")
         .await
         .expect("write");
@@ -1583,13 +1593,7 @@ async fn a_request_whose_1xx_went_out_is_not_sent_again() {
     })
     .await;
     let e = edge(&[("a", origin.addr, 1.0)]).await;
-    let mut s = TcpStream::connect(e.addr).await.expect("connect");
-    let mut pending = Vec::new();
-    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let (status, _, _) = read_response(&mut s, &mut pending, false).await;
-    assert_eq!(status, 200);
+    let (mut s, mut pending) = primed(e.addr).await;
     s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("write");
