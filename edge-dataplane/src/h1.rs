@@ -820,13 +820,18 @@ mod tests {
     }
 
     fn response(raw: &str, head_method: bool, keep_alive: bool) -> (ResponseHead, String) {
-        let mut out = Vec::new();
         let asked = Asked {
             head_method,
             keep_alive,
             upgrade: None,
         };
-        let r = forward_response(raw.as_bytes(), asked, b"a", &mut out)
+        answer_to(raw.as_bytes(), asked)
+    }
+
+    /// A complete, valid response to `asked`, and the head the client gets.
+    fn answer_to(raw: &[u8], asked: Asked) -> (ResponseHead, String) {
+        let mut out = Vec::new();
+        let r = forward_response(raw, asked, b"a", &mut out)
             .expect("valid response")
             .expect("complete response");
         (r, String::from_utf8_lossy(&out).into_owned())
@@ -937,24 +942,22 @@ mod tests {
             keep_alive: true,
             upgrade: Some(ACCEPT),
         };
-        let mut out = Vec::new();
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                     Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nContent-Length: 5\r\n\r\nframe";
-        let r = forward_response(raw, asked, b"a", &mut out)
-            .expect("valid")
-            .expect("complete");
+        let (r, out) = answer_to(raw, asked);
         assert_eq!(
             (r.len, r.status, r.interim, r.upgraded, r.reusable, r.body),
             (raw.len() - 5, 101, false, true, false, Framing::None)
         );
         assert_eq!(
-            String::from_utf8_lossy(&out),
+            out,
             "HTTP/1.1 101 Switching Protocols\r\n\
              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nx-sextant-origin: a\r\n\
              connection: upgrade\r\nupgrade: websocket\r\n\r\n"
         );
         // Another protocol, or no key, another handshake's, or one in
         // another case: a 502, never a tunnel.
+        let mut out = Vec::new();
         for bad in [
             "Upgrade: h2c\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n",
             "Upgrade: websocket\r\n",
@@ -975,9 +978,7 @@ mod tests {
         // An origin that declines answers as usual, and the connection
         // stays reusable.
         let no = b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n";
-        let r = forward_response(no, asked, b"a", &mut out)
-            .expect("valid")
-            .expect("complete");
+        let (r, _) = answer_to(no, asked);
         assert!(!r.upgraded && r.reusable && !r.interim, "{r:?}");
     }
 

@@ -156,6 +156,24 @@ impl Buf {
     /// Reads once into the free space (made by moving the unread bytes to
     /// the front, or by growing up to the maximum); 0 means end of stream.
     async fn fill(&mut self, s: &mut TcpStream) -> io::Result<usize> {
+        self.make_room()?;
+        let n = s.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Like [`Buf::fill`], without waiting: what the socket holds now,
+    /// asked of the socket itself, since the event loop may not have seen
+    /// it yet (0 or an error: nothing).
+    fn fill_now(&mut self, s: &TcpStream) -> io::Result<usize> {
+        use std::io::Read as _;
+        self.make_room()?;
+        let n = (&*socket2::SockRef::from(s)).read(&mut self.data[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    fn make_room(&mut self) -> io::Result<()> {
         if self.end == self.data.len() {
             if self.start > 0 {
                 self.data.copy_within(self.start..self.end, 0);
@@ -168,9 +186,7 @@ impl Buf {
                 return Err(io::Error::other("buffer full"));
             }
         }
-        let n = s.read(&mut self.data[self.end..]).await?;
-        self.end += n;
-        Ok(n)
+        Ok(())
     }
 }
 
@@ -222,6 +238,13 @@ impl Conn {
     /// buffers go (they are not kept while hyper serves the connection).
     fn into_unread(mut self) -> (Vec<u8>, TcpStream, CancellationToken) {
         (self.cbuf.take(), self.client, self.stop)
+    }
+
+    /// Whether the connection stays open after the answer to `head`: as
+    /// the client asked, unless the worker is stopping by now (then this
+    /// answer is the last, and says so).
+    fn keeps_alive(&self, head: &RequestHead) -> bool {
+        head.keep_alive && !self.stop.is_cancelled()
     }
 }
 
@@ -348,11 +371,8 @@ pub async fn serve_connection(
                     r = timeout(CLIENT_IDLE, c.cbuf.fill(&mut c.client)) => r,
                     // Asked of the socket itself: the event loop may not
                     // have seen those bytes yet.
-                    () = c.stop.cancelled() => match read_now(&c.client, &mut c.cbuf.data) {
-                        Ok(n) if n > 0 => {
-                            c.cbuf.end = n;
-                            Ok(Ok(n))
-                        }
+                    () = c.stop.cancelled() => match c.cbuf.fill_now(&c.client) {
+                        Ok(n) if n > 0 => Ok(Ok(n)),
                         _ => {
                             close_gently(&mut c.client).await;
                             return;
@@ -377,10 +397,8 @@ pub async fn serve_connection(
         // The body (at most MAX_BUFFERED_BODY) is all here: it goes out
         // with the head, and can go again to another origin.
         let body = body_len(&head);
-        // The last exchange on a stopping worker: the client is told, and
-        // no new WebSocket opens (the grace would only cut it).
-        let mut head = head;
-        head.keep_alive &= !c.stop.is_cancelled();
+        // No new WebSocket on a stopping worker: the grace would only cut
+        // it.
         if head.upgrade.is_some() && c.stop.is_cancelled() {
             proxy.count_status(503);
             let r = h1::local_response(
@@ -407,13 +425,6 @@ pub async fn serve_connection(
             }
         }
     }
-}
-
-/// What the socket holds now, read without waiting and whatever the event
-/// loop knows (0 or an error: nothing).
-fn read_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::io::Read as _;
-    (&*socket2::SockRef::from(s)).read(buf)
 }
 
 /// Drops the empty lines before a request line (RFC 9112 §2.2), so that
@@ -498,8 +509,7 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
         gave_up(first_failure, "no healthy origin endpoint")
     };
     proxy.count_status(status.as_u16());
-    // A worker stopping by now closes after this answer.
-    let keep_alive = head.keep_alive && !c.stop.is_cancelled();
+    let keep_alive = c.keeps_alive(head);
     let r = h1::local_response(status, &text, !keep_alive);
     match write_client(&mut c.client, &r).await {
         Ok(()) if keep_alive => Next::KeepAlive,
@@ -619,9 +629,8 @@ async fn read_response_head(
     c.ubuf.consume(c.ubuf.len());
     loop {
         if !c.ubuf.is_empty() {
-            // A worker stopping by now closes after this answer.
             let asked = h1::Asked {
-                keep_alive: head.keep_alive && !c.stop.is_cancelled(),
+                keep_alive: c.keeps_alive(head),
                 ..head.asked()
             };
             let r = h1::forward_response(
