@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use crate::access::AccessLog;
 use crate::proxy::{Current, Stats};
 use crate::upstream::Endpoints;
 
@@ -26,6 +27,7 @@ pub struct Admin {
     pub stats: Arc<Stats>,
     pub current: Arc<Current>,
     pub endpoints: Arc<Endpoints>,
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 fn now_ms() -> i64 {
@@ -128,6 +130,18 @@ impl Admin {
             "1 when serving the config persisted before the last restart",
             ConstGauge::new(i64::from(held.as_ref().is_some_and(|c| c.from_disk))),
         );
+        if let Some(log) = &self.access_log {
+            r.register(
+                "access_log_lines",
+                "Lines written to the access log (--access-log)",
+                ConstCounter::new(load(&log.lines)),
+            );
+            r.register(
+                "access_log_lost_lines",
+                "Access log lines lost because a write failed (disk full, no permission)",
+                ConstCounter::new(load(&log.lost)),
+            );
+        }
         let mut out = String::new();
         match encode(&mut out, &r) {
             Ok(()) => out,

@@ -12,8 +12,9 @@ use ipnet::IpNet;
 use sextant_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::access::{AccessLog, AccessLogError, Sink};
 use crate::admin::{self, Admin};
 use crate::proxy::{self, Proxy, Stats};
 use crate::reporter::{self, ReporterConfig};
@@ -43,6 +44,8 @@ pub struct EdgeConfig {
     pub shutdown_grace: Duration,
     /// Client connections open at once, all workers (0: no limit).
     pub max_connections: usize,
+    /// Where to log each exchange (`None`: nowhere).
+    pub access_log: Option<Sink>,
 }
 
 /// Why the edge could not start.
@@ -60,6 +63,8 @@ pub enum EdgeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
 }
 
 /// Binds a TCP listener and logs `listening for WHAT on ADDR` with the
@@ -81,6 +86,10 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
         dir: config.data_dir.clone(),
         source,
     })?;
+    let access_log = match &config.access_log {
+        Some(sink) => Some(Arc::new(AccessLog::open(sink.clone())?)),
+        None => None,
+    };
     let (stop_tx, stop) = watch::channel(false);
     let endpoints = Arc::new(Endpoints::default());
     let stats = Arc::new(Stats::default());
@@ -122,9 +131,14 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
                 stats: stats.clone(),
                 current: current.clone(),
                 endpoints: endpoints.clone(),
+                access_log: access_log.clone(),
             },
         ));
     }
+    // Until the workers are done, the grace included.
+    let log_keeper = access_log
+        .as_ref()
+        .map(|log| tokio::spawn(keep_access_log(log.clone())));
     tokio::spawn(reporter::run(
         ReporterConfig {
             control_plane: config.control_plane.clone(),
@@ -156,6 +170,7 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
     p.shutdown_grace = config.shutdown_grace;
     // Each worker takes its share (SO_REUSEPORT spreads connections evenly).
     p.connection_limit = config.max_connections.div_ceil(listeners.len().max(1));
+    p.access_log = access_log.clone();
     let p = Arc::new(p);
     let workers = proxy::spawn_workers(listeners, p, stop.clone())
         .map_err(|source| EdgeError::Bind { addr, source })?;
@@ -168,5 +183,34 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     })
     .await;
+    if let (Some(log), Some(keeper)) = (&access_log, log_keeper) {
+        keeper.abort();
+        log.flush();
+    }
     Ok(())
+}
+
+/// Writes the access log's lines every second, and opens its file again
+/// on SIGUSR1 (after a rotation moved it away, as with nginx).
+async fn keep_access_log(log: Arc<AccessLog>) {
+    let mut reopen =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot watch SIGUSR1: the access log will not be reopened");
+                None
+            }
+        };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => log.flush(),
+            Some(()) = async { match &mut reopen { Some(s) => s.recv().await, None => None } } => {
+                match log.reopen() {
+                    Ok(()) => info!("access log reopened"),
+                    Err(e) => warn!(error = %e, "cannot reopen the access log: still writing to the old file"),
+                }
+            }
+        }
+    }
 }

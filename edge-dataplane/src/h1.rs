@@ -639,7 +639,7 @@ pub fn forward_response(
 /// A response the proxy makes itself, `sextant-edge: WHAT` (the same
 /// text the hyper path answers with).
 pub fn local_response(status: hyper::StatusCode, what: &str, close: bool) -> Vec<u8> {
-    let body = format!("sextant-edge: {what}\n");
+    let body = local_body(what);
     let mut out = Vec::with_capacity(128 + body.len());
     let reason = status.canonical_reason().unwrap_or("");
     let _ = write!(out, "HTTP/1.1 {} {reason}\r\n", status.as_u16());
@@ -651,6 +651,11 @@ pub fn local_response(status: hyper::StatusCode, what: &str, close: bool) -> Vec
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
     out
+}
+
+/// The body of an answer the proxy makes itself.
+pub fn local_body(what: impl std::fmt::Display) -> String {
+    format!("sextant-edge: {what}\n")
 }
 
 /// Why a chunked body was refused.

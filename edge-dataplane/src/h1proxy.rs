@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use hyper::StatusCode;
@@ -25,6 +25,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::access::Entry;
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
 use crate::proxy::{about, gave_up, Proxy};
 use crate::upstream::{EndpointState, Origin};
@@ -220,12 +221,20 @@ enum Failure {
 /// The reusable buffers of one client connection.
 struct Conn {
     client: TcpStream,
+    peer: SocketAddr,
     peer_ip: Vec<u8>,
     /// The worker is stopping.
     stop: CancellationToken,
     /// A 1xx of the origin's went to the client in this exchange: it
     /// cannot be sent elsewhere any more.
     interim_sent: bool,
+    /// For the access log, when there is one: when this exchange's head
+    /// had arrived, the status and body bytes the client was sent so far,
+    /// and what cut the exchange.
+    started: Option<(SystemTime, Instant)>,
+    status: u16,
+    sent: u64,
+    cut: Option<String>,
     cbuf: Buf,
     ubuf: Buf,
     /// The request as it goes upstream: head, then its whole body.
@@ -246,12 +255,81 @@ impl Conn {
     fn keeps_alive(&self, head: &RequestHead) -> bool {
         head.keep_alive && !self.stop.is_cancelled()
     }
+
+    /// A request's head has arrived: a new exchange (and its clock, when
+    /// there is an access log).
+    fn begin(&mut self, proxy: &Proxy) {
+        self.interim_sent = false;
+        self.status = 0;
+        self.sent = 0;
+        self.cut = None;
+        self.started = proxy
+            .access_log
+            .as_ref()
+            .map(|_| (SystemTime::now(), Instant::now()));
+    }
+
+    /// Logs the exchange under way, with the request line of the request
+    /// forwarded (`-` when there is none: a head refused as malformed).
+    fn log(&self, proxy: &Proxy, origin: Option<&str>, error: Option<&str>) {
+        let (Some(log), Some((time, at))) = (&proxy.access_log, self.started) else {
+            return;
+        };
+        let mut words = self
+            .request
+            .split(|&b| b == b'\r' || b == b'\n')
+            .next()
+            .unwrap_or_default()
+            .splitn(3, |&b| b == b' ');
+        let (method, target) = (
+            words.next().filter(|w| !w.is_empty()).unwrap_or(b"-"),
+            words.next().unwrap_or(b"-"),
+        );
+        log.record(&Entry {
+            time,
+            client: self.peer,
+            method,
+            target,
+            version: "HTTP/1.1",
+            status: self.status,
+            bytes: self.sent,
+            duration: at.elapsed(),
+            origin,
+            error: error.or(self.cut.as_deref()),
+        });
+    }
+
+    /// Writes an answer the proxy makes itself, and logs it.
+    async fn answer(
+        &mut self,
+        proxy: &Proxy,
+        status: StatusCode,
+        what: &str,
+        close: bool,
+    ) -> Result<(), Failure> {
+        proxy.count_status(status.as_u16());
+        let r = h1::local_response(status, what, close);
+        let written = write_client(&mut self.client, &r).await;
+        self.status = if written.is_ok() {
+            status.as_u16()
+        } else {
+            499
+        };
+        self.sent = if written.is_ok() {
+            h1::local_body(what).len() as u64
+        } else {
+            0
+        };
+        self.log(proxy, None, Some(what));
+        written
+    }
 }
 
-/// Sends a response the proxy made and closes the connection gently.
-async fn answer_and_close(client: &mut TcpStream, response: &[u8]) {
-    if write_client(client, response).await.is_ok() {
-        close_gently(client).await;
+/// Sends a response the proxy made (logged) and closes the connection
+/// gently.
+async fn answer_and_close(proxy: &Proxy, c: &mut Conn, status: StatusCode, what: &str) {
+    if c.answer(proxy, status, what, true).await.is_ok() {
+        close_gently(&mut c.client).await;
     }
 }
 
@@ -311,9 +389,14 @@ pub async fn serve_connection(
 ) {
     let mut c = Conn {
         client,
+        peer,
         peer_ip: peer.ip().to_string().into_bytes(),
         stop,
         interim_sent: false,
+        started: None,
+        status: 0,
+        sent: 0,
+        cut: None,
         cbuf: Buf::new(4096, h1::MAX_HEAD + MAX_BUFFERED_BODY + 4096),
         ubuf: Buf::new(0, h1::MAX_HEAD + 4096),
         request: Vec::new(),
@@ -357,8 +440,10 @@ pub async fn serve_connection(
                         proxy.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                         let status =
                             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                        let r = h1::local_response(status, &e.to_string(), true);
-                        answer_and_close(&mut c.client, &r).await;
+                        c.begin(&proxy);
+                        // Nothing of it is logged as a request line.
+                        c.request.clear();
+                        answer_and_close(&proxy, &mut c, status, &e.to_string()).await;
                         return;
                     }
                 }
@@ -399,14 +484,10 @@ pub async fn serve_connection(
         let body = body_len(&head);
         // No new WebSocket on a stopping worker: the grace would only cut
         // it.
+        c.begin(&proxy);
         if head.upgrade.is_some() && c.stop.is_cancelled() {
-            proxy.count_status(503);
-            let r = h1::local_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "stopping: no new websockets here",
-                true,
-            );
-            answer_and_close(&mut c.client, &r).await;
+            let what = "stopping: no new websockets here";
+            answer_and_close(&proxy, &mut c, StatusCode::SERVICE_UNAVAILABLE, what).await;
             return;
         }
         c.request
@@ -466,7 +547,6 @@ async fn hand_off(proxy: Arc<Proxy>, c: Conn, peer: SocketAddr) {
 
 /// Forwards one request and its response.
 async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) -> Next {
-    c.interim_sent = false;
     let mut tried: Option<&str> = None;
     // The failure of the first attempt, said when no other origin is left.
     let mut first_failure: Option<String> = None;
@@ -485,8 +565,15 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
             };
             let failed = |e: &str| about(origin, format_args!("failed: {e}"));
             match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
-                Ok(next) => return next,
-                Err(Failure::Client) => return Next::Abort,
+                Ok(next) => {
+                    c.log(proxy, Some(&origin.id), None);
+                    return next;
+                }
+                Err(Failure::Client) => {
+                    c.status = 499;
+                    c.log(proxy, Some(&origin.id), Some("the client went away"));
+                    return Next::Abort;
+                }
                 Err(Failure::TimedOut) => {
                     proxy.upstream_failed(origin, ep, "timed out");
                     break 'attempts (StatusCode::GATEWAY_TIMEOUT, about(origin, "timed out"));
@@ -508,10 +595,8 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
         }
         gave_up(first_failure, "no healthy origin endpoint")
     };
-    proxy.count_status(status.as_u16());
     let keep_alive = c.keeps_alive(head);
-    let r = h1::local_response(status, &text, !keep_alive);
-    match write_client(&mut c.client, &r).await {
+    match c.answer(proxy, status, &text, !keep_alive).await {
         Ok(()) if keep_alive => Next::KeepAlive,
         Ok(()) => Next::Close,
         Err(_) => Next::Abort,
@@ -584,11 +669,13 @@ async fn attempt_endpoint(
         ep.success();
     }
     proxy.count_status(response.status);
+    c.status = response.status;
     if response.upgraded {
         return Ok(websocket(proxy, c, up).await);
     }
     let mut body_bytes = 0u64;
     let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
+    c.sent = body_bytes;
     proxy
         .stats
         .response_bytes
@@ -603,6 +690,9 @@ async fn attempt_endpoint(
         // The answer is cut: the client sees its connection reset.
         Err(Relay::Origin(e)) => {
             proxy.upstream_failed(origin, ep, &e);
+            if proxy.access_log.is_some() {
+                c.cut = Some(format!("the answer was cut: {e}"));
+            }
             return Ok(Next::Abort);
         }
     }
@@ -674,15 +764,21 @@ async fn read_response_head(
 async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
     proxy.stats.websockets.fetch_add(1, Ordering::Relaxed);
     let _open = Gauge::up(&proxy.stats.websockets_open);
-    match tunnel(proxy, c, &mut up).await {
-        Tunnel::Done => Next::Close,
+    let (ended, sent) = tunnel(proxy, c, &mut up).await;
+    c.sent = sent;
+    let why = match &ended {
+        Tunnel::Done => return Next::Close,
         Tunnel::Idle => {
             debug!("websocket idle: closed");
-            Next::Close
+            c.cut = Some("websocket idle: closed".to_owned());
+            return Next::Close;
         }
-        Tunnel::Stalled => reset(&up, "websocket write stalled"),
-        Tunnel::Failed(e) => reset(&up, &format!("websocket broken: {e}")),
-    }
+        Tunnel::Stalled => "websocket write stalled".to_owned(),
+        Tunnel::Failed(e) => format!("websocket broken: {e}"),
+    };
+    let next = reset(&up, &why);
+    c.cut = Some(why);
+    next
 }
 
 /// Ends a tunnel with a reset both ways: the origin's here, the client's
@@ -740,12 +836,15 @@ impl Activity {
     }
 }
 
-async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
+/// How the tunnel ended, and the bytes it sent the client.
+async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> (Tunnel, u64) {
     let idle = proxy.websocket_idle;
     let stats = &proxy.stats;
     stats
         .response_bytes
         .fetch_add(c.ubuf.len() as u64, Ordering::Relaxed);
+    // Bytes this tunnel sent the client (for the access log).
+    let to_client = AtomicU64::new(c.ubuf.len() as u64);
     c.response.extend_from_slice(c.ubuf.bytes());
     let activity = Activity {
         start: tokio::time::Instant::now(),
@@ -759,6 +858,7 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
         response,
         ..
     } = c;
+    let counted = [&stats.response_bytes, &to_client];
     let (mut client_rx, mut client_tx) = client.split();
     let (mut origin_rx, mut origin_tx) = up.split();
     let both = async {
@@ -770,27 +870,27 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
                 &mut origin_tx,
                 &mut cbuf.data,
                 &activity,
-                None
+                &[]
             ),
             pump(
                 &mut origin_rx,
                 &mut client_tx,
                 &mut ubuf.data,
                 &activity,
-                Some(&stats.response_bytes)
+                &counted
             ),
         )
     };
     tokio::pin!(both);
-    loop {
+    let ended = loop {
         tokio::select! {
-            r = &mut both => return match r {
+            r = &mut both => break match r {
                 Ok(_) => Tunnel::Done,
                 Err(e) => Tunnel::Failed(e),
             },
             () = tokio::time::sleep_until(activity.last() + idle) => {
                 if activity.last() + idle <= tokio::time::Instant::now() {
-                    return if activity.writing.load(Ordering::Relaxed) > 0 {
+                    break if activity.writing.load(Ordering::Relaxed) > 0 {
                         Tunnel::Stalled
                     } else {
                         Tunnel::Idle
@@ -798,7 +898,8 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
                 }
             }
         }
-    }
+    };
+    (ended, to_client.load(Ordering::Relaxed))
 }
 
 /// Copies one direction of a tunnel until its reader ends, then passes the
@@ -808,7 +909,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     tx: &mut W,
     buf: &mut [u8],
     activity: &Activity,
-    counted: Option<&AtomicU64>,
+    counted: &[&AtomicU64],
 ) -> io::Result<()> {
     loop {
         let n = rx.read(buf).await?;
@@ -816,7 +917,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if n == 0 {
             return tx.shutdown().await;
         }
-        if let Some(c) = counted {
+        for c in counted {
             c.fetch_add(n as u64, Ordering::Relaxed);
         }
         pass(tx, &buf[..n], activity).await?;

@@ -1624,3 +1624,164 @@ async fn a_stopping_worker_opens_no_new_websocket() {
     assert!(head.contains("connection: close\r\n"), "{head}");
     assert_eq!(origin.seen().len(), 1, "the handshake went nowhere");
 }
+
+/// The access log's lines, once `want` are there (they are written on a
+/// flush, and a hyper-served exchange is logged when its body is done).
+async fn logged(
+    log: &crate::access::AccessLog,
+    path: &std::path::Path,
+    want: usize,
+) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        log.flush();
+        let text = std::fs::read_to_string(path).expect("read the access log");
+        if text.lines().count() >= want {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {want} lines logged");
+}
+
+#[tokio::test]
+async fn every_exchange_is_logged_on_both_paths_with_its_outcome() {
+    use crate::access::{AccessLog, Sink};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = Arc::new(AccessLog::open(Sink::File(path.clone())).expect("open"));
+    let origin = Origin::start(|r| {
+        if r.head.starts_with("GET /slow") {
+            b"SLOW".iter().copied().chain(ok("late")).collect()
+        } else {
+            ok("hello")
+        }
+    })
+    .await;
+    let held =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let dead = held.local_addr().expect("addr").as_socket().expect("IP");
+    let (ws, _) = websocket_origin().await;
+    let config = |p: &mut Proxy| {
+        p.access_log = Some(log.clone());
+        p.websocket_idle = Duration::from_millis(200);
+    };
+    let e = edge_with(&[("a", origin.addr, 1.0)], config).await;
+    let down = edge_with(&[("gone", dead, 1.0)], config).await;
+    let tunnels = edge_with(&[("w", ws, 1.0)], config).await;
+
+    // The fast path, answered by the origin.
+    let (status, _, _) = once(e.addr, b"GET /a?b=\"1\" HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 200);
+    // Answered by the edge itself.
+    assert_eq!(
+        once(down.addr, b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .0,
+        502
+    );
+    assert_eq!(once(e.addr, b"GARBAGE\r\n\r\n").await.0, 400);
+    // Handed to hyper.
+    assert_eq!(once(e.addr, b"GET /c HTTP/1.0\r\n\r\n").await.0, 200);
+    // A client that leaves (a reset) before its answer.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(s);
+    // A WebSocket, closed when idle.
+    let (mut s, _) = open_websocket(tunnels.addr).await;
+    assert!(closed(&mut s).await);
+
+    let mut lines = logged(&log, &path, 6).await;
+    assert_eq!(lines.len(), 6, "{lines:#?}");
+    lines.sort_by_key(|l| l["target"].as_str().unwrap_or_default().to_owned());
+    let by = |t: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == t)
+            .unwrap_or_else(|| panic!("no line for {t}: {lines:#?}"))
+    };
+    let a = by("/a?b=\"1\"");
+    assert_eq!(
+        (
+            &a["method"],
+            &a["version"],
+            &a["status"],
+            &a["bytes"],
+            &a["origin"],
+            &a["error"]
+        ),
+        (
+            &"GET".into(),
+            &"HTTP/1.1".into(),
+            &200.into(),
+            &5.into(),
+            &"a".into(),
+            &serde_json::Value::Null
+        )
+    );
+    assert!(a["client"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("127.0.0.1:")));
+    assert!(
+        a["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 24),
+        "{a}"
+    );
+    assert!(
+        a["duration_ms"]
+            .as_f64()
+            .is_some_and(|d| d > 0.0 && d < 5_000.0),
+        "{a}"
+    );
+    let b = by("/b");
+    assert_eq!(
+        (&b["status"], &b["origin"]),
+        (&502.into(), &serde_json::Value::Null)
+    );
+    assert!(
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("origin gone failed: connect")),
+        "{b}"
+    );
+    assert_eq!(
+        b["bytes"].as_u64(),
+        Some(crate::h1::local_body(b["error"].as_str().unwrap_or_default()).len() as u64)
+    );
+    let bad = by("-");
+    assert_eq!((&bad["method"], &bad["status"]), (&"-".into(), &400.into()));
+    assert!(
+        bad["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("malformed")),
+        "{bad}"
+    );
+    let c = by("/c");
+    assert_eq!(
+        (&c["version"], &c["status"], &c["bytes"], &c["origin"]),
+        (&"HTTP/1.0".into(), &200.into(), &5.into(), &"a".into())
+    );
+    let gone = by("/slow");
+    assert_eq!(
+        (&gone["status"], &gone["origin"], &gone["error"]),
+        (&499.into(), &"a".into(), &"the client went away".into())
+    );
+    let w = by("/chat");
+    assert_eq!((&w["status"], &w["origin"]), (&101.into(), &"w".into()));
+    assert_eq!(w["error"], "websocket idle: closed");
+    // The origin's greeting, "hello", went through the tunnel.
+    assert_eq!(w["bytes"], 5);
+    assert!(w["duration_ms"].as_f64().is_some_and(|d| d >= 200.0), "{w}");
+    assert_eq!(log.lines.load(Ordering::Relaxed), 6);
+}

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod dns;
 pub mod edge;

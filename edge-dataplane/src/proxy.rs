@@ -4,13 +4,15 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http_body_util::{Either, Empty, Full};
-use hyper::body::{Body as _, Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
@@ -22,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::access::{AccessLog, Entry};
 use crate::h1proxy::Pool;
 use crate::subscriber::Applied;
 use crate::upstream::{EndpointState, Endpoints, Origin, Upstream};
@@ -73,6 +76,8 @@ pub struct Proxy {
     /// Client connections one worker keeps open at once (0: no limit);
     /// past it, new ones wait in the listen backlog.
     pub connection_limit: usize,
+    /// Where each exchange is logged, if anywhere.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// Fields that belong to one connection and are never forwarded
@@ -172,8 +177,10 @@ fn unpassable(resp: &Response<Incoming>) -> Option<String> {
 
 /// A short answer of the proxy's own: `sextant-edge: WHAT`.
 fn text(status: StatusCode, what: impl std::fmt::Display) -> Response<ProxyBody> {
-    let body = format!("sextant-edge: {what}\n");
+    let what = what.to_string();
+    let body = crate::h1::local_body(&what);
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    r.extensions_mut().insert(LocalAnswer(what));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -341,6 +348,7 @@ impl Proxy {
             websocket_idle: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
             connection_limit: 0,
+            access_log: None,
         }
     }
 
@@ -370,13 +378,40 @@ impl Proxy {
     }
 
     /// Handles one request of a client connection.
-    pub async fn handle(
-        &self,
-        conns: &UpstreamConns,
-        req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(&self, conns: &UpstreamConns, req: Request<Incoming>) -> Response<Logged> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        // Logged as a client gone (499) should the connection end before
+        // the answer is ready.
+        let mut waiting = Waiting(self.access_log.as_ref().map(|log| {
+            Box::new(Pending {
+                log: log.clone(),
+                time: SystemTime::now(),
+                at: Instant::now(),
+                client: conns.peer,
+                method: req.method().to_string(),
+                target: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| req.uri().to_string(), |pq| pq.to_string()),
+                version: version_name(req.version()),
+                status: 0,
+                origin: None,
+                error: None,
+                bytes: 0,
+                ended: false,
+            })
+        }));
         let resp = self.forward(conns, req).await;
+        let mut pending = waiting.0.take();
+        if let Some(p) = &mut pending {
+            p.status = resp.status().as_u16();
+            p.origin = resp
+                .headers()
+                .get("x-sextant-origin")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            p.error = resp.extensions().get::<LocalAnswer>().map(|a| a.0.clone());
+        }
         self.count_status(resp.status().as_u16());
         if let Some(len) = resp
             .headers()
@@ -386,7 +421,7 @@ impl Proxy {
         {
             self.stats.response_bytes.fetch_add(len, Ordering::Relaxed);
         }
-        resp
+        resp.map(|inner| Logged { inner, pending })
     }
 
     async fn forward(&self, conns: &UpstreamConns, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -702,6 +737,125 @@ where
     };
     if let Err(e) = ended {
         debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Why the proxy answered a request itself (for the access log).
+#[derive(Debug, Clone)]
+struct LocalAnswer(String);
+
+fn version_name(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_09 => "HTTP/0.9",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_11 => "HTTP/1.1",
+        hyper::Version::HTTP_2 => "HTTP/2",
+        hyper::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+/// An exchange on a hyper-served connection, logged once its answer's
+/// body is done with.
+#[derive(Debug)]
+struct Pending {
+    log: Arc<AccessLog>,
+    time: SystemTime,
+    at: Instant,
+    client: SocketAddr,
+    method: String,
+    target: String,
+    version: &'static str,
+    status: u16,
+    origin: Option<String>,
+    error: Option<String>,
+    /// Body bytes passed on, and whether the body ended.
+    bytes: u64,
+    ended: bool,
+}
+
+/// An answer's body that counts what it passes on and, when there is an
+/// access log, logs the exchange when it is dropped: after its end, or
+/// when the client went away (499) or the origin cut it.
+#[derive(Debug)]
+pub struct Logged {
+    inner: ProxyBody,
+    pending: Option<Box<Pending>>,
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(p) = &mut this.pending {
+            match &r {
+                Poll::Ready(Some(Ok(f))) => {
+                    p.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                Poll::Ready(Some(Err(e))) => p.error = Some(format!("the answer was cut: {e}")),
+                Poll::Ready(None) => p.ended = true,
+                Poll::Pending => {}
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let ended = p.ended || self.inner.is_end_stream();
+            p.record(ended);
+        }
+    }
+}
+
+/// An exchange waiting for its answer.
+struct Waiting(Option<Box<Pending>>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.record(false);
+        }
+    }
+}
+
+impl Pending {
+    /// Logs the exchange: as a client gone (499) when its answer did not
+    /// end and nothing else cut it.
+    fn record(&self, ended: bool) {
+        let (status, error) = if ended || self.error.is_some() {
+            (self.status, self.error.as_deref())
+        } else {
+            (499, Some("the client went away"))
+        };
+        self.log.record(&Entry {
+            time: self.time,
+            client: self.client,
+            method: self.method.as_bytes(),
+            target: self.target.as_bytes(),
+            version: self.version,
+            status,
+            bytes: self.bytes,
+            duration: self.at.elapsed(),
+            origin: self.origin.as_deref(),
+            error,
+        });
     }
 }
 

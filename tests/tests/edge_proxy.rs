@@ -527,3 +527,96 @@ fn a_second_stop_signal_does_not_wait_for_the_grace() -> Result<()> {
     ensure!(!status.success(), "a forced exit says so: {status}");
     Ok(())
 }
+
+/// The JSON lines of an access log, once there are at least `want`.
+fn access_lines(path: &Path, want: usize) -> Result<Vec<serde_json::Value>> {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{want} lines in {}", path.display()),
+        || {
+            let text = std::fs::read_to_string(path).ok()?;
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            (lines.len() >= want).then_some(lines)
+        },
+    )
+}
+
+#[test]
+fn the_access_log_has_a_line_per_exchange_and_follows_a_rotation() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("access.log");
+    let arg = path.to_str().context("a UTF-8 path")?;
+    let (_origins, _cp, e1) = one_edge(dir.path(), &["--access-log", arg])?;
+    let edge = e1.process.addr;
+    // Each answer is logged with the origin that gave it.
+    let counts = split(edge, 30)?;
+    let lines = access_lines(&path, 30)?;
+    ensure!(lines.len() == 30, "{} lines for 30 requests", lines.len());
+    let mut by_origin = BTreeMap::new();
+    for l in &lines {
+        ensure!(
+            l["method"] == "GET" && l["target"] == "/" && l["status"] == 200,
+            "{l}"
+        );
+        let origin = l["origin"].as_str().context("an origin")?;
+        *by_origin.entry(origin.to_owned()).or_insert(0) += 1;
+    }
+    ensure!(
+        by_origin == counts,
+        "logged {by_origin:?}, answered {counts:?}"
+    );
+    // A rotation: the file is moved away, SIGUSR1 opens the name again.
+    let moved = dir.path().join("access.log.1");
+    std::fs::rename(&path, &moved)?;
+    std::process::Command::new("kill")
+        .args(["-USR1", &e1.process.pid().to_string()])
+        .status()?;
+    eventually(Duration::from_secs(10), "the log to be reopened", || {
+        e1.process
+            .log()
+            .contains("access log reopened")
+            .then_some(())
+    })?;
+    ensure!(sextant_tests::http_get(edge, "/after")?.0 == 200);
+    let after = access_lines(&path, 1)?;
+    ensure!(
+        after.len() == 1 && after[0]["target"] == "/after",
+        "{after:?}"
+    );
+    ensure!(std::fs::read_to_string(&moved)?.lines().count() == 30);
+    ensure!(e1.metric("sextant_edge_access_log_lines_total ")? == Some(31.0));
+    // What is logged just before a stop is written before the edge exits.
+    ensure!(sextant_tests::http_get(edge, "/last")?.0 == 200);
+    ensure!(e1.process.stop()?.success());
+    let text = std::fs::read_to_string(&path)?;
+    ensure!(
+        text.lines().last().is_some_and(|l| l.contains("\"/last\"")),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_access_log_that_cannot_be_opened_stops_the_edge_with_its_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("missing/access.log");
+    let out = std::process::Command::new(sextant_tests::bin("sextant-edge")?)
+        .args(["--control-plane", "http://127.0.0.1:9", "--node-id", "e1"])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--access-log")
+        .arg(&bad)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "started anyway: {stderr}");
+    ensure!(
+        stderr.contains(&format!("cannot open the access log {}", bad.display())),
+        "{stderr}"
+    );
+    ensure!(!stderr.contains("listening for http"), "{stderr}");
+    Ok(())
+}

@@ -6,7 +6,8 @@
 //! - [`explain`]: why each weight is what it is;
 //! - [`n_minus_one`]: what losing a region or provider would do;
 //! - [`diff`]: what a change moves;
-//! - [`lpm`]: longest-prefix match over client prefixes (GeoDNS, BGP).
+//! - [`lpm`]: longest-prefix match over client prefixes (GeoDNS, BGP);
+//! - [`timefmt`]: RFC 3339 times.
 //!
 //! Everything here is pure and deterministic: functions take state and a
 //! time (`now_ms`) and return a decision. Nothing reads a clock, a socket or
@@ -34,6 +35,7 @@ pub mod routing;
 pub mod schedule;
 pub mod signals;
 pub mod solver;
+pub mod timefmt;
 
 pub use domain::{DomainKind, DomainPath};
 pub use drain::{Drain, DrainSet};

@@ -63,6 +63,11 @@ struct Args {
     /// may also hold an origin connection.
     #[arg(long, env = "SEXTANT_MAX_CONNECTIONS", default_value_t = 0)]
     max_connections: usize,
+    /// Log each exchange as a JSON line to this file (appended to; `-`:
+    /// standard output). Lines are written every second; SIGUSR1 reopens
+    /// the file after a rotation. Default: no access log
+    #[arg(long, env = "SEXTANT_ACCESS_LOG")]
+    access_log: Option<sextant_edge::access::Sink>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         websocket_idle: std::time::Duration::from_secs_f64(args.websocket_idle),
         shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace),
         max_connections: args.max_connections,
+        access_log: args.access_log,
     };
     let stop = async {
         sextant_edge::process::shutdown_signal().await;
