@@ -156,6 +156,15 @@ pub struct Identity {
     pub software: String,
 }
 
+impl Identity {
+    /// The subscriber's key in the [`Registry`]: kind and node id, since
+    /// nodes of different kinds (a GeoDNS server and an edge proxy) may
+    /// share a name.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.kind, self.node_id)
+    }
+}
+
 /// The server's view of one subscriber.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubscriberStatus {
@@ -197,6 +206,8 @@ pub enum ProtocolError {
     UnknownVersion { version: u64, sent: u64 },
     #[error("this stream was replaced by a newer connection of the same node")]
     Replaced,
+    #[error("ack for version {version} with the nonce of version {sent}")]
+    WrongVersion { version: u64, sent: u64 },
 }
 
 /// Per-subscriber status of every subscriber seen, connected or not.
@@ -217,7 +228,8 @@ impl Registry {
         format!("n{}", self.nonces.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Records a new connection; returns its session number.
+    /// Records a new connection of `id` (keyed by [`Identity::key`]), which
+    /// holds `version_held` (0: unknown); returns its session number.
     pub fn connect(
         &self,
         id: &Identity,
@@ -232,7 +244,7 @@ impl Registry {
         }
         let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let mut subs = lock(&self.subscribers);
-        let s = subs.entry(id.node_id.clone()).or_default();
+        let s = subs.entry(id.key()).or_default();
         *s = SubscriberStatus {
             node_id: id.node_id.clone(),
             kind: id.kind.clone(),
@@ -251,12 +263,12 @@ impl Registry {
 
     fn with<T>(
         &self,
-        node: &str,
+        key: &str,
         session: u64,
         f: impl FnOnce(&mut SubscriberStatus) -> Result<T, ProtocolError>,
     ) -> Result<T, ProtocolError> {
         let mut subs = lock(&self.subscribers);
-        match subs.get_mut(node) {
+        match subs.get_mut(key) {
             Some(s) if s.session == session => f(s),
             _ => Err(ProtocolError::Replaced),
         }
@@ -265,29 +277,30 @@ impl Registry {
     /// Records that `version` was sent with `nonce`.
     pub fn sent(
         &self,
-        node: &str,
+        key: &str,
         session: u64,
         version: u64,
         nonce: &str,
     ) -> Result<(), ProtocolError> {
-        self.with(node, session, |s| {
+        self.with(key, session, |s| {
             s.version_sent = version;
             s.nonce_pending = nonce.to_owned();
             Ok(())
         })
     }
 
-    /// Handles an ACK. A stale nonce (an older update) is ignored, as in
-    /// xDS; a version never sent is a protocol error.
+    /// Handles an ACK. A stale nonce (an older update, or none outstanding)
+    /// is ignored, as in xDS; a version never sent, or not the version of
+    /// the update the nonce names, is a protocol error.
     pub fn ack(
         &self,
-        node: &str,
+        key: &str,
         session: u64,
         version: u64,
         nonce: &str,
         now_ms: u64,
     ) -> Result<bool, ProtocolError> {
-        self.with(node, session, |s| {
+        self.with(key, session, |s| {
             s.last_contact_ms = now_ms;
             if version > s.version_sent {
                 return Err(ProtocolError::UnknownVersion {
@@ -295,8 +308,14 @@ impl Registry {
                     sent: s.version_sent,
                 });
             }
-            if nonce != s.nonce_pending {
+            if s.nonce_pending.is_empty() || nonce != s.nonce_pending {
                 return Ok(false);
+            }
+            if version != s.version_sent {
+                return Err(ProtocolError::WrongVersion {
+                    version,
+                    sent: s.version_sent,
+                });
             }
             s.version_applied = version;
             s.nonce_pending.clear();
@@ -307,14 +326,14 @@ impl Registry {
     /// Handles a NACK: the subscriber keeps what it had.
     pub fn nack(
         &self,
-        node: &str,
+        key: &str,
         session: u64,
         version: u64,
         nonce: &str,
         reason: &str,
         now_ms: u64,
     ) -> Result<bool, ProtocolError> {
-        self.with(node, session, |s| {
+        self.with(key, session, |s| {
             s.last_contact_ms = now_ms;
             if version > s.version_sent {
                 return Err(ProtocolError::UnknownVersion {
@@ -322,7 +341,7 @@ impl Registry {
                     sent: s.version_sent,
                 });
             }
-            if nonce != s.nonce_pending {
+            if s.nonce_pending.is_empty() || nonce != s.nonce_pending {
                 return Ok(false);
             }
             s.last_nack_version = version;
@@ -332,9 +351,19 @@ impl Registry {
         })
     }
 
+    /// Records that the subscriber holds `version` after all: a version
+    /// it claimed at connection, newer than the server's then, which the
+    /// server has now reached (an HA replica catching up).
+    pub fn holds(&self, key: &str, session: u64, version: u64) -> Result<(), ProtocolError> {
+        self.with(key, session, |s| {
+            s.version_applied = s.version_applied.max(version);
+            Ok(())
+        })
+    }
+
     /// Marks a connection closed (if it is still the node's current one).
-    pub fn disconnect(&self, node: &str, session: u64, now_ms: u64) {
-        let _ = self.with(node, session, |s| {
+    pub fn disconnect(&self, key: &str, session: u64, now_ms: u64) {
+        let _ = self.with(key, session, |s| {
             s.connected = false;
             s.nonce_pending.clear();
             s.last_contact_ms = now_ms;
@@ -343,10 +372,15 @@ impl Registry {
     }
 
     /// Whether `session` is still the node's current connection.
-    pub fn is_current(&self, node: &str, session: u64) -> bool {
+    pub fn is_current(&self, key: &str, session: u64) -> bool {
         lock(&self.subscribers)
-            .get(node)
+            .get(key)
             .is_some_and(|s| s.session == session)
+    }
+
+    /// Every subscriber's status, as it is (see [`Registry::statuses`]).
+    pub fn list(&self) -> Vec<SubscriberStatus> {
+        lock(&self.subscribers).values().cloned().collect()
     }
 
     /// Updates the "behind since" marks against the current version, and
@@ -412,29 +446,51 @@ mod tests {
             site: String::new(),
             software: String::new(),
         };
+        let k = id.key();
         let s = r.connect(&id, 0, 1).expect("connect");
-        r.sent("ams1", s, 4, "n1").expect("sent");
-        assert_eq!(r.ack("ams1", s, 4, "stale", 2), Ok(false));
+        // Nothing outstanding: an ACK without a nonce is not taken.
+        assert_eq!(r.ack(&k, s, 0, "", 2), Ok(false));
+        r.sent(&k, s, 4, "n1").expect("sent");
+        assert_eq!(r.ack(&k, s, 4, "stale", 2), Ok(false));
         assert_eq!(
-            r.ack("ams1", s, 9, "n1", 2),
+            r.ack(&k, s, 9, "n1", 2),
             Err(ProtocolError::UnknownVersion {
                 version: 9,
                 sent: 4
             })
         );
-        assert_eq!(r.ack("ams1", s, 4, "n1", 2), Ok(true));
-        r.sent("ams1", s, 5, "n2").expect("sent");
-        assert_eq!(r.nack("ams1", s, 5, "n2", "bad upstream", 3), Ok(true));
+        assert_eq!(
+            r.ack(&k, s, 3, "n1", 2),
+            Err(ProtocolError::WrongVersion {
+                version: 3,
+                sent: 4
+            })
+        );
+        assert_eq!(r.ack(&k, s, 4, "n1", 2), Ok(true));
+        r.sent(&k, s, 5, "n2").expect("sent");
+        assert_eq!(r.nack(&k, s, 5, "n2", "bad upstream", 3), Ok(true));
+        // Once answered, the nonce is spent: a later ACK of the NACKed
+        // version, with or without it, changes nothing.
+        assert_eq!(r.ack(&k, s, 5, "", 3), Ok(false));
+        assert_eq!(r.ack(&k, s, 5, "n2", 3), Ok(false));
         let st = &r.statuses(5, 100)[0];
         assert_eq!((st.version_applied, st.last_nack_version), (4, 5));
         assert_eq!(st.last_nack_reason, "bad upstream");
         assert_eq!(st.behind_since_ms, 100);
         // A newer connection of the same node replaces the old one.
         let s2 = r.connect(&id, 4, 5).expect("reconnect");
-        assert_eq!(r.ack("ams1", s, 4, "n1", 6), Err(ProtocolError::Replaced));
-        assert!(r.is_current("ams1", s2));
-        r.disconnect("ams1", s, 7);
+        assert_eq!(r.ack(&k, s, 4, "n1", 6), Err(ProtocolError::Replaced));
+        assert!(r.is_current(&k, s2));
+        r.disconnect(&k, s, 7);
         assert!(r.statuses(5, 100)[0].connected);
+        // A node of another kind with the same name is another subscriber.
+        let dns = Identity {
+            kind: "dns".into(),
+            ..id.clone()
+        };
+        let d = r.connect(&dns, 0, 8).expect("connect dns");
+        assert!(r.is_current(&k, s2) && r.is_current(&dns.key(), d));
+        assert_eq!(r.list().len(), 2);
         assert_eq!(
             r.connect(
                 &Identity {

@@ -98,6 +98,9 @@ pub struct ServerConfig {
     /// A subscriber behind the current config for longer than this is
     /// flagged stale (status, metrics).
     pub stale_after: Duration,
+    /// How long a subscriber holding a version newer than this replica's
+    /// is sent nothing older (see `Distribution::ahead_grace`).
+    pub ahead_grace: Duration,
     /// Leader lease TTL.
     pub lease_ttl: Duration,
     /// Time between the steps of a move held back by a policy's max_shift.
@@ -332,7 +335,7 @@ pub async fn run(
         .await;
     }
 
-    let distribution = Distribution::new(node.subscribe(), clock.clone());
+    let distribution = Distribution::new(node.subscribe(), clock.clone(), config.ahead_grace);
     tokio::spawn(distribution.clone().follow());
     let stale_after_ms = u64::try_from(config.stale_after.as_millis()).unwrap_or(u64::MAX);
 

@@ -12,6 +12,7 @@ pub mod fleets;
 pub mod gobgp;
 pub mod origin;
 pub mod stats;
+pub mod subscriber;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use sextant_proto::v1 as pb;
 use sextant_tests::origin::Origin;
+use sextant_tests::subscriber::{ack, hello, subscribe, whole};
 use sextant_tests::{eventually, split, ControlPlane, Ctl, EdgeProxy};
 
 use sextant_tests::fleets::{two_edges_three_origins as fleet, SITE1, SITE2};
@@ -213,35 +214,6 @@ fn a_config_the_edge_cannot_apply_is_nacked_and_the_old_one_kept() -> Result<()>
     Ok(())
 }
 
-async fn subscribe(
-    url: &str,
-    first: pb::SubscribeRequest,
-) -> Result<(
-    tokio::sync::mpsc::Sender<pb::SubscribeRequest>,
-    tonic::Streaming<pb::ConfigUpdate>,
-)> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect()
-        .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(first).await?;
-    let stream = pb::distribution_service_client::DistributionServiceClient::new(channel)
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    Ok((tx, stream))
-}
-
-fn hello(node: &str, kind: pb::NodeKind) -> pb::SubscribeRequest {
-    pb::SubscribeRequest {
-        message: Some(pb::subscribe_request::Message::Hello(pb::Hello {
-            node_id: node.into(),
-            kind: kind.into(),
-            ..pb::Hello::default()
-        })),
-    }
-}
-
 #[tokio::test]
 async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -252,21 +224,10 @@ async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
     )?;
     let url = cp.url();
     // A well-behaved DNS subscriber.
-    let (good_tx, mut good) = subscribe(&url, hello("dns-1", pb::NodeKind::Dns)).await?;
-    let first = good.message().await?.context("no snapshot")?;
-    ensure!(first.full && first.chunk_index == 0, "{first:?}");
-    let mut update = first;
-    while !update.last {
-        update = good.message().await?.context("chunk")?;
-    }
-    good_tx
-        .send(pb::SubscribeRequest {
-            message: Some(pb::subscribe_request::Message::Ack(pb::Ack {
-                version: update.version,
-                nonce: update.nonce.clone(),
-            })),
-        })
-        .await?;
+    let (good_tx, mut good) = subscribe(&url, hello("dns-1", pb::NodeKind::Dns, 0)).await?;
+    let update = whole(&mut good).await?;
+    ensure!(update.full && update.chunk_index == 0, "{update:?}");
+    good_tx.send(ack(&update)).await?;
 
     // An ACK before any hello.
     let ack = pb::SubscribeRequest {
@@ -286,7 +247,7 @@ async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
         "{err:?}"
     );
     // An ACK for a version never sent.
-    let (tx, mut s) = subscribe(&url, hello("dns-evil", pb::NodeKind::Dns)).await?;
+    let (tx, mut s) = subscribe(&url, hello("dns-evil", pb::NodeKind::Dns, 0)).await?;
     while !s.message().await?.context("chunk")?.last {}
     tx.send(ack).await?;
     let err = s
@@ -296,7 +257,7 @@ async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
         .context("no error for a bogus ack")?;
     ensure!(err.message().contains("never sent"), "{err:?}");
     // A proxy naming an edge that does not exist, and an empty message.
-    let (_tx, mut s) = subscribe(&url, hello("no-such-edge", pb::NodeKind::Proxy)).await?;
+    let (_tx, mut s) = subscribe(&url, hello("no-such-edge", pb::NodeKind::Proxy, 0)).await?;
     let err = s.message().await.err().context("unknown edge accepted")?;
     ensure!(
         err.message().contains("is not an edge of the fleet"),

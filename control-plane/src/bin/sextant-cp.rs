@@ -59,6 +59,12 @@ struct Args {
     /// one for longer than this many seconds.
     #[arg(long, env = "SEXTANT_STALE_AFTER", default_value_t = 30)]
     stale_after_seconds: u64,
+    /// A subscriber that holds a version newer than this replica's (one
+    /// more up to date, or a store restored to older versions) is sent
+    /// nothing older for this many seconds, then this replica's current
+    /// config.
+    #[arg(long, env = "SEXTANT_AHEAD_GRACE", default_value_t = 30)]
+    ahead_grace_seconds: u64,
     /// Seconds between the steps of a move that a service's max_shift holds
     /// back.
     #[arg(long, env = "SEXTANT_SHIFT_INTERVAL", default_value_t = 30)]
@@ -323,6 +329,7 @@ fn main() -> anyhow::Result<()> {
             metrics: args.metrics,
             replica_id: args.replica_id,
             stale_after: std::time::Duration::from_secs(args.stale_after_seconds),
+            ahead_grace: std::time::Duration::from_secs(args.ahead_grace_seconds),
             bmp_listen: args.bmp_listen,
             bmp,
         };

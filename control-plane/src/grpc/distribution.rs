@@ -230,7 +230,12 @@ pub fn resources(snap: &Snapshot) -> Result<push::Snapshot<Resource>, Inconsiste
             }
             sum += o.weight;
         }
-        if !load.origins.is_empty() && (sum - 1.0).abs() > 1e-6 {
+        if load.origins.is_empty() {
+            // No resource rather than an empty one: a delta then says it is
+            // gone (an empty list in a delta means "unchanged").
+            continue;
+        }
+        if (sum - 1.0).abs() > 1e-6 {
             return Err(bad(format!("edge {edge}: origin weights sum to {sum}")));
         }
         r.insert(
@@ -416,6 +421,11 @@ pub struct Distribution {
     pub clock: Arc<dyn Clock>,
     /// The last snapshot refused as inconsistent, if any (an alarm).
     pub rejected: Mutex<Option<Inconsistent>>,
+    /// How long a subscriber that holds a version newer than this server's
+    /// is sent nothing older: a replica behind another catches up within
+    /// it; past it, this server's versions are taken as the truth (a store
+    /// restored to older versions) and it gets the current snapshot.
+    pub ahead_grace: Duration,
     cache: Mutex<UpdateCache>,
 }
 
@@ -426,13 +436,18 @@ impl std::fmt::Debug for Distribution {
 }
 
 impl Distribution {
-    pub fn new(state: watch::Receiver<Arc<Snapshot>>, clock: Arc<dyn Clock>) -> Arc<Self> {
+    pub fn new(
+        state: watch::Receiver<Arc<Snapshot>>,
+        clock: Arc<dyn Clock>,
+        ahead_grace: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             publisher: Publisher::new(KEEP_VERSIONS),
             registry: Registry::new(),
             state,
             clock,
             rejected: Mutex::new(None),
+            ahead_grace,
             cache: Mutex::new(UpdateCache::default()),
         })
     }
@@ -588,7 +603,12 @@ impl Distribution {
             site: hello.site.clone(),
             software: hello.software.clone(),
         };
-        let session = match self.registry.connect(&id, hello.version_held, self.now()) {
+        // A version newer than this server's is not taken as held until
+        // the server reaches it (see `serve`).
+        let current = self.publisher.current().version;
+        let claimed = (hello.version_held <= current).then_some(hello.version_held);
+        let key = id.key();
+        let session = match self.registry.connect(&id, claimed.unwrap_or(0), self.now()) {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx
@@ -600,9 +620,10 @@ impl Distribution {
         let span = tracing::info_span!("subscriber", node = %hello.node_id, kind, session);
         async {
             info!(version_held = hello.version_held, "subscriber connected");
-            let result = self.serve(&mut inbound, &tx, &hello, view, session).await;
-            self.registry
-                .disconnect(&hello.node_id, session, self.now());
+            let result = self
+                .serve(&mut inbound, &tx, &hello, view, &key, session)
+                .await;
+            self.registry.disconnect(&key, session, self.now());
             match result {
                 Ok(()) => info!("subscriber disconnected"),
                 Err(status) => {
@@ -621,9 +642,9 @@ impl Distribution {
         tx: &mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
         hello: &pb::Hello,
         view: View,
+        node: &str,
         session: u64,
     ) -> Result<(), Status> {
-        let node = hello.node_id.as_str();
         let mut published = self.publisher.subscribe();
         // The snapshot the subscriber holds (for deltas), and what is in flight.
         let mut held = if hello.version_held > 0 {
@@ -632,6 +653,19 @@ impl Distribution {
             None
         };
         let mut last_sent = hello.version_held;
+        // A subscriber that holds a version newer than this server's is
+        // sent nothing older for `ahead_grace` (see there).
+        let mut ahead = (hello.version_held > published.borrow().version).then(|| {
+            warn!(
+                version_held = hello.version_held,
+                current = published.borrow().version,
+                "subscriber holds a version newer than this server's"
+            );
+            (
+                hello.version_held,
+                tokio::time::Instant::now() + self.ahead_grace,
+            )
+        });
         let mut in_flight: Option<(Arc<push::Snapshot<Resource>>, String)> = None;
         let mut replaced_check = tokio::time::interval(Duration::from_secs(2));
         let protocol = |e: ProtocolError| match e {
@@ -640,6 +674,23 @@ impl Distribution {
         };
         loop {
             let snap = published.borrow_and_update().clone();
+            if let Some((claimed, until)) = ahead {
+                if snap.version >= claimed {
+                    self.registry
+                        .holds(node, session, claimed)
+                        .map_err(protocol)?;
+                    ahead = None;
+                } else if tokio::time::Instant::now() >= until {
+                    warn!(
+                        version_held = claimed,
+                        current = snap.version,
+                        "this server's versions stayed behind the subscriber's: sending the current snapshot"
+                    );
+                    held = None;
+                    last_sent = 0;
+                    ahead = None;
+                }
+            }
             if in_flight.is_none() && snap.version > last_sent {
                 let nonce = self.registry.nonce();
                 let shared = self.updates(held.as_deref(), &snap, &view);
@@ -670,6 +721,7 @@ impl Distribution {
                         return Err(Status::unavailable("control plane shutting down"));
                     }
                 }
+                () = tokio::time::sleep_until(ahead.map_or_else(tokio::time::Instant::now, |(_, t)| t)), if ahead.is_some() => {}
                 _ = replaced_check.tick() => {
                     if !self.registry.is_current(node, session) {
                         return Err(protocol(ProtocolError::Replaced));

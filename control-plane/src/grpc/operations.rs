@@ -533,7 +533,9 @@ impl OperationsService for OperationsApi {
 /// (acked proxies, proxies, acked DNS servers, DNS servers) for `version`,
 /// counting connected subscribers.
 fn ack_counts(d: &Distribution, version: u64) -> (u32, u32, u32, u32) {
-    let subs = d.registry.statuses(version, d.publisher.published_at_ms());
+    // Read only: `version` need not be the current one, against which the
+    // stale marks are kept.
+    let subs = d.registry.list();
     let count = |kind: &str, acked: bool| {
         u32::try_from(
             subs.iter()
