@@ -9,9 +9,10 @@
 //!
 //! For queries per CPU-second over real sockets against gdnsd and Knot, see
 //! scripts/bench-dns, which also uses this binary to write large configs:
-//! `cargo bench -p sextant-edge --bench dns -- --write-config DIR PREFIXES`
+//! `cargo bench -p sextant-edge --bench dns -- --write-config DIR PREFIXES NODE_ID`
 //! stores the bench config with PREFIXES client prefixes as DIR's persisted
-//! last-good config, which `sextant-dns --data-dir DIR` then serves.
+//! last-good config, which `sextant-dns --node-id NODE_ID --data-dir DIR`
+//! then serves.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -247,19 +248,24 @@ fn main() {
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "--write-config") {
-        let (Some(dir), Some(n)) = (
+        let (Some(dir), Some(n), Some(node)) = (
             args.get(i + 1),
             args.get(i + 2).and_then(|n| n.parse().ok()),
+            args.get(i + 3),
         ) else {
-            eprintln!("usage: dns --write-config DIR PREFIXES");
+            eprintln!("usage: dns --write-config DIR PREFIXES NODE_ID");
             std::process::exit(2);
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        if let Err(e) =
-            sextant_edge::subscriber::store(std::path::Path::new(dir), 1, &config(n), now)
-        {
+        if let Err(e) = sextant_edge::subscriber::store(
+            std::path::Path::new(dir),
+            (node, sextant_proto::v1::NodeKind::Dns),
+            1,
+            &config(n),
+            now,
+        ) {
             eprintln!("{e}");
             std::process::exit(1);
         }

@@ -76,13 +76,36 @@ pub enum PersistError {
 
 /// The file the last good config is kept in.
 #[derive(Clone, PartialEq, Message)]
-struct Persisted {
+pub struct Persisted {
     #[prost(uint64, tag = "1")]
-    version: u64,
+    pub version: u64,
     #[prost(message, optional, tag = "2")]
-    config: Option<pb::NodeConfig>,
+    pub config: Option<pb::NodeConfig>,
     #[prost(int64, tag = "3")]
-    accepted_at_ms: i64,
+    pub accepted_at_ms: i64,
+    /// Whose config it is (empty in files written before this was kept):
+    /// a data directory reused by another node, or shared by an edge and a
+    /// DNS server, must not hand one node another's config.
+    #[prost(string, tag = "4")]
+    pub node_id: String,
+    #[prost(enumeration = "pb::NodeKind", tag = "5")]
+    pub kind: i32,
+}
+
+impl Persisted {
+    /// Why this file is not `node`'s (of `kind`), if it is not.
+    fn foreign(&self, node: &str, kind: pb::NodeKind) -> Option<String> {
+        let theirs = pb::NodeKind::try_from(self.kind).map_or("unknown", |k| k.as_str_name());
+        (!self.node_id.is_empty() && (self.node_id != node || self.kind != kind as i32)).then(
+            || {
+                format!(
+                    "it belongs to {theirs} node {:?}, not to {} node {node:?}",
+                    self.node_id,
+                    kind.as_str_name()
+                )
+            },
+        )
+    }
 }
 
 fn config_path(dir: &Path) -> PathBuf {
@@ -97,27 +120,22 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Reads the persisted config, if there is one.
-pub fn load(dir: &Path) -> Result<Option<(u64, pb::NodeConfig, i64)>, PersistError> {
+pub fn load(dir: &Path) -> Result<Option<Persisted>, PersistError> {
     let path = config_path(dir);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(PersistError::Read { path, source }),
     };
-    let p = Persisted::decode(bytes.as_slice()).map_err(|source| PersistError::Decode {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(Some((
-        p.version,
-        p.config.unwrap_or_default(),
-        p.accepted_at_ms,
-    )))
+    Persisted::decode(bytes.as_slice())
+        .map(Some)
+        .map_err(|source| PersistError::Decode { path, source })
 }
 
-/// Writes the config atomically (temporary file, fsync, rename).
+/// Writes `node`'s config atomically (temporary file, fsync, rename).
 pub fn store(
     dir: &Path,
+    node: (&str, pb::NodeKind),
     version: u64,
     config: &pb::NodeConfig,
     at_ms: i64,
@@ -133,6 +151,8 @@ pub fn store(
                 version,
                 config: Some(config.clone()),
                 accepted_at_ms: at_ms,
+                node_id: node.0.to_owned(),
+                kind: node.1 as i32,
             }
             .encode_to_vec(),
         )?;
@@ -248,22 +268,31 @@ pub async fn run<B: Build>(
 ) {
     let mut held: Option<(u64, State)> = None;
     match load(&opts.data_dir) {
-        Ok(Some((version, config, at))) => match builder.build(version, &config) {
-            Ok(value) => {
-                info!(
-                    version,
-                    "serving the persisted config until the control plane answers"
-                );
-                out.send_replace(Some(Arc::new(Applied {
-                    version,
-                    value,
-                    accepted_at_ms: at,
-                    from_disk: true,
-                })));
-                held = Some((version, State::from_config(&config)));
+        Ok(Some(p)) => {
+            let version = p.version;
+            let config = p.config.clone().unwrap_or_default();
+            match p.foreign(&opts.node_id, opts.kind) {
+                Some(why) => warn!(version, "persisted config ignored: {why}"),
+                None => match builder.build(version, &config) {
+                    Ok(value) => {
+                        info!(
+                            version,
+                            "serving the persisted config until the control plane answers"
+                        );
+                        out.send_replace(Some(Arc::new(Applied {
+                            version,
+                            value,
+                            accepted_at_ms: p.accepted_at_ms,
+                            from_disk: true,
+                        })));
+                        held = Some((version, State::from_config(&config)));
+                    }
+                    Err(e) => {
+                        warn!(version, error = %e, "persisted config is not usable; ignoring it");
+                    }
+                },
             }
-            Err(e) => warn!(version, error = %e, "persisted config is not usable; ignoring it"),
-        },
+        }
         Ok(None) => info!("no persisted config; waiting for the control plane"),
         Err(e) => warn!(error = %e, "cannot read the persisted config; ignoring it"),
     }
@@ -299,6 +328,11 @@ pub async fn run<B: Build>(
     }
 }
 
+/// The most one update (all its chunks) may take: far above any fleet's
+/// (a full BGP table of ASN prefixes is about 13 MB), and a bound on what a
+/// broken or hostile server can make a node buffer.
+const MAX_UPDATE_BYTES: usize = 256 * 1024 * 1024;
+
 /// Why a stream session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -308,6 +342,8 @@ enum SessionError {
     Status(#[from] tonic::Status),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("version {version} could not be applied here: {reason}")]
+    Local { version: u64, reason: String },
 }
 
 /// The URLs of a comma-separated list (at least one entry).
@@ -364,7 +400,15 @@ async fn follow<B: Build>(
         .into_inner();
     info!(control_plane = %url, version_held, "subscribed");
     let mut pending: Vec<pb::ConfigUpdate> = Vec::new();
+    let mut pending_bytes = 0usize;
     while let Some(update) = inbound.message().await? {
+        pending_bytes += update.encoded_len();
+        if pending_bytes > MAX_UPDATE_BYTES {
+            return Err(SessionError::Protocol(format!(
+                "update {} is over {MAX_UPDATE_BYTES} bytes",
+                update.version
+            )));
+        }
         if let Some(first) = pending.first() {
             if first.nonce != update.nonce || first.version != update.version {
                 return Err(SessionError::Protocol(format!(
@@ -387,6 +431,7 @@ async fn follow<B: Build>(
             continue;
         }
         let mut chunks = std::mem::take(&mut pending);
+        pending_bytes = 0;
         // A server may send the config already encoded.
         for c in &mut chunks {
             if !c.config_bytes.is_empty() {
@@ -438,10 +483,27 @@ async fn follow<B: Build>(
         let verdict = match builder.build(version, &config) {
             Ok(value) => {
                 let at = now_ms();
-                if let Err(e) = store(&opts.data_dir, version, &config, at) {
+                if let Err(e) = store(
+                    &opts.data_dir,
+                    (&opts.node_id, opts.kind),
+                    version,
+                    &config,
+                    at,
+                ) {
                     // Serving it without persisting would break static
-                    // stability after a restart: refuse it.
-                    Err(format!("cannot persist the config: {e}"))
+                    // stability after a restart: refuse it. The failure is
+                    // this node's, not the config's: the session ends and
+                    // the next one (after a backoff) gets the version again.
+                    let reason = format!("cannot persist the config: {e}");
+                    warn!(version, reason = %reason, "config not applied; asking again after a backoff");
+                    let _ = tx.send(reply(Err(reason.clone()))).await;
+                    // The request side ends after the NACK, and the server
+                    // ends the stream once it has read both: the NACK is
+                    // not lost with a cancelled call.
+                    drop(tx);
+                    let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
+                    return Err(SessionError::Local { version, reason });
                 } else {
                     out.send_replace(Some(Arc::new(Applied {
                         version,
@@ -522,10 +584,26 @@ mod tests {
             }],
             ..pb::NodeConfig::default()
         };
-        store(dir.path(), 7, &c, 1234).expect("store");
-        let (v, back, at) = load(dir.path()).expect("load").expect("some");
-        assert_eq!((v, at), (7, 1234));
-        assert_eq!(back, c);
+        store(dir.path(), ("e1", pb::NodeKind::Proxy), 7, &c, 1234).expect("store");
+        let p = load(dir.path()).expect("load").expect("some");
+        assert_eq!((p.version, p.accepted_at_ms), (7, 1234));
+        assert_eq!(p.config.as_ref(), Some(&c));
+        // Only its own node takes it.
+        assert_eq!(p.foreign("e1", pb::NodeKind::Proxy), None);
+        let other = p
+            .foreign("e2", pb::NodeKind::Proxy)
+            .expect("another node's");
+        assert!(
+            other.contains("\"e1\"") && other.contains("\"e2\""),
+            "{other}"
+        );
+        assert!(p.foreign("e1", pb::NodeKind::Dns).is_some());
+        // A file from before owners were kept is taken.
+        let legacy = Persisted {
+            node_id: String::new(),
+            ..p
+        };
+        assert_eq!(legacy.foreign("e9", pb::NodeKind::Dns), None);
         std::fs::write(config_path(dir.path()), b"\xff\xff garbage").expect("write");
         assert!(matches!(load(dir.path()), Err(PersistError::Decode { .. })));
     }

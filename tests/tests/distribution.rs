@@ -1,0 +1,188 @@
+//! End to end: the config distribution protocol's edge cases, with real
+//! control planes, real edges and scripted subscribers (found in review:
+//! a split emptied by a delta, two kinds of node sharing a name, a claimed
+//! version, a NACK of this node's own making).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use sextant_proto::v1 as pb;
+use sextant_tests::fleets::{two_edges_three_origins as fleet, SITE1, SITE2};
+use sextant_tests::origin::Origin;
+use sextant_tests::subscriber::{ack, hello, subscribe, whole};
+use sextant_tests::{eventually, http_get, ControlPlane, Ctl, EdgeProxy};
+
+fn version(ctl: &Ctl) -> Result<u64> {
+    ctl.json(["status"])?["routing_version"]
+        .as_u64()
+        .context("no routing_version in status")
+}
+
+/// `node`'s line in `sextantctl status -o json`, of `kind`.
+fn subscriber(ctl: &Ctl, node: &str, kind: &str) -> Option<serde_json::Value> {
+    let status = ctl.json(["status"]).ok()?;
+    status["subscribers"]
+        .as_array()?
+        .iter()
+        .find(|s| s["node_id"] == node && s["kind"] == kind)
+        .cloned()
+}
+
+fn applies(e: &EdgeProxy, v: u64, what: &str) -> Result<()> {
+    eventually(Duration::from_secs(10), what, || {
+        (e.config_version().ok()? == v).then_some(())
+    })
+}
+
+#[test]
+fn draining_every_origin_reaches_a_connected_edge_as_it_does_a_new_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let o1 = Origin::start("o1")?;
+    let f = dir.path().join("fleet.toml");
+    std::fs::write(&f, fleet(&[&o1], None))?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&f))?;
+    let ctl = cp.ctl();
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &dir.path().join("e1"))?;
+    applies(&e1, version(&ctl)?, "e1 to apply the first version")?;
+    let (code, body) = http_get(e1.process.addr, "/")?;
+    ensure!(code == 200 && body.starts_with("o1"), "{code} {body}");
+    // The only origin, drained whole: e1 gets it as a delta.
+    ctl.run([
+        "drain",
+        "region/r1/origin/o1",
+        "--reason",
+        "dc maintenance",
+        "--force",
+        "--force-reason",
+        "test",
+    ])?
+    .ok()?;
+    let v2 = version(&ctl)?;
+    applies(&e1, v2, "e1 to apply the drain")?;
+    // A new edge gets the same version whole.
+    let e2 = EdgeProxy::start(&cp.url(), "e2", SITE2, &dir.path().join("e2"))?;
+    applies(&e2, v2, "e2 to apply the drain")?;
+    for e in [&e1, &e2] {
+        let (code, body) = http_get(e.process.addr, "/")?;
+        ensure!(
+            code == 503 && body.contains("no origin available"),
+            "version {v2} drains o1, yet {code} {body:?}"
+        );
+    }
+    ensure!(o1.requests.load(std::sync::atomic::Ordering::Relaxed) == 1);
+    Ok(())
+}
+
+#[test]
+fn a_dns_server_named_like_an_edge_is_another_subscriber() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start(dir.path(), Some(&sextant_tests::example_fleet()))?;
+    let url = cp.url();
+    // The connection runs on a worker: the checks below block this thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // ams1 is an edge of the example fleet; a DNS server may be named
+        // after its site too.
+        let (ptx, mut proxy) = subscribe(&url, hello("ams1", pb::NodeKind::Proxy, 0)).await?;
+        ptx.send(ack(&whole(&mut proxy).await?)).await?;
+        let (dtx, mut dns) = subscribe(&url, hello("ams1", pb::NodeKind::Dns, 0)).await?;
+        dtx.send(ack(&whole(&mut dns).await?)).await?;
+        // Neither stream is cut (a replaced one is, within 2 s).
+        for s in [&mut proxy, &mut dns] {
+            let r = tokio::time::timeout(Duration::from_secs(5), s.message()).await;
+            ensure!(r.is_err(), "a stream ended or got an update: {r:?}");
+        }
+        let ctl = cp.ctl();
+        for kind in ["proxy", "dns"] {
+            let s = subscriber(&ctl, "ams1", kind).context("in status")?;
+            ensure!(s["connected"] == true, "{s}");
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_version_claimed_ahead_of_the_control_plane_is_not_taken_as_applied() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cp = ControlPlane::start_with(
+        dir.path(),
+        Some(&sextant_tests::example_fleet()),
+        &["--ahead-grace-seconds", "2"],
+    )?;
+    let ctl = cp.ctl();
+    let current = version(&ctl)?;
+    let url = cp.url();
+    // The connection runs on a worker: the checks below block this thread.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (tx, mut s) = subscribe(&url, hello("dns-x", pb::NodeKind::Dns, 1000)).await?;
+        let started = std::time::Instant::now();
+        let st = subscriber(&ctl, "dns-x", "dns").context("dns-x in status")?;
+        ensure!(st["version_applied"] == 0, "{st}");
+        // Nothing older for the grace (a replica catching up), then the
+        // current config, whole.
+        let u = tokio::time::timeout(Duration::from_secs(10), whole(&mut s))
+            .await
+            .context("no snapshot after the grace")??;
+        ensure!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "sent before the grace"
+        );
+        ensure!(u.full && u.version == current, "{u:?}");
+        tx.send(ack(&u)).await?;
+        eventually(Duration::from_secs(5), "the ACK in status", || {
+            let st = subscriber(&ctl, "dns-x", "dns")?;
+            (st["version_applied"] == current).then_some(())
+        })?;
+        // A claim the control plane has reached is taken at once.
+        let (_tx, mut s) = subscribe(&url, hello("dns-y", pb::NodeKind::Dns, current)).await?;
+        let st = subscriber(&ctl, "dns-y", "dns").context("dns-y in status")?;
+        ensure!(st["version_applied"] == current, "{st}");
+        let r = tokio::time::timeout(Duration::from_secs(3), s.message()).await;
+        ensure!(r.is_err(), "a node at the current version was sent {r:?}");
+        Ok(())
+    })
+}
+
+#[test]
+fn a_version_this_node_could_not_persist_is_applied_once_it_can() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, f) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), Some(&f))?;
+    let ctl = cp.ctl();
+    let data = dir.path().join("e1");
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &data)?;
+    applies(&e1, version(&ctl)?, "e1 to apply the first version")?;
+    // Persisting fails (a directory takes the temporary file's name; this
+    // holds for root too).
+    let tmp = data.join("last-good-config.pb.tmp");
+    std::fs::create_dir(&tmp)?;
+    ctl.run([
+        "drain",
+        "region/r2/origin/o2",
+        "--fraction",
+        "0.5",
+        "--reason",
+        "x",
+    ])?
+    .ok()?;
+    let v2 = version(&ctl)?;
+    eventually(
+        Duration::from_secs(10),
+        "e1's NACK of the new version",
+        || {
+            let s = subscriber(&ctl, "e1", "proxy")?;
+            (s["last_nack_version"] == v2).then_some(())
+        },
+    )?;
+    ensure!(e1.config_version()? < v2, "applied without persisting");
+    std::fs::remove_dir(&tmp)?;
+    applies(&e1, v2, "e1 to apply the version once it can persist it")?;
+    Ok(())
+}
