@@ -38,6 +38,7 @@ use sextant_core::{ConfigVersion, DomainPath, DrainSet, Fleet, FleetSpec};
 use sextant_store::{Compare, Revision, Store, StoreError, Txn, TxnOp};
 
 use crate::audit::AuditRecord;
+use tracing::debug;
 
 /// Root of every key.
 pub const ROOT: &str = "/sextant/v1/";
@@ -117,6 +118,8 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the state changed during each of {0} reads; try again")]
+    Busy(usize),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,7 +240,46 @@ pub async fn load(store: &dyn Store) -> Result<State, StateError> {
 /// Reads the committed state, reusing the fleet and routing table of `prev`
 /// when they have not changed (a follower reloads on every commit; a fleet
 /// of 10,000 groups is worth not parsing again).
+///
+/// The keys are read one by one, so a commit landing in between would give
+/// a fleet of one revision with the routing table of another (a replica
+/// would then serve a version number with the wrong content). Every change
+/// of the fleet or the drains commits a routing table with it, so the
+/// routing pointer's revision is read first, and the read is made again
+/// while it has moved by the end.
 pub async fn load_since(store: &dyn Store, prev: Option<&State>) -> Result<State, StateError> {
+    let routing_rev = async {
+        Ok::<_, StateError>(
+            store
+                .get(ROUTING_CURRENT)
+                .await?
+                .kvs
+                .first()
+                .map_or(0, |kv| kv.mod_revision),
+        )
+    };
+    let mut before = routing_rev.await?;
+    for _ in 0..TORN_READ_RETRIES {
+        let state = load_once(store, prev).await?;
+        if state.routing_rev == before {
+            return Ok(state);
+        }
+        debug!(
+            before,
+            after = state.routing_rev,
+            "a commit landed while the state was read: reading again"
+        );
+        before = state.routing_rev;
+    }
+    Err(StateError::Busy(TORN_READ_RETRIES))
+}
+
+/// How many times [`load_since`] reads the state while commits keep
+/// landing during the read.
+const TORN_READ_RETRIES: usize = 20;
+
+/// One read of the committed state (see [`load_since`]).
+async fn load_once(store: &dyn Store, prev: Option<&State>) -> Result<State, StateError> {
     let mut state = State::default();
 
     if let Some(kv) = store.get(FLEET_CURRENT).await?.kvs.into_iter().next() {
@@ -522,5 +564,121 @@ pub async fn commit(store: &dyn Store, state: &State, c: &Commit) -> Result<Revi
         Ok(resp.revision)
     } else {
         Ok(state.routing_rev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use sextant_store::{GetResponse, Lease, LeaseId, StoreStatus, TxnResponse, WatchStream};
+
+    /// A store in which one commit lands in the middle of the next read of
+    /// the state (at its read of the drains, after the fleet).
+    struct Interrupted {
+        inner: Arc<dyn Store>,
+        commit: Mutex<Option<(State, Commit)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Interrupted {
+        async fn get(&self, key: &str) -> Result<GetResponse, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StoreError> {
+            if prefix == DRAINS {
+                let pending = self.commit.lock().expect("lock").take();
+                if let Some((state, c)) = pending {
+                    commit(self.inner.as_ref(), &state, &c)
+                        .await
+                        .expect("the interrupting commit");
+                }
+            }
+            self.inner.get_prefix(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+            self.inner.txn(txn).await
+        }
+        async fn watch(&self, prefix: &str, start: Revision) -> Result<WatchStream, StoreError> {
+            self.inner.watch(prefix, start).await
+        }
+        async fn lease_grant(&self, ttl: std::time::Duration) -> Result<Lease, StoreError> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: LeaseId) -> Result<std::time::Duration, StoreError> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: LeaseId) -> Result<(), StoreError> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+            self.inner.compact(revision).await
+        }
+        async fn status(&self) -> Result<StoreStatus, StoreError> {
+            self.inner.status().await
+        }
+    }
+
+    fn table(version: u64, fleet_generation: u64) -> RoutingTable {
+        RoutingTable {
+            meta: RoutingMeta {
+                version: ConfigVersion(version),
+                computed_at_ms: 0,
+                fleet_generation,
+                cause: String::new(),
+                churn: 0.0,
+            },
+            routing: Routing::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_during_a_read_never_gives_a_torn_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Store> =
+            Arc::new(sextant_store::embedded::EmbeddedStore::open(dir.path()).expect("open"));
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/fleet.toml"
+        ))
+        .expect("example fleet");
+        let spec = FleetSpec::from_toml(&text).expect("fleet");
+        let first = Commit {
+            fleet: Some((spec.clone(), 1)),
+            table: Some(table(1, 1)),
+            ..Commit::default()
+        };
+        commit(inner.as_ref(), &State::default(), &first)
+            .await
+            .expect("commit");
+        let held = load(inner.as_ref()).await.expect("load");
+        assert_eq!((held.version.0, held.fleet_generation), (1, 1));
+        // The next fleet and its routing land while a follower reads.
+        let mut next = spec;
+        next.edges[0].capacity_rps = 12_345.0;
+        let edge = next.edges[0].id.clone();
+        let second = Commit {
+            fleet: Some((next, 2)),
+            table: Some(table(2, 2)),
+            ..Commit::default()
+        };
+        let store = Interrupted {
+            inner,
+            commit: Mutex::new(Some((held.clone(), second))),
+        };
+        let read = load_since(&store, Some(&held)).await.expect("load");
+        let meta = &read.table.as_ref().expect("a table").meta;
+        assert_eq!(
+            (read.version.0, read.fleet_generation, meta.fleet_generation),
+            (2, 2, 2),
+            "the fleet and the routing of one commit"
+        );
+        let capacity = read
+            .fleet
+            .as_ref()
+            .and_then(|f| f.edges.values().find(|e| e.id.as_str() == edge))
+            .map(|e| e.capacity_rps);
+        assert_eq!(capacity, Some(12_345.0));
     }
 }
