@@ -208,7 +208,18 @@ pub enum ProtocolError {
     Replaced,
     #[error("ack for version {version} with the nonce of version {sent}")]
     WrongVersion { version: u64, sent: u64 },
+    #[error("{0} subscribers are known already")]
+    TooMany(usize),
 }
+
+/// A subscriber disconnected this long (a node decommissioned) leaves the
+/// status, and the stale count.
+pub const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
+
+/// Subscribers known at once (connected, or disconnected for less than
+/// [`FORGET_AFTER_MS`]): far above a fleet's nodes, and a bound on what
+/// clients naming ever new nodes can make the server keep.
+pub const MAX_SUBSCRIBERS: usize = 200_000;
 
 /// Per-subscriber status of every subscriber seen, connected or not.
 #[derive(Debug, Default)]
@@ -244,7 +255,11 @@ impl Registry {
         }
         let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let mut subs = lock(&self.subscribers);
-        let s = subs.entry(id.key()).or_default();
+        let key = id.key();
+        if subs.len() >= MAX_SUBSCRIBERS && !subs.contains_key(&key) {
+            return Err(ProtocolError::TooMany(MAX_SUBSCRIBERS));
+        }
+        let s = subs.entry(key).or_default();
         *s = SubscriberStatus {
             node_id: id.node_id.clone(),
             kind: id.kind.clone(),
@@ -383,10 +398,19 @@ impl Registry {
         lock(&self.subscribers).values().cloned().collect()
     }
 
-    /// Updates the "behind since" marks against the current version, and
+    /// Updates the "behind since" marks against the current version,
+    /// forgets subscribers disconnected for [`FORGET_AFTER_MS`], and
     /// returns every subscriber's status.
-    pub fn statuses(&self, current: u64, published_at_ms: u64) -> Vec<SubscriberStatus> {
+    pub fn statuses(
+        &self,
+        current: u64,
+        published_at_ms: u64,
+        now_ms: u64,
+    ) -> Vec<SubscriberStatus> {
         let mut subs = lock(&self.subscribers);
+        subs.retain(|_, s| {
+            s.connected || now_ms.saturating_sub(s.last_contact_ms) < FORGET_AFTER_MS
+        });
         for s in subs.values_mut() {
             if s.version_applied >= current {
                 s.behind_since_ms = 0;
@@ -473,7 +497,7 @@ mod tests {
         // version, with or without it, changes nothing.
         assert_eq!(r.ack(&k, s, 5, "", 3), Ok(false));
         assert_eq!(r.ack(&k, s, 5, "n2", 3), Ok(false));
-        let st = &r.statuses(5, 100)[0];
+        let st = &r.statuses(5, 100, 3)[0];
         assert_eq!((st.version_applied, st.last_nack_version), (4, 5));
         assert_eq!(st.last_nack_reason, "bad upstream");
         assert_eq!(st.behind_since_ms, 100);
@@ -482,7 +506,7 @@ mod tests {
         assert_eq!(r.ack(&k, s, 4, "n1", 6), Err(ProtocolError::Replaced));
         assert!(r.is_current(&k, s2));
         r.disconnect(&k, s, 7);
-        assert!(r.statuses(5, 100)[0].connected);
+        assert!(r.statuses(5, 100, 7)[0].connected);
         // A node of another kind with the same name is another subscriber.
         let dns = Identity {
             kind: "dns".into(),
@@ -491,6 +515,13 @@ mod tests {
         let d = r.connect(&dns, 0, 8).expect("connect dns");
         assert!(r.is_current(&k, s2) && r.is_current(&dns.key(), d));
         assert_eq!(r.list().len(), 2);
+        // A node gone for a day is forgotten; a connected one, however
+        // quiet, is not.
+        r.disconnect(&dns.key(), d, 10);
+        assert_eq!(r.statuses(5, 100, 10 + FORGET_AFTER_MS - 1).len(), 2);
+        let left = r.statuses(5, 100, 10 + FORGET_AFTER_MS);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].kind, "proxy");
         assert_eq!(
             r.connect(
                 &Identity {

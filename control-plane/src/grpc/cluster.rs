@@ -30,7 +30,7 @@ pub struct ClusterApi {
 pub fn subscribers(d: &Distribution, stale_after_ms: u64, now_ms: u64) -> Vec<pb::Subscriber> {
     let current = d.publisher.current().version;
     d.registry
-        .statuses(current, d.publisher.published_at_ms())
+        .statuses(current, d.publisher.published_at_ms(), now_ms)
         .into_iter()
         .map(|s| pb::Subscriber {
             stale: s.behind_since_ms > 0
