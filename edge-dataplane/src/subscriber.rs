@@ -304,7 +304,8 @@ pub async fn run<B: Build>(
             return;
         }
         let url = &urls[attempt % urls.len()];
-        let session = follow(&opts, url, builder.as_ref(), &out, &mut held);
+        let started = tokio::time::Instant::now();
+        let session = follow(&opts, url, &builder, &out, &mut held);
         let result = tokio::select! {
             r = session => r,
             _ = shutdown.changed() => return,
@@ -315,6 +316,10 @@ pub async fn run<B: Build>(
                 backoff = Duration::from_millis(100);
             }
             Err(e) => {
+                // A failure after a long session starts the backoff over.
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(100);
+                }
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed");
                 attempt += 1;
             }
@@ -363,7 +368,7 @@ pub fn control_plane_urls(list: &str) -> Vec<String> {
 async fn follow<B: Build>(
     opts: &Options,
     url: &str,
-    builder: &B,
+    builder: &Arc<B>,
     out: &watch::Sender<Option<Arc<Applied<B::Output>>>>,
     held: &mut Option<(u64, State)>,
 ) -> Result<(), SessionError> {
@@ -480,16 +485,25 @@ async fn follow<B: Build>(
             state.apply(c);
         }
         let config = state.to_config();
-        let verdict = match builder.build(version, &config) {
-            Ok(value) => {
+        // Building (DNS tables over a whole RIB take seconds) and the fsync
+        // run off the event loop, which also carries the load reports.
+        let work = {
+            let (builder, dir, node) =
+                (builder.clone(), opts.data_dir.clone(), opts.node_id.clone());
+            let kind = opts.kind;
+            tokio::task::spawn_blocking(move || {
+                let value = builder.build(version, &config)?;
                 let at = now_ms();
-                if let Err(e) = store(
-                    &opts.data_dir,
-                    (&opts.node_id, opts.kind),
-                    version,
-                    &config,
-                    at,
-                ) {
+                let stored = store(&dir, (&node, kind), version, &config, at);
+                Ok::<_, String>((value, at, stored))
+            })
+        };
+        let done = work.await.map_err(|e| {
+            SessionError::Protocol(format!("applying version {version} failed: {e}"))
+        })?;
+        let verdict = match done {
+            Ok((value, at, stored)) => {
+                if let Err(e) = stored {
                     // Serving it without persisting would break static
                     // stability after a restart: refuse it. The failure is
                     // this node's, not the config's: the session ends and
