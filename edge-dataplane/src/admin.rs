@@ -133,7 +133,7 @@ impl Admin {
         if let Some(log) = &self.access_log {
             r.register(
                 "access_log_lines",
-                "Lines written to the access log (--access-log)",
+                "Exchanges logged to the access log (--access-log), written or lost",
                 ConstCounter::new(load(&log.lines)),
             );
             r.register(
