@@ -10,9 +10,11 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
@@ -20,6 +22,38 @@ use tracing::{debug, warn};
 use crate::access::AccessLog;
 use crate::proxy::{Current, Stats};
 use crate::upstream::Endpoints;
+
+/// One value of a labelled metric, read at scrape time.
+#[derive(Debug)]
+enum Value {
+    Counter(u64),
+    /// (sum, count, each bucket's own count with `+Inf` last).
+    Histogram((f64, u64, Vec<(f64, u64)>)),
+}
+
+/// A metric family of one type read at scrape time: one value per label
+/// set.
+#[derive(Debug)]
+struct Labelled(MetricType, Vec<(Vec<(String, String)>, Value)>);
+
+impl EncodeMetric for Labelled {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, value) in &self.1 {
+            let mut e = encoder.encode_family(labels)?;
+            match value {
+                Value::Counter(v) => e.encode_counter::<NoLabelSet, _, u64>(v, None)?,
+                Value::Histogram((sum, count, buckets)) => {
+                    e.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0
+    }
+}
 
 /// What the admin port reports.
 #[derive(Debug, Clone)]
@@ -129,6 +163,60 @@ impl Admin {
             "config_from_disk",
             "1 when serving the config persisted before the last restart",
             ConstGauge::new(i64::from(held.as_ref().is_some_and(|c| c.from_disk))),
+        );
+        let origins = self.endpoints.all_origin_stats();
+        r.register(
+            "origin_responses",
+            "Answers from each origin, by status class",
+            Labelled(
+                MetricType::Counter,
+                origins
+                    .iter()
+                    .flat_map(|(id, o)| {
+                        (1..=5).map(move |class| {
+                            (
+                                vec![
+                                    ("origin".to_owned(), id.clone()),
+                                    ("class".to_owned(), format!("{class}xx")),
+                                ],
+                                Value::Counter(load(&o.responses[class])),
+                            )
+                        })
+                    })
+                    .collect(),
+            ),
+        );
+        r.register(
+            "origin_failures",
+            "Requests each origin did not answer (connect errors, timeouts, answers cut or malformed)",
+            Labelled(
+                MetricType::Counter,
+                origins
+                    .iter()
+                    .map(|(id, o)| {
+                        (
+                            vec![("origin".to_owned(), id.clone())],
+                            Value::Counter(load(&o.failures)),
+                        )
+                    })
+                    .collect(),
+            ),
+        );
+        r.register(
+            "origin_response_seconds",
+            "Time from trying an origin endpoint (connecting included) to its response head",
+            Labelled(
+                MetricType::Histogram,
+                origins
+                    .iter()
+                    .map(|(id, o)| {
+                        (
+                            vec![("origin".to_owned(), id.clone())],
+                            Value::Histogram(o.response_time.snapshot()),
+                        )
+                    })
+                    .collect(),
+            ),
         );
         if let Some(log) = &self.access_log {
             r.register(

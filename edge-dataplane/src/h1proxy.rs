@@ -620,6 +620,9 @@ async fn attempt_endpoint(
     origin: &Origin,
     ep: &Arc<EndpointState>,
 ) -> Result<Next, Failure> {
+    // From the (last) try at this endpoint, connecting included, to the
+    // response head.
+    let mut sent = Instant::now();
     let (mut up, mut reused) = match pool.take(ep.addr) {
         Some(s) => (s, true),
         None => (connect(proxy, ep.addr).await?, false),
@@ -637,6 +640,7 @@ async fn attempt_endpoint(
                 // Nothing of it can have been acted on: the head or the
                 // body is incomplete at the origin.
                 if reused && !c.interim_sent {
+                    sent = Instant::now();
                     up = connect(proxy, ep.addr).await?;
                     reused = false;
                     continue;
@@ -657,12 +661,14 @@ async fn attempt_endpoint(
                 if !head.idempotent {
                     return Err(Failure::Stale(e));
                 }
+                sent = Instant::now();
                 up = connect(proxy, ep.addr).await?;
                 reused = false;
             }
             Err(e) => return Err(e),
         }
     };
+    origin.stats.answered(response.status, sent.elapsed());
     if (500..600).contains(&response.status) {
         proxy.endpoint_5xx(origin, ep);
     } else {

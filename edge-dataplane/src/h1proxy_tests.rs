@@ -155,6 +155,8 @@ struct Edge {
     stats: Arc<Stats>,
     /// Tells the proxy worker to stop.
     stop: watch::Sender<bool>,
+    /// Endpoint health and origin stats.
+    endpoints: Arc<Endpoints>,
 }
 
 async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut Proxy)) -> Edge {
@@ -197,7 +199,12 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut P
     let addr = l.local_addr().expect("addr");
     let (stop, rx) = watch::channel(false);
     tokio::spawn(serve(l, Arc::new(proxy), rx));
-    Edge { addr, stats, stop }
+    Edge {
+        addr,
+        stats,
+        stop,
+        endpoints: builder.endpoints.clone(),
+    }
 }
 
 async fn edge(origins: &[(&str, SocketAddr, f64)]) -> Edge {
@@ -1784,4 +1791,121 @@ async fn every_exchange_is_logged_on_both_paths_with_its_outcome() {
     assert_eq!(w["bytes"], 5);
     assert!(w["duration_ms"].as_f64().is_some_and(|d| d >= 200.0), "{w}");
     assert_eq!(log.lines.load(Ordering::Relaxed), 6);
+}
+
+#[tokio::test]
+async fn each_origin_s_answers_failures_and_response_times_are_in_the_metrics() {
+    let fast = Origin::start(|_| ok("fast")).await;
+    let slow = Origin::start(|_| [&b"SLOW"[..], &ok("slow")].concat()).await;
+    let held =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let dead = held.local_addr().expect("addr").as_socket().expect("IP");
+    let e = edge(&[("fast", fast.addr, 1.0)]).await;
+    for _ in 0..3 {
+        assert_eq!(
+            once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+            200
+        );
+    }
+    // Handed to hyper: counted the same way.
+    assert_eq!(once(e.addr, b"GET / HTTP/1.0\r\n\r\n").await.0, 200);
+    let s = edge(&[("slow", slow.addr, 1.0)]).await;
+    assert_eq!(
+        once(s.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+        200
+    );
+    let d = edge(&[("dead", dead, 1.0)]).await;
+    assert_eq!(
+        once(d.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+        502
+    );
+    let text = |e: &Edge| {
+        crate::admin::Admin {
+            stats: e.stats.clone(),
+            current: Arc::new(ArcSwapOption::empty()),
+            endpoints: e.endpoints.clone(),
+            access_log: None,
+        }
+        .metrics()
+    };
+    let value = |text: &str, line: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+    };
+    let m = text(&e);
+    assert!(
+        m.contains("# TYPE sextant_edge_origin_response_seconds histogram"),
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_responses_total{origin=\"fast\",class=\"2xx\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_responses_total{origin=\"fast\",class=\"5xx\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(&m, "sextant_edge_origin_failures_total{origin=\"fast\"}"),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_response_seconds_count{origin=\"fast\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_response_seconds_bucket{le=\"+Inf\",origin=\"fast\"}"
+        ),
+        4.0
+    );
+    // The slow origin answers after 300 ms: above the 0.25 s bucket,
+    // within the 0.5 s one.
+    let m = text(&s);
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_response_seconds_bucket{le=\"0.25\",origin=\"slow\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_response_seconds_bucket{le=\"0.5\",origin=\"slow\"}"
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            "sextant_edge_origin_response_seconds_sum{origin=\"slow\"}"
+        ) >= 0.3
+    );
+    let m = text(&d);
+    assert_eq!(
+        value(&m, "sextant_edge_origin_failures_total{origin=\"dead\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "sextant_edge_origin_response_seconds_count{origin=\"dead\"}"
+        ),
+        0.0
+    );
 }

@@ -362,6 +362,7 @@ impl Proxy {
     /// Records a request that got no response from `ep` (passive health).
     pub fn upstream_failed(&self, origin: &Origin, ep: &EndpointState, error: &str) {
         self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        origin.stats.failures.fetch_add(1, Ordering::Relaxed);
         if ep.failure(now_ms()) {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             warn!(origin = %origin.id, endpoint = %ep.addr, error, "endpoint ejected");
@@ -513,6 +514,7 @@ impl Proxy {
                 continue;
             };
             let Some(r) = req.take() else { break };
+            let started = Instant::now();
             let sent = tokio::time::timeout(
                 self.upstream_timeout,
                 conns.send(ep.addr, r, self.connect_timeout),
@@ -524,6 +526,9 @@ impl Proxy {
                         self.upstream_failed(origin, ep, &e);
                         return text(StatusCode::BAD_GATEWAY, about(origin, e));
                     }
+                    origin
+                        .stats
+                        .answered(resp.status().as_u16(), started.elapsed());
                     if resp.status().is_server_error() {
                         self.endpoint_5xx(origin, ep);
                     } else {

@@ -63,10 +63,77 @@ impl EndpointState {
     }
 }
 
-/// Endpoint states by address, so that health survives config swaps.
+/// Upper bounds (µs) of the buckets of [`OriginStats::response_time`]:
+/// 250 µs to 30 s.
+pub const RESPONSE_TIME_BOUNDS_US: [u64; 16] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000, 30_000_000,
+];
+
+/// What one origin has served, by id, across config versions.
+#[derive(Debug, Default)]
+pub struct OriginStats {
+    /// Answers from the origin by status class: 1xx..5xx at index 1..5.
+    pub responses: [AtomicU64; 6],
+    /// Requests it did not answer: connect errors, timeouts, answers cut
+    /// or refused as malformed.
+    pub failures: AtomicU64,
+    /// Time from sending a request to the origin to its response head.
+    pub response_time: Histogram,
+}
+
+impl OriginStats {
+    /// Records an answer with `status`, whose head came `elapsed` after the
+    /// request went out.
+    pub fn answered(&self, status: u16, elapsed: std::time::Duration) {
+        if let Some(c) = self.responses.get(usize::from(status / 100)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.response_time.observe(elapsed);
+    }
+}
+
+/// A latency histogram of atomics (buckets of [`RESPONSE_TIME_BOUNDS_US`],
+/// then the rest), cheap enough for every request.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; RESPONSE_TIME_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = RESPONSE_TIME_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, (upper bound in seconds, count) of each
+    /// bucket, `+Inf` last). The counts are each bucket's own: the text
+    /// encoder makes them cumulative.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            total += n;
+            let bound = RESPONSE_TIME_BOUNDS_US
+                .get(i)
+                .map_or(f64::INFINITY, |&us| us as f64 / 1e6);
+            out.push((bound, n));
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (sum, total, out)
+    }
+}
+
+/// Endpoint states by address, so that health survives config swaps, and
+/// origins' stats by id, so that their counters do.
 #[derive(Debug, Default)]
 pub struct Endpoints {
     by_addr: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    origins: Mutex<std::collections::BTreeMap<String, Arc<OriginStats>>>,
 }
 
 impl Endpoints {
@@ -78,6 +145,28 @@ impl Endpoints {
         m.entry(addr)
             .or_insert_with(|| Arc::new(EndpointState::new(addr)))
             .clone()
+    }
+
+    /// The stats of origin `id`.
+    pub fn origin_stats(&self, id: &str) -> Arc<OriginStats> {
+        let mut m = self
+            .origins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = m.get(id) {
+            return s.clone();
+        }
+        m.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Every origin's stats, by id.
+    pub fn all_origin_stats(&self) -> Vec<(String, Arc<OriginStats>)> {
+        self.origins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect()
     }
 
     /// Every ejected endpoint.
@@ -100,6 +189,8 @@ pub struct Origin {
     pub header: hyper::header::HeaderValue,
     pub weight: f64,
     pub endpoints: Vec<Arc<EndpointState>>,
+    /// What it has served (shared with earlier and later versions).
+    pub stats: Arc<OriginStats>,
     next: AtomicU32,
 }
 
@@ -204,6 +295,7 @@ impl Build for UpstreamBuilder {
                 id: o.id.clone(),
                 weight: w.weight,
                 endpoints,
+                stats: self.endpoints.origin_stats(&o.id),
                 next: AtomicU32::new(0),
             });
         }
