@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::proxy::{Current, Stats};
-use crate::upstream::Endpoints;
+use crate::upstream::{Endpoints, OriginStats};
 
 /// One value of a labelled metric, read at scrape time.
 #[derive(Debug)]
@@ -186,37 +186,26 @@ impl Admin {
                     .collect(),
             ),
         );
+        let per_origin = |kind, value: &dyn Fn(&OriginStats) -> Value| {
+            Labelled(
+                kind,
+                origins
+                    .iter()
+                    .map(|(id, o)| (vec![("origin".to_owned(), id.clone())], value(o)))
+                    .collect(),
+            )
+        };
         r.register(
             "origin_failures",
             "Requests each origin did not answer (connect errors, timeouts, answers cut or malformed)",
-            Labelled(
-                MetricType::Counter,
-                origins
-                    .iter()
-                    .map(|(id, o)| {
-                        (
-                            vec![("origin".to_owned(), id.clone())],
-                            Value::Counter(load(&o.failures)),
-                        )
-                    })
-                    .collect(),
-            ),
+            per_origin(MetricType::Counter, &|o| Value::Counter(load(&o.failures))),
         );
         r.register(
             "origin_response_seconds",
             "Time from trying an origin endpoint (connecting included) to its response head",
-            Labelled(
-                MetricType::Histogram,
-                origins
-                    .iter()
-                    .map(|(id, o)| {
-                        (
-                            vec![("origin".to_owned(), id.clone())],
-                            Value::Histogram(o.response_time.snapshot()),
-                        )
-                    })
-                    .collect(),
-            ),
+            per_origin(MetricType::Histogram, &|o| {
+                Value::Histogram(o.response_time.snapshot())
+            }),
         );
         if let Some(log) = &self.access_log {
             r.register(

@@ -28,6 +28,15 @@ fn subscriber(ctl: &Ctl, node: &str, kind: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// A runtime whose connections run on a worker, so that checks that
+/// block the test's thread (`sextantctl status`) do not stall them.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
 fn applies(e: &EdgeProxy, v: u64, what: &str) -> Result<()> {
     eventually(Duration::from_secs(10), what, || {
         (e.config_version().ok()? == v).then_some(())
@@ -78,11 +87,7 @@ fn a_dns_server_named_like_an_edge_is_another_subscriber() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cp = ControlPlane::start(dir.path(), Some(&sextant_tests::example_fleet()))?;
     let url = cp.url();
-    // The connection runs on a worker: the checks below block this thread.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async {
         // ams1 is an edge of the example fleet; a DNS server may be named
         // after its site too.
@@ -115,11 +120,7 @@ fn a_version_claimed_ahead_of_the_control_plane_is_not_taken_as_applied() -> Res
     let ctl = cp.ctl();
     let current = version(&ctl)?;
     let url = cp.url();
-    // The connection runs on a worker: the checks below block this thread.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async {
         let (tx, mut s) = subscribe(&url, hello("dns-x", pb::NodeKind::Dns, 1000)).await?;
         let started = std::time::Instant::now();
