@@ -1,6 +1,6 @@
 //! The access log: one JSON line per exchange, collected in memory and
-//! written in batches, so that the request path makes no system call for
-//! it.
+//! written in batches by a thread of its own, so that the request path
+//! makes no system call for it and never waits for the sink.
 //!
 //! A line (fields always in this order; `origin` and `error` are `null`
 //! when there is none):
@@ -25,15 +25,18 @@ use std::fs::File;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::warn;
+use tracing::{info, warn};
 
-/// Lines are written once this many bytes are waiting (and by the
-/// flusher every second).
+/// The writer writes once this many bytes are waiting, or every second.
 const WRITE_AT: usize = 64 * 1024;
+
+/// Past this many bytes waiting (a sink that does not take them), new
+/// lines are dropped and counted as lost.
+pub const MAX_PENDING: usize = 8 * 1024 * 1024;
 
 /// Where the lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,77 +84,212 @@ pub struct Entry<'a> {
     pub error: Option<&'a str>,
 }
 
-/// The access log of one edge, shared by its workers.
+/// The access log of one edge, shared by its workers. Recording a line
+/// only appends it to memory; a thread of its own writes the lines, so a
+/// slow or stuck sink loses lines (counted), never stalls a request.
 #[derive(Debug)]
 pub struct AccessLog {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
     sink: Sink,
-    /// `None` for standard output.
-    file: Mutex<Option<File>>,
-    /// Lines not yet written.
-    pending: Mutex<Vec<u8>>,
-    /// Lines logged, and lines lost to write errors.
-    pub lines: AtomicU64,
-    pub lost: AtomicU64,
-    /// Whether the last write failed (its error is logged once).
-    failing: AtomicBool,
+    queue: Mutex<Queue>,
+    /// To the writer: lines are waiting, a flush, a reopen or the end.
+    wake: Condvar,
+    /// From the writer: a pass is done.
+    done: Condvar,
+    lines: AtomicU64,
+    lost: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    pending: Vec<u8>,
+    /// Lines logged before a reopen was asked for: the old file's.
+    before_reopen: Option<Vec<u8>>,
+    /// Flushes asked for, and the last one the writer has served.
+    asked: u64,
+    served: u64,
+    stop: bool,
+    stopped: bool,
 }
 
 impl AccessLog {
-    /// Opens `sink` for appending.
+    /// Opens `sink` for appending and starts its writer.
     pub fn open(sink: Sink) -> Result<Self, AccessLogError> {
         let file = open_file(&sink)?;
-        Ok(Self {
+        let inner = Arc::new(Inner {
             sink,
-            file: Mutex::new(file),
-            pending: Mutex::new(Vec::with_capacity(WRITE_AT * 2)),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            done: Condvar::new(),
             lines: AtomicU64::new(0),
             lost: AtomicU64::new(0),
-            failing: AtomicBool::new(false),
+        });
+        let writer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(&inner, file))
+                .map_err(|source| AccessLogError {
+                    path: PathBuf::from("(the access log's writer thread)"),
+                    source,
+                })?
+        };
+        Ok(Self {
+            inner,
+            writer: Mutex::new(Some(writer)),
         })
     }
 
-    /// Adds a line; writes the lines waiting once there are enough.
+    /// Lines logged (written, waiting, or lost).
+    pub fn lines(&self) -> u64 {
+        self.inner.lines.load(Ordering::Relaxed)
+    }
+
+    /// Lines lost: a write failed, or more than [`MAX_PENDING`] bytes were
+    /// waiting for a sink that did not take them.
+    pub fn lost(&self) -> u64 {
+        self.inner.lost.load(Ordering::Relaxed)
+    }
+
+    /// Adds a line (never waits for the sink).
     pub fn record(&self, e: &Entry<'_>) {
-        let mut pending = lock(&self.pending);
-        format(e, &mut pending);
-        self.lines.fetch_add(1, Ordering::Relaxed);
-        if pending.len() >= WRITE_AT {
-            let out = std::mem::take(&mut *pending);
-            drop(pending);
-            self.write(&out);
+        self.inner.lines.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.inner.queue);
+        if q.pending.len() >= MAX_PENDING {
+            drop(q);
+            self.inner.lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        format(e, &mut q.pending);
+        let enough = q.pending.len() >= WRITE_AT;
+        drop(q);
+        if enough {
+            self.inner.wake.notify_one();
         }
     }
 
-    /// Writes the lines waiting.
+    /// Waits (at most 5 s) until the lines logged so far are written.
     pub fn flush(&self) {
-        let out = std::mem::take(&mut *lock(&self.pending));
-        if !out.is_empty() {
-            self.write(&out);
+        let mut q = lock(&self.inner.queue);
+        q.asked += 1;
+        let want = q.asked;
+        self.inner.wake.notify_one();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while q.served < want && !q.stopped {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            q = self
+                .inner
+                .done
+                .wait_timeout(q, left)
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
     }
 
-    /// Writes what is waiting, then opens the file again by its name
-    /// (after a rotation moved it away). On failure the old file is kept.
-    pub fn reopen(&self) -> Result<(), AccessLogError> {
-        self.flush();
-        let file = open_file(&self.sink)?;
-        *lock(&self.file) = file;
-        Ok(())
+    /// Has the file opened again by its name (after a rotation moved it
+    /// away): lines logged until now go to the old file, later ones to the
+    /// new. The writer logs whether it worked (on failure it keeps the old
+    /// file).
+    pub fn reopen(&self) {
+        let mut q = lock(&self.inner.queue);
+        let lines = std::mem::take(&mut q.pending);
+        match &mut q.before_reopen {
+            Some(b) => b.extend_from_slice(&lines),
+            None => q.before_reopen = Some(lines),
+        }
+        drop(q);
+        self.inner.wake.notify_one();
     }
 
-    fn write(&self, bytes: &[u8]) {
-        let written = match &mut *lock(&self.file) {
-            Some(f) => f.write_all(bytes),
-            None => io::stdout().lock().write_all(bytes),
-        };
-        match written {
-            Ok(()) => self.failing.store(false, Ordering::Relaxed),
-            Err(e) => {
-                let n = bytes.iter().filter(|&&b| b == b'\n').count();
-                self.lost.fetch_add(n as u64, Ordering::Relaxed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    warn!(error = %e, sink = ?self.sink, "cannot write the access log: lines are lost until it works again");
+    /// Writes what is waiting and stops the writer (at most 5 s).
+    pub fn close(&self) {
+        lock(&self.inner.queue).stop = true;
+        self.inner.wake.notify_one();
+        self.flush();
+        if lock(&self.inner.queue).stopped {
+            if let Some(w) = lock(&self.writer).take() {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer: waits for lines (or a second), writes them, and serves
+/// flushes, reopens and the end.
+fn write_lines(inner: &Inner, mut file: Option<File>) {
+    let mut failing = false;
+    let mut out = Vec::with_capacity(WRITE_AT * 2);
+    let mut q = lock(&inner.queue);
+    loop {
+        let idle = q.pending.len() < WRITE_AT
+            && q.before_reopen.is_none()
+            && q.asked == q.served
+            && !q.stop;
+        if idle {
+            q = inner
+                .wake
+                .wait_timeout(q, Duration::from_secs(1))
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+        }
+        let old = q.before_reopen.take();
+        std::mem::swap(&mut q.pending, &mut out);
+        let (asked, stop) = (q.asked, q.stop);
+        drop(q);
+        if let Some(old) = old {
+            write(inner, &mut file, &old, &mut failing);
+            match open_file(&inner.sink) {
+                Ok(f) => {
+                    file = f;
+                    info!("access log reopened");
                 }
+                Err(e) => {
+                    warn!(error = %e, "cannot reopen the access log: still writing to the old file")
+                }
+            }
+        }
+        write(inner, &mut file, &out, &mut failing);
+        out.clear();
+        q = lock(&inner.queue);
+        q.served = asked;
+        if stop && q.pending.is_empty() && q.before_reopen.is_none() {
+            q.stopped = true;
+            inner.done.notify_all();
+            return;
+        }
+        inner.done.notify_all();
+    }
+}
+
+/// Writes `bytes` (whole lines) to the sink; a failure loses them, counted,
+/// and is logged once until a write works again.
+fn write(inner: &Inner, file: &mut Option<File>, bytes: &[u8], failing: &mut bool) {
+    if bytes.is_empty() {
+        return;
+    }
+    let written = match file {
+        Some(f) => f.write_all(bytes),
+        None => io::stdout().lock().write_all(bytes),
+    };
+    match written {
+        Ok(()) => *failing = false,
+        Err(e) => {
+            let n = bytes.iter().filter(|&&b| b == b'\n').count();
+            inner.lost.fetch_add(n as u64, Ordering::Relaxed);
+            if !std::mem::replace(failing, true) {
+                warn!(error = %e, sink = ?inner.sink, "cannot write the access log: lines are lost until it works again");
             }
         }
     }
@@ -283,8 +421,6 @@ mod tests {
         let path = dir.path().join("access.log");
         let log = AccessLog::open(Sink::File(path.clone())).expect("open");
         log.record(&entry(b"/1", Some("a"), None));
-        // Not written yet: it waits for a batch or the flusher.
-        assert_eq!(std::fs::read(&path).expect("read").len(), 0);
         log.flush();
         assert_eq!(
             std::fs::read_to_string(&path)
@@ -293,18 +429,24 @@ mod tests {
                 .count(),
             1
         );
-        // Enough lines are written without a flush.
+        // A batch's worth is written by the writer alone.
         let mut n = 1;
-        while std::fs::read(&path).expect("read").len() < WRITE_AT {
+        let mut line = Vec::new();
+        format(&entry(b"/many", Some("a"), None), &mut line);
+        for _ in 0..=WRITE_AT / line.len() {
             log.record(&entry(b"/many", Some("a"), None));
             n += 1;
-            assert!(n < 10_000, "a batch was never written");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read(&path).expect("read").len() < WRITE_AT {
+            assert!(Instant::now() < deadline, "a batch was never written");
+            std::thread::sleep(Duration::from_millis(10));
         }
         // Rotation: the file moves away, the log opens the name again.
         let moved = dir.path().join("access.log.1");
         std::fs::rename(&path, &moved).expect("rename");
         log.record(&entry(b"/after", Some("a"), None));
-        log.reopen().expect("reopen");
+        log.reopen();
         log.record(&entry(b"/new", Some("a"), None));
         log.flush();
         let old = std::fs::read_to_string(&moved).expect("read");
@@ -312,8 +454,38 @@ mod tests {
         assert!(old.lines().last().is_some_and(|l| l.contains("\"/after\"")));
         assert_eq!(new.lines().count(), 1);
         assert!(new.contains("\"/new\""));
-        assert_eq!(log.lines.load(Ordering::Relaxed), n + 2);
-        assert_eq!(log.lost.load(Ordering::Relaxed), 0);
+        assert_eq!(log.lines(), n + 2);
+        assert_eq!(log.lost(), 0);
+    }
+
+    #[test]
+    fn a_sink_that_takes_nothing_loses_lines_but_never_holds_up_a_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        // A reader that opens the pipe and never reads.
+        let f = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::File::open(f).expect("reader"));
+        let log = AccessLog::open(Sink::File(fifo)).expect("open");
+        let _stuck = reader.join().expect("reader");
+        let started = Instant::now();
+        let target = vec![b'x'; 1000];
+        let n = 3 * MAX_PENDING / 1000;
+        for _ in 0..n {
+            log.record(&entry(&target, Some("a"), None));
+        }
+        // Well over the pipe's buffer and MAX_PENDING, yet no call waited.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(log.lines(), n as u64);
+        assert!(log.lost() > (n / 2) as u64, "lost {} of {n}", log.lost());
     }
 
     #[test]
@@ -331,6 +503,6 @@ mod tests {
         log.record(&entry(b"/1", None, None));
         log.record(&entry(b"/2", None, None));
         log.flush();
-        assert_eq!(log.lost.load(Ordering::Relaxed), 2);
+        assert_eq!(log.lost(), 2);
     }
 }

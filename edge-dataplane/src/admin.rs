@@ -211,12 +211,12 @@ impl Admin {
             r.register(
                 "access_log_lines",
                 "Exchanges logged to the access log (--access-log), written or lost",
-                ConstCounter::new(load(&log.lines)),
+                ConstCounter::new(log.lines()),
             );
             r.register(
                 "access_log_lost_lines",
-                "Access log lines lost because a write failed (disk full, no permission)",
-                ConstCounter::new(load(&log.lost)),
+                "Access log lines lost: a write failed (disk full, no permission), or the sink took nothing while 8 MiB waited",
+                ConstCounter::new(log.lost()),
             );
         }
         let mut out = String::new();

@@ -82,6 +82,11 @@ pub(crate) async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, Ed
 
 /// Runs the edge until `shutdown` completes.
 pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
+    // First of all: SIGUSR1 (`systemctl reload`) must never stop an edge,
+    // whether it has an access log to reopen or not.
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .inspect_err(|e| warn!(error = %e, "cannot watch SIGUSR1"))
+        .ok();
     std::fs::create_dir_all(&config.data_dir).map_err(|source| EdgeError::DataDir {
         dir: config.data_dir.clone(),
         source,
@@ -135,10 +140,9 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
             },
         ));
     }
-    // Until the workers are done, the grace included.
-    let log_keeper = access_log
-        .as_ref()
-        .map(|log| tokio::spawn(keep_access_log(log.clone())));
+    if let Some(s) = usr1 {
+        tokio::spawn(reopen_on_sigusr1(s, access_log.clone()));
+    }
     tokio::spawn(reporter::run(
         ReporterConfig {
             control_plane: config.control_plane.clone(),
@@ -183,34 +187,20 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     })
     .await;
-    if let (Some(log), Some(keeper)) = (&access_log, log_keeper) {
-        keeper.abort();
-        log.flush();
+    if let Some(log) = &access_log {
+        log.close();
     }
     Ok(())
 }
 
-/// Writes the access log's lines every second, and opens its file again
-/// on SIGUSR1 (after a rotation moved it away, as with nginx).
-async fn keep_access_log(log: Arc<AccessLog>) {
-    let mut reopen =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!(error = %e, "cannot watch SIGUSR1: the access log will not be reopened");
-                None
-            }
-        };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => log.flush(),
-            Some(()) = async { match &mut reopen { Some(s) => s.recv().await, None => None } } => {
-                match log.reopen() {
-                    Ok(()) => info!("access log reopened"),
-                    Err(e) => warn!(error = %e, "cannot reopen the access log: still writing to the old file"),
-                }
-            }
+/// Opens the access log's file again on SIGUSR1 (after a rotation moved
+/// it away, as with nginx). Without an access log the signal is ignored:
+/// `systemctl reload` must never stop an edge.
+async fn reopen_on_sigusr1(mut signals: tokio::signal::unix::Signal, log: Option<Arc<AccessLog>>) {
+    while signals.recv().await.is_some() {
+        match &log {
+            Some(log) => log.reopen(),
+            None => info!("SIGUSR1: no access log to reopen"),
         }
     }
 }

@@ -655,8 +655,15 @@ pub fn local_response(status: hyper::StatusCode, what: &str, close: bool) -> Vec
 
 /// The body of an answer the proxy makes itself.
 pub fn local_body(what: impl std::fmt::Display) -> String {
-    format!("sextant-edge: {what}\n")
+    format!("{LOCAL_PREFIX}{what}\n")
 }
+
+/// The length of [`local_body`]`(what)`.
+pub fn local_body_len(what: &str) -> u64 {
+    (LOCAL_PREFIX.len() + what.len() + 1) as u64
+}
+
+const LOCAL_PREFIX: &str = "sextant-edge: ";
 
 /// Why a chunked body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -228,13 +228,9 @@ struct Conn {
     /// A 1xx of the origin's went to the client in this exchange: it
     /// cannot be sent elsewhere any more.
     interim_sent: bool,
-    /// For the access log, when there is one: when this exchange's head
-    /// had arrived, the status and body bytes the client was sent so far,
-    /// and what cut the exchange.
-    started: Option<(SystemTime, Instant)>,
-    status: u16,
-    sent: u64,
-    cut: Option<String>,
+    /// The access log's record of the exchange under way (only when
+    /// there is an access log).
+    logged: Option<Box<Exchange>>,
     cbuf: Buf,
     ubuf: Buf,
     /// The request as it goes upstream: head, then its whole body.
@@ -256,25 +252,18 @@ impl Conn {
         head.keep_alive && !self.stop.is_cancelled()
     }
 
-    /// A request's head has arrived: a new exchange (and its clock, when
-    /// there is an access log).
+    /// A request's head has arrived (in `self.request` as it will be
+    /// forwarded; empty for a head refused as malformed): a new exchange,
+    /// and, when there is an access log, its record (kept when already
+    /// begun: the body was still arriving).
     fn begin(&mut self, proxy: &Proxy) {
         self.interim_sent = false;
-        self.status = 0;
-        self.sent = 0;
-        self.cut = None;
-        self.started = proxy
-            .access_log
-            .as_ref()
-            .map(|_| (SystemTime::now(), Instant::now()));
-    }
-
-    /// Logs the exchange under way, with the request line of the request
-    /// forwarded (`-` when there is none: a head refused as malformed).
-    fn log(&self, proxy: &Proxy, origin: Option<&str>, error: Option<&str>) {
-        let (Some(log), Some((time, at))) = (&proxy.access_log, self.started) else {
+        let Some(log) = &proxy.access_log else {
             return;
         };
+        if self.logged.is_some() {
+            return;
+        }
         let mut words = self
             .request
             .split(|&b| b == b'\r' || b == b'\n')
@@ -285,18 +274,34 @@ impl Conn {
             words.next().filter(|w| !w.is_empty()).unwrap_or(b"-"),
             words.next().unwrap_or(b"-"),
         );
-        log.record(&Entry {
-            time,
+        self.logged = Some(Box::new(Exchange {
+            log: log.clone(),
+            time: SystemTime::now(),
+            at: Instant::now(),
             client: self.peer,
-            method,
-            target,
-            version: "HTTP/1.1",
-            status: self.status,
-            bytes: self.sent,
-            duration: at.elapsed(),
-            origin,
-            error: error.or(self.cut.as_deref()),
-        });
+            method: method.to_vec(),
+            target: target.to_vec(),
+            status: 0,
+            sent: 0,
+            origin: None,
+            cut: None,
+            written: false,
+        }));
+    }
+
+    /// Notes, for the access log, the answer's status, the body bytes
+    /// sent, the origin tried, or what cut the exchange.
+    fn note(&mut self, f: impl FnOnce(&mut Exchange)) {
+        if let Some(x) = &mut self.logged {
+            f(x);
+        }
+    }
+
+    /// Logs the exchange under way (once).
+    fn log(&mut self, error: Option<&str>) {
+        if let Some(mut x) = self.logged.take() {
+            x.write(error);
+        }
     }
 
     /// Writes an answer the proxy makes itself, and logs it.
@@ -310,18 +315,75 @@ impl Conn {
         proxy.count_status(status.as_u16());
         let r = h1::local_response(status, what, close);
         let written = write_client(&mut self.client, &r).await;
-        self.status = if written.is_ok() {
-            status.as_u16()
-        } else {
-            499
-        };
-        self.sent = if written.is_ok() {
-            h1::local_body(what).len() as u64
-        } else {
-            0
-        };
-        self.log(proxy, None, Some(what));
+        let ok = written.is_ok();
+        self.note(|x| {
+            (x.status, x.sent, x.origin) = if ok {
+                (status.as_u16(), h1::local_body_len(what), None)
+            } else {
+                (499, 0, None)
+            };
+        });
+        self.log(Some(what));
         written
+    }
+}
+
+/// An exchange as the access log will have it. Written once: by
+/// [`Conn::log`], or when dropped unwritten (the connection ended first:
+/// the client left mid-request, a timeout, the shutdown grace), then as
+/// cut.
+struct Exchange {
+    log: Arc<crate::access::AccessLog>,
+    /// When its head had arrived.
+    time: SystemTime,
+    at: Instant,
+    client: SocketAddr,
+    method: Vec<u8>,
+    target: Vec<u8>,
+    /// The answer's status (0: none yet), the body bytes sent to the
+    /// client, the origin tried, and what cut it.
+    status: u16,
+    sent: u64,
+    origin: Option<String>,
+    cut: Option<String>,
+    written: bool,
+}
+
+impl Exchange {
+    fn write(&mut self, error: Option<&str>) {
+        self.record(error);
+        self.written = true;
+    }
+
+    fn record(&self, error: Option<&str>) {
+        self.log.record(&Entry {
+            time: self.time,
+            client: self.client,
+            method: &self.method,
+            target: &self.target,
+            version: "HTTP/1.1",
+            status: self.status,
+            bytes: self.sent,
+            duration: self.at.elapsed(),
+            origin: self.origin.as_deref(),
+            error: error.or(self.cut.as_deref()),
+        });
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        if self.status == 0 {
+            self.status = 499;
+        }
+        self.record(Some(
+            self.cut
+                .as_deref()
+                .unwrap_or("the connection ended before the exchange did"),
+        ));
     }
 }
 
@@ -393,10 +455,7 @@ pub async fn serve_connection(
         peer_ip: peer.ip().to_string().into_bytes(),
         stop,
         interim_sent: false,
-        started: None,
-        status: 0,
-        sent: 0,
-        cut: None,
+        logged: None,
         cbuf: Buf::new(4096, h1::MAX_HEAD + MAX_BUFFERED_BODY + 4096),
         ubuf: Buf::new(0, h1::MAX_HEAD + 4096),
         request: Vec::new(),
@@ -426,6 +485,8 @@ pub async fn serve_connection(
                             return;
                         }
                         Framing::Length(n) if c.cbuf.len() < h.len + n as usize => {
+                            // Logged (as cut) should the body not come.
+                            c.begin(&proxy);
                             waiting = Some(h);
                         }
                         _ => break h,
@@ -440,9 +501,10 @@ pub async fn serve_connection(
                         proxy.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                         let status =
                             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                        c.begin(&proxy);
                         // Nothing of it is logged as a request line.
                         c.request.clear();
+                        c.logged = None;
+                        c.begin(&proxy);
                         answer_and_close(&proxy, &mut c, status, &e.to_string()).await;
                         return;
                     }
@@ -564,14 +626,15 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
                 continue;
             };
             let failed = |e: &str| about(origin, format_args!("failed: {e}"));
+            c.note(|x| x.origin = Some(origin.id.clone()));
             match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
                 Ok(next) => {
-                    c.log(proxy, Some(&origin.id), None);
+                    c.log(None);
                     return next;
                 }
                 Err(Failure::Client) => {
-                    c.status = 499;
-                    c.log(proxy, Some(&origin.id), Some("the client went away"));
+                    c.note(|x| x.status = 499);
+                    c.log(Some("the client went away"));
                     return Next::Abort;
                 }
                 Err(Failure::TimedOut) => {
@@ -675,13 +738,13 @@ async fn attempt_endpoint(
         ep.success();
     }
     proxy.count_status(response.status);
-    c.status = response.status;
+    c.note(|x| x.status = response.status);
     if response.upgraded {
         return Ok(websocket(proxy, c, up).await);
     }
     let mut body_bytes = 0u64;
     let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
-    c.sent = body_bytes;
+    c.note(|x| x.sent = body_bytes);
     proxy
         .stats
         .response_bytes
@@ -696,9 +759,7 @@ async fn attempt_endpoint(
         // The answer is cut: the client sees its connection reset.
         Err(Relay::Origin(e)) => {
             proxy.upstream_failed(origin, ep, &e);
-            if proxy.access_log.is_some() {
-                c.cut = Some(format!("the answer was cut: {e}"));
-            }
+            c.note(|x| x.cut = Some(format!("the answer was cut: {e}")));
             return Ok(Next::Abort);
         }
     }
@@ -771,19 +832,19 @@ async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
     proxy.stats.websockets.fetch_add(1, Ordering::Relaxed);
     let _open = Gauge::up(&proxy.stats.websockets_open);
     let (ended, sent) = tunnel(proxy, c, &mut up).await;
-    c.sent = sent;
+    c.note(|x| x.sent = sent);
     let why = match &ended {
         Tunnel::Done => return Next::Close,
         Tunnel::Idle => {
             debug!("websocket idle: closed");
-            c.cut = Some("websocket idle: closed".to_owned());
+            c.note(|x| x.cut = Some("websocket idle: closed".to_owned()));
             return Next::Close;
         }
         Tunnel::Stalled => "websocket write stalled".to_owned(),
         Tunnel::Failed(e) => format!("websocket broken: {e}"),
     };
     let next = reset(&up, &why);
-    c.cut = Some(why);
+    c.note(|x| x.cut = Some(why));
     next
 }
 

@@ -1790,7 +1790,7 @@ async fn every_exchange_is_logged_on_both_paths_with_its_outcome() {
     // The origin's greeting, "hello", went through the tunnel.
     assert_eq!(w["bytes"], 5);
     assert!(w["duration_ms"].as_f64().is_some_and(|d| d >= 200.0), "{w}");
-    assert_eq!(log.lines.load(Ordering::Relaxed), 6);
+    assert_eq!(log.lines(), 6);
 }
 
 #[tokio::test]
@@ -1907,5 +1907,89 @@ async fn each_origin_s_answers_failures_and_response_times_are_in_the_metrics() 
             "sextant_edge_origin_response_seconds_count{origin=\"dead\"}"
         ),
         0.0
+    );
+}
+
+#[tokio::test]
+async fn exchanges_cut_short_or_ended_by_trailers_are_logged_as_they_ended() {
+    use crate::access::{AccessLog, Sink};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = Arc::new(AccessLog::open(Sink::File(path.clone())).expect("open"));
+    let origin = Origin::start(|r| {
+        if r.head.starts_with("POST /t") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-t\r\n\r\n\
+              5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n"
+                .to_vec()
+        } else {
+            ok("hello")
+        }
+    })
+    .await;
+    let e = edge_with(&[("a", origin.addr, 1.0)], |p| {
+        p.access_log = Some(log.clone());
+    })
+    .await;
+    // On hyper's path (a chunked upload), an answer ending with trailers:
+    // hyper drops the body after them without reading on.
+    let (status, _, body) = once(
+        e.addr,
+        b"POST /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        status == 200 && body.windows(5).any(|w| w == b"hello"),
+        "{status} {body:?}"
+    );
+    // A head whose body never comes: the client leaves.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"POST /never HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    let lines = logged(&log, &path, 2).await;
+    let by = |t: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t} in {lines:#?}"))
+    };
+    let t = by("/t");
+    assert_eq!(
+        (&t["status"], &t["error"]),
+        (&200.into(), &serde_json::Value::Null),
+        "{t}"
+    );
+    let never = by("/never");
+    assert_eq!(never["status"], 499, "{never}");
+    assert_eq!(
+        never["error"],
+        "the connection ended before the exchange did"
+    );
+
+    // A WebSocket the shutdown grace cuts.
+    let (ws, _) = websocket_origin().await;
+    let w = edge_with(&[("w", ws, 1.0)], |p| {
+        p.access_log = Some(log.clone());
+        p.shutdown_grace = Duration::from_millis(200);
+    })
+    .await;
+    let (_s, _) = open_websocket(w.addr).await;
+    w.stop.send(true).expect("stop");
+    let lines = logged(&log, &path, 3).await;
+    let chat = lines
+        .iter()
+        .find(|l| l["target"] == "/chat")
+        .unwrap_or_else(|| panic!("no /chat in {lines:#?}"));
+    assert_eq!(
+        (&chat["status"], &chat["origin"]),
+        (&101.into(), &"w".into()),
+        "{chat}"
+    );
+    assert_eq!(
+        chat["error"],
+        "the connection ended before the exchange did"
     );
 }

@@ -802,6 +802,10 @@ impl Body for Logged {
             match &r {
                 Poll::Ready(Some(Ok(f))) => {
                     p.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                    // Trailers end a body: hyper may not poll it again.
+                    if f.is_trailers() {
+                        p.ended = true;
+                    }
                 }
                 Poll::Ready(Some(Err(e))) => p.error = Some(format!("the answer was cut: {e}")),
                 Poll::Ready(None) => p.ended = true,

@@ -581,3 +581,21 @@ fn an_access_log_that_cannot_be_opened_stops_the_edge_with_its_name() -> Result<
     ensure!(!stderr.contains("listening for http"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn sigusr1_leaves_an_edge_without_an_access_log_serving() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, _cp, e1) = one_edge(dir.path(), &[])?;
+    // What `systemctl reload` sends.
+    std::process::Command::new("kill")
+        .args(["-USR1", &e1.process.pid().to_string()])
+        .status()?;
+    eventually(Duration::from_secs(10), "the signal to be seen", || {
+        e1.process
+            .log()
+            .contains("SIGUSR1: no access log to reopen")
+            .then_some(())
+    })?;
+    ensure!(sextant_tests::http_get(e1.process.addr, "/")?.0 == 200);
+    Ok(())
+}
