@@ -335,7 +335,12 @@ pub async fn run(
         .await;
     }
 
-    let distribution = Distribution::new(node.subscribe(), clock.clone(), config.ahead_grace);
+    let distribution = Distribution::new(
+        node.subscribe(),
+        clock.clone(),
+        config.ahead_grace,
+        Some(node.store.clone()),
+    );
     tokio::spawn(distribution.clone().follow());
     let stale_after_ms = u64::try_from(config.stale_after.as_millis()).unwrap_or(u64::MAX);
 

@@ -245,33 +245,44 @@ pub async fn load(store: &dyn Store) -> Result<State, StateError> {
 /// a fleet of one revision with the routing table of another (a replica
 /// would then serve a version number with the wrong content). Every change
 /// of the fleet or the drains commits a routing table with it, so the
-/// routing pointer's revision is read first, and the read is made again
-/// while it has moved by the end.
+/// routing pointer's revision is read before and after everything else,
+/// and the read is made again while it has moved.
 pub async fn load_since(store: &dyn Store, prev: Option<&State>) -> Result<State, StateError> {
-    let routing_rev = async {
-        Ok::<_, StateError>(
-            store
-                .get(ROUTING_CURRENT)
-                .await?
-                .kvs
-                .first()
-                .map_or(0, |kv| kv.mod_revision),
-        )
-    };
-    let mut before = routing_rev.await?;
+    let mut before = routing_rev(store).await?;
     for _ in 0..TORN_READ_RETRIES {
         let state = load_once(store, prev).await?;
-        if state.routing_rev == before {
+        let after = routing_rev(store).await?;
+        if state.routing_rev == before && after == before {
             return Ok(state);
         }
         debug!(
             before,
-            after = state.routing_rev,
-            "a commit landed while the state was read: reading again"
+            after, "a commit landed while the state was read: reading again"
         );
-        before = state.routing_rev;
+        before = after;
     }
     Err(StateError::Busy(TORN_READ_RETRIES))
+}
+
+/// The routing version committed in the store (0: none yet).
+pub async fn committed_version(store: &dyn Store) -> Result<u64, StateError> {
+    match store.get(ROUTING_CURRENT).await?.kvs.first() {
+        Some(kv) => Ok(decode::<RoutingPointer>(ROUTING_CURRENT, &kv.value)?
+            .meta
+            .version
+            .0),
+        None => Ok(0),
+    }
+}
+
+/// The routing pointer's revision (0: none yet).
+async fn routing_rev(store: &dyn Store) -> Result<Revision, StateError> {
+    Ok(store
+        .get(ROUTING_CURRENT)
+        .await?
+        .kvs
+        .first()
+        .map_or(0, |kv| kv.mod_revision))
 }
 
 /// How many times [`load_since`] reads the state while commits keep
@@ -575,26 +586,35 @@ mod tests {
     use sextant_store::{GetResponse, Lease, LeaseId, StoreStatus, TxnResponse, WatchStream};
 
     /// A store in which one commit lands in the middle of the next read of
-    /// the state (at its read of the drains, after the fleet).
+    /// the state: just before the key (or prefix) `at` is read.
     struct Interrupted {
         inner: Arc<dyn Store>,
+        at: &'static str,
         commit: Mutex<Option<(State, Commit)>>,
+    }
+
+    impl Interrupted {
+        async fn maybe_commit(&self, key: &str) {
+            if key != self.at {
+                return;
+            }
+            let pending = self.commit.lock().expect("lock").take();
+            if let Some((state, c)) = pending {
+                commit(self.inner.as_ref(), &state, &c)
+                    .await
+                    .expect("the interrupting commit");
+            }
+        }
     }
 
     #[async_trait::async_trait]
     impl Store for Interrupted {
         async fn get(&self, key: &str) -> Result<GetResponse, StoreError> {
+            self.maybe_commit(key).await;
             self.inner.get(key).await
         }
         async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StoreError> {
-            if prefix == DRAINS {
-                let pending = self.commit.lock().expect("lock").take();
-                if let Some((state, c)) = pending {
-                    commit(self.inner.as_ref(), &state, &c)
-                        .await
-                        .expect("the interrupting commit");
-                }
-            }
+            self.maybe_commit(prefix).await;
             self.inner.get_prefix(prefix).await
         }
         async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
@@ -664,7 +684,8 @@ mod tests {
             ..Commit::default()
         };
         let store = Interrupted {
-            inner,
+            inner: inner.clone(),
+            at: DRAINS,
             commit: Mutex::new(Some((held.clone(), second))),
         };
         let read = load_since(&store, Some(&held)).await.expect("load");
@@ -680,5 +701,35 @@ mod tests {
             .and_then(|f| f.edges.values().find(|e| e.id.as_str() == edge))
             .map(|e| e.capacity_rps);
         assert_eq!(capacity, Some(12_345.0));
+
+        // A RIB loaded (with its routing) right after the routing pointer
+        // was read.
+        let third = Commit {
+            table: Some(table(3, 2)),
+            rib: Some(rib(1)),
+            ..Commit::default()
+        };
+        let store = Interrupted {
+            inner,
+            at: RIB_CURRENT,
+            commit: Mutex::new(Some((read.clone(), third))),
+        };
+        let read = load_since(&store, Some(&read)).await.expect("load");
+        assert_eq!(
+            (read.version.0, read.rib.as_ref().map(|r| r.meta.generation)),
+            (3, Some(1)),
+            "the routing and the RIB of one commit"
+        );
+    }
+
+    fn rib(generation: u64) -> LoadedRib {
+        LoadedRib {
+            meta: RibMeta {
+                generation,
+                source: format!("dump-{generation}"),
+                ..RibMeta::default()
+            },
+            map: Arc::new(RibMap::from_routes(Vec::new()).expect("empty RIB")),
+        }
     }
 }

@@ -310,10 +310,19 @@ pub async fn run<B: Build>(
             r = session => r,
             _ = shutdown.changed() => return,
         };
+        // This node's own trouble (a disk that takes no config) is asked
+        // about again less often: each try builds the whole config.
+        let mut most = Duration::from_secs(5);
         match result {
             Ok(()) => {
                 info!("config stream ended; reconnecting");
                 backoff = Duration::from_millis(100);
+            }
+            Err(e @ SessionError::Local { .. }) => {
+                backoff = backoff.max(Duration::from_secs(5));
+                most = Duration::from_secs(60);
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream ended");
+                attempt += 1;
             }
             Err(e) => {
                 // A failure after a long session starts the backoff over.
@@ -329,7 +338,7 @@ pub async fn run<B: Build>(
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(most);
     }
 }
 

@@ -426,6 +426,10 @@ pub struct Distribution {
     /// it; past it, this server's versions are taken as the truth (a store
     /// restored to older versions) and it gets the current snapshot.
     pub ahead_grace: Duration,
+    /// The store, asked when that grace is over whether its versions
+    /// really are behind the subscriber's (`None`: this server's are taken
+    /// as the store's).
+    store: Option<Arc<dyn sextant_store::Store>>,
     cache: Mutex<UpdateCache>,
 }
 
@@ -440,6 +444,7 @@ impl Distribution {
         state: watch::Receiver<Arc<Snapshot>>,
         clock: Arc<dyn Clock>,
         ahead_grace: Duration,
+        store: Option<Arc<dyn sextant_store::Store>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             publisher: Publisher::new(KEEP_VERSIONS),
@@ -448,6 +453,7 @@ impl Distribution {
             clock,
             rejected: Mutex::new(None),
             ahead_grace,
+            store,
             cache: Mutex::new(UpdateCache::default()),
         })
     }
@@ -621,7 +627,17 @@ impl Distribution {
         async {
             info!(version_held = hello.version_held, "subscriber connected");
             let result = self
-                .serve(&mut inbound, &tx, &hello, view, &key, session)
+                .serve(
+                    &mut inbound,
+                    &tx,
+                    &hello,
+                    view,
+                    Session {
+                        key: &key,
+                        id: session,
+                        current,
+                    },
+                )
                 .await;
             self.registry.disconnect(&key, session, self.now());
             match result {
@@ -642,9 +658,13 @@ impl Distribution {
         tx: &mpsc::Sender<Result<pb::ConfigUpdate, Status>>,
         hello: &pb::Hello,
         view: View,
-        node: &str,
-        session: u64,
+        session: Session<'_>,
     ) -> Result<(), Status> {
+        let Session {
+            key: node,
+            id: session,
+            current,
+        } = session;
         let mut published = self.publisher.subscribe();
         // The snapshot the subscriber holds (for deltas), and what is in flight.
         let mut held = if hello.version_held > 0 {
@@ -655,11 +675,10 @@ impl Distribution {
         let mut last_sent = hello.version_held;
         // A subscriber that holds a version newer than this server's is
         // sent nothing older for `ahead_grace` (see there).
-        let mut ahead = (hello.version_held > published.borrow().version).then(|| {
+        let mut ahead = (hello.version_held > current).then(|| {
             warn!(
                 version_held = hello.version_held,
-                current = published.borrow().version,
-                "subscriber holds a version newer than this server's"
+                current, "subscriber holds a version newer than this server's"
             );
             (
                 hello.version_held,
@@ -681,14 +700,33 @@ impl Distribution {
                         .map_err(protocol)?;
                     ahead = None;
                 } else if tokio::time::Instant::now() >= until {
-                    warn!(
-                        version_held = claimed,
-                        current = snap.version,
-                        "this server's versions stayed behind the subscriber's: sending the current snapshot"
-                    );
-                    held = None;
-                    last_sent = 0;
-                    ahead = None;
+                    // Only a store whose history is behind the claim (one
+                    // restored from a backup) makes an older config the
+                    // truth; a replica merely lagging (or a store out of
+                    // reach) must not roll an edge back.
+                    let committed = match &self.store {
+                        Some(s) => crate::state::committed_version(s.as_ref()).await.ok(),
+                        None => Some(snap.version),
+                    };
+                    if committed.is_some_and(|v| v < claimed) {
+                        warn!(
+                            version_held = claimed,
+                            current = snap.version,
+                            committed,
+                            "the store's versions are behind the subscriber's: sending the current snapshot"
+                        );
+                        held = None;
+                        last_sent = 0;
+                        ahead = None;
+                    } else {
+                        warn!(
+                            version_held = claimed,
+                            current = snap.version,
+                            committed,
+                            "this replica is behind the subscriber's version: sending it nothing older"
+                        );
+                        ahead = Some((claimed, tokio::time::Instant::now() + self.ahead_grace));
+                    }
                 }
             }
             if in_flight.is_none() && snap.version > last_sent {
@@ -763,6 +801,14 @@ impl Distribution {
             }
         }
     }
+}
+
+/// One subscriber's stream: its registry key and session, and the
+/// server's version when it said hello.
+struct Session<'a> {
+    key: &'a str,
+    id: u64,
+    current: u64,
 }
 
 /// The gRPC face of [`Distribution`].
