@@ -160,7 +160,9 @@ impl AccessLog {
     pub fn record(&self, e: &Entry<'_>) {
         self.inner.lines.fetch_add(1, Ordering::Relaxed);
         let mut q = lock(&self.inner.queue);
-        if q.pending.len() >= MAX_PENDING {
+        let waiting = q.pending.len() + q.before_reopen.as_ref().map_or(0, Vec::len);
+        // Past the bound, or with the writer gone, a line is lost.
+        if waiting >= MAX_PENDING || q.stopped {
             drop(q);
             self.inner.lost.fetch_add(1, Ordering::Relaxed);
             return;
@@ -223,7 +225,10 @@ impl AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        self.close();
+        // Closed already (the edge does at its stop): nothing to wait for.
+        if !lock(&self.inner.queue).stop {
+            self.close();
+        }
     }
 }
 
@@ -470,7 +475,7 @@ mod tests {
         // A reader that opens the pipe and never reads.
         let f = fifo.clone();
         let reader = std::thread::spawn(move || std::fs::File::open(f).expect("reader"));
-        let log = AccessLog::open(Sink::File(fifo)).expect("open");
+        let log = AccessLog::open(Sink::File(fifo.clone())).expect("open");
         let _stuck = reader.join().expect("reader");
         let started = Instant::now();
         let target = vec![b'x'; 1000];
@@ -486,6 +491,27 @@ mod tests {
         );
         assert_eq!(log.lines(), n as u64);
         assert!(log.lost() > (n / 2) as u64, "lost {} of {n}", log.lost());
+        // Lines waiting for a reopen count against the bound too.
+        let lost = log.lost();
+        log.reopen();
+        for _ in 0..100 {
+            log.record(&entry(&target, Some("a"), None));
+        }
+        assert_eq!(log.lost(), lost + 100);
+        // A reader that drains the pipe lets the writer, and the reopen, go
+        // on (a pipe opens for writing only once it has a reader).
+        std::thread::spawn(move || {
+            if let Ok(mut r) = std::fs::File::open(&fifo) {
+                let _ = std::io::copy(&mut r, &mut std::io::sink());
+            }
+        });
+        let closing = Instant::now();
+        log.close();
+        assert!(
+            closing.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            closing.elapsed()
+        );
     }
 
     #[test]

@@ -187,8 +187,9 @@ pub async fn run(config: EdgeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     })
     .await;
-    if let Some(log) = &access_log {
-        log.close();
+    if let Some(log) = access_log {
+        // Up to 5 s with a stuck sink: off the event loop.
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
     Ok(())
 }

@@ -325,10 +325,13 @@ pub async fn run<B: Build>(
                 attempt += 1;
             }
             Err(e) => {
-                // A failure after a long session starts the backoff over.
+                // A failure after a long session starts the backoff over;
+                // one after this node's own trouble waits no longer than
+                // any other.
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(100);
                 }
+                backoff = backoff.min(most);
                 warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed");
                 attempt += 1;
             }
