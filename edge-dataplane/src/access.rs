@@ -84,6 +84,94 @@ pub struct Entry<'a> {
     pub error: Option<&'a str>,
 }
 
+/// An exchange under way, as the access log will have it. Logged once: by
+/// [`Exchange::finish`], or when dropped unfinished (the connection ended
+/// first: the client left mid-request, a timeout, the shutdown grace),
+/// then as cut, `499` when no status was sent.
+#[derive(Debug)]
+pub struct Exchange {
+    log: Arc<AccessLog>,
+    /// When its head had arrived.
+    time: SystemTime,
+    at: Instant,
+    client: SocketAddr,
+    method: Vec<u8>,
+    target: Vec<u8>,
+    version: &'static str,
+    /// The answer's status (0: none yet), the body bytes sent to the
+    /// client, the origin tried or that answered, and why the edge
+    /// answered itself or what cut the exchange.
+    pub status: u16,
+    pub bytes: u64,
+    pub origin: Option<String>,
+    pub error: Option<String>,
+    finished: bool,
+}
+
+impl Exchange {
+    /// Starts the record of a request whose head has just arrived.
+    pub fn begin(
+        log: &Arc<AccessLog>,
+        client: SocketAddr,
+        method: &[u8],
+        target: &[u8],
+        version: &'static str,
+    ) -> Self {
+        Self {
+            log: log.clone(),
+            time: SystemTime::now(),
+            at: Instant::now(),
+            client,
+            method: method.to_vec(),
+            target: target.to_vec(),
+            version,
+            status: 0,
+            bytes: 0,
+            origin: None,
+            error: None,
+            finished: false,
+        }
+    }
+
+    /// Logs it, with `error` (or the one noted).
+    pub fn finish(mut self, error: Option<&str>) {
+        self.record(error);
+        self.finished = true;
+    }
+
+    fn record(&self, error: Option<&str>) {
+        self.log.record(&Entry {
+            time: self.time,
+            client: self.client,
+            method: &self.method,
+            target: &self.target,
+            version: self.version,
+            status: self.status,
+            bytes: self.bytes,
+            duration: self.at.elapsed(),
+            origin: self.origin.as_deref(),
+            error: error.or(self.error.as_deref()),
+        });
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if self.status == 0 {
+            self.status = 499;
+        }
+        let error = self.error.take();
+        self.record(Some(
+            error
+                .as_deref()
+                .unwrap_or("the connection ended before the exchange did"),
+        ));
+    }
+}
+
 /// The access log of one edge, shared by its workers. Recording a line
 /// only appends it to memory; a thread of its own writes the lines, so a
 /// slow or stuck sink loses lines (counted), never stalls a request.

@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use hyper::StatusCode;
@@ -25,7 +25,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::access::Entry;
+use crate::access::Exchange;
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
 use crate::proxy::{about, gave_up, Proxy};
 use crate::upstream::{EndpointState, Origin};
@@ -274,19 +274,9 @@ impl Conn {
             words.next().filter(|w| !w.is_empty()).unwrap_or(b"-"),
             words.next().unwrap_or(b"-"),
         );
-        self.logged = Some(Box::new(Exchange {
-            log: log.clone(),
-            time: SystemTime::now(),
-            at: Instant::now(),
-            client: self.peer,
-            method: method.to_vec(),
-            target: target.to_vec(),
-            status: 0,
-            sent: 0,
-            origin: None,
-            cut: None,
-            written: false,
-        }));
+        self.logged = Some(Box::new(Exchange::begin(
+            log, self.peer, method, target, "HTTP/1.1",
+        )));
     }
 
     /// Notes, for the access log, the answer's status, the body bytes
@@ -299,8 +289,8 @@ impl Conn {
 
     /// Logs the exchange under way (once).
     fn log(&mut self, error: Option<&str>) {
-        if let Some(mut x) = self.logged.take() {
-            x.write(error);
+        if let Some(x) = self.logged.take() {
+            x.finish(error);
         }
     }
 
@@ -317,73 +307,15 @@ impl Conn {
         let written = write_client(&mut self.client, &r).await;
         let ok = written.is_ok();
         self.note(|x| {
-            (x.status, x.sent, x.origin) = if ok {
-                (status.as_u16(), h1::local_body_len(what), None)
+            x.origin = None;
+            (x.status, x.bytes) = if ok {
+                (status.as_u16(), h1::local_body_len(what))
             } else {
-                (499, 0, None)
+                (499, 0)
             };
         });
         self.log(Some(what));
         written
-    }
-}
-
-/// An exchange as the access log will have it. Written once: by
-/// [`Conn::log`], or when dropped unwritten (the connection ended first:
-/// the client left mid-request, a timeout, the shutdown grace), then as
-/// cut.
-struct Exchange {
-    log: Arc<crate::access::AccessLog>,
-    /// When its head had arrived.
-    time: SystemTime,
-    at: Instant,
-    client: SocketAddr,
-    method: Vec<u8>,
-    target: Vec<u8>,
-    /// The answer's status (0: none yet), the body bytes sent to the
-    /// client, the origin tried, and what cut it.
-    status: u16,
-    sent: u64,
-    origin: Option<String>,
-    cut: Option<String>,
-    written: bool,
-}
-
-impl Exchange {
-    fn write(&mut self, error: Option<&str>) {
-        self.record(error);
-        self.written = true;
-    }
-
-    fn record(&self, error: Option<&str>) {
-        self.log.record(&Entry {
-            time: self.time,
-            client: self.client,
-            method: &self.method,
-            target: &self.target,
-            version: "HTTP/1.1",
-            status: self.status,
-            bytes: self.sent,
-            duration: self.at.elapsed(),
-            origin: self.origin.as_deref(),
-            error: error.or(self.cut.as_deref()),
-        });
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        if self.written {
-            return;
-        }
-        if self.status == 0 {
-            self.status = 499;
-        }
-        self.record(Some(
-            self.cut
-                .as_deref()
-                .unwrap_or("the connection ended before the exchange did"),
-        ));
     }
 }
 
@@ -503,7 +435,6 @@ pub async fn serve_connection(
                             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
                         // Nothing of it is logged as a request line.
                         c.request.clear();
-                        c.logged = None;
                         c.begin(&proxy);
                         answer_and_close(&proxy, &mut c, status, &e.to_string()).await;
                         return;
@@ -744,7 +675,7 @@ async fn attempt_endpoint(
     }
     let mut body_bytes = 0u64;
     let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
-    c.note(|x| x.sent = body_bytes);
+    c.note(|x| x.bytes = body_bytes);
     proxy
         .stats
         .response_bytes
@@ -759,7 +690,7 @@ async fn attempt_endpoint(
         // The answer is cut: the client sees its connection reset.
         Err(Relay::Origin(e)) => {
             proxy.upstream_failed(origin, ep, &e);
-            c.note(|x| x.cut = Some(format!("the answer was cut: {e}")));
+            c.note(|x| x.error = Some(format!("the answer was cut: {e}")));
             return Ok(Next::Abort);
         }
     }
@@ -832,19 +763,19 @@ async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
     proxy.stats.websockets.fetch_add(1, Ordering::Relaxed);
     let _open = Gauge::up(&proxy.stats.websockets_open);
     let (ended, sent) = tunnel(proxy, c, &mut up).await;
-    c.note(|x| x.sent = sent);
+    c.note(|x| x.bytes = sent);
     let why = match &ended {
         Tunnel::Done => return Next::Close,
         Tunnel::Idle => {
             debug!("websocket idle: closed");
-            c.note(|x| x.cut = Some("websocket idle: closed".to_owned()));
+            c.note(|x| x.error = Some("websocket idle: closed".to_owned()));
             return Next::Close;
         }
         Tunnel::Stalled => "websocket write stalled".to_owned(),
         Tunnel::Failed(e) => format!("websocket broken: {e}"),
     };
     let next = reset(&up, &why);
-    c.note(|x| x.cut = Some(why));
+    c.note(|x| x.error = Some(why));
     next
 }
 

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use http_body_util::{Either, Empty, Full};
@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::access::{AccessLog, Entry};
+use crate::access::{AccessLog, Exchange};
 use crate::h1proxy::Pool;
 use crate::subscriber::Applied;
 use crate::upstream::{EndpointState, Endpoints, Origin, Upstream};
@@ -383,35 +383,31 @@ impl Proxy {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         // Logged as a client gone (499) should the connection end before
         // the answer is ready.
-        let mut waiting = Waiting(self.access_log.as_ref().map(|log| {
-            Box::new(Pending {
-                log: log.clone(),
-                time: SystemTime::now(),
-                at: Instant::now(),
-                client: conns.peer,
-                method: req.method().to_string(),
-                target: req
-                    .uri()
-                    .path_and_query()
-                    .map_or_else(|| req.uri().to_string(), |pq| pq.to_string()),
-                version: version_name(req.version()),
-                status: 0,
-                origin: None,
-                error: None,
-                bytes: 0,
-                ended: false,
-            })
-        }));
+        let mut exchange = self.access_log.as_ref().map(|log| {
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().to_string(), |pq| pq.to_string());
+            let method = req.method().as_str().as_bytes();
+            let mut x = Exchange::begin(
+                log,
+                conns.peer,
+                method,
+                target.as_bytes(),
+                version_name(req.version()),
+            );
+            x.error = Some(CLIENT_GONE.to_owned());
+            Box::new(x)
+        });
         let resp = self.forward(conns, req).await;
-        let mut pending = waiting.0.take();
-        if let Some(p) = &mut pending {
-            p.status = resp.status().as_u16();
-            p.origin = resp
+        if let Some(x) = &mut exchange {
+            x.status = resp.status().as_u16();
+            x.origin = resp
                 .headers()
                 .get("x-sextant-origin")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            p.error = resp.extensions().get::<LocalAnswer>().map(|a| a.0.clone());
+            x.error = resp.extensions().get::<LocalAnswer>().map(|a| a.0.clone());
         }
         self.count_status(resp.status().as_u16());
         if let Some(len) = resp
@@ -422,7 +418,11 @@ impl Proxy {
         {
             self.stats.response_bytes.fetch_add(len, Ordering::Relaxed);
         }
-        resp.map(|inner| Logged { inner, pending })
+        resp.map(|inner| Logged {
+            inner,
+            exchange,
+            ended: false,
+        })
     }
 
     async fn forward(&self, conns: &UpstreamConns, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -760,32 +760,15 @@ fn version_name(v: hyper::Version) -> &'static str {
     }
 }
 
-/// An exchange on a hyper-served connection, logged once its answer's
-/// body is done with.
-#[derive(Debug)]
-struct Pending {
-    log: Arc<AccessLog>,
-    time: SystemTime,
-    at: Instant,
-    client: SocketAddr,
-    method: String,
-    target: String,
-    version: &'static str,
-    status: u16,
-    origin: Option<String>,
-    error: Option<String>,
-    /// Body bytes passed on, and whether the body ended.
-    bytes: u64,
-    ended: bool,
-}
-
 /// An answer's body that counts what it passes on and, when there is an
 /// access log, logs the exchange when it is dropped: after its end, or
 /// when the client went away (499) or the origin cut it.
 #[derive(Debug)]
 pub struct Logged {
     inner: ProxyBody,
-    pending: Option<Box<Pending>>,
+    exchange: Option<Box<Exchange>>,
+    /// The body ended (hyper may drop it without reading on).
+    ended: bool,
 }
 
 impl Body for Logged {
@@ -798,17 +781,15 @@ impl Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(p) = &mut this.pending {
+        if let Some(x) = &mut this.exchange {
             match &r {
                 Poll::Ready(Some(Ok(f))) => {
-                    p.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                    x.bytes += f.data_ref().map_or(0, |d| d.len() as u64);
                     // Trailers end a body: hyper may not poll it again.
-                    if f.is_trailers() {
-                        p.ended = true;
-                    }
+                    this.ended |= f.is_trailers();
                 }
-                Poll::Ready(Some(Err(e))) => p.error = Some(format!("the answer was cut: {e}")),
-                Poll::Ready(None) => p.ended = true,
+                Poll::Ready(Some(Err(e))) => x.error = Some(format!("the answer was cut: {e}")),
+                Poll::Ready(None) => this.ended = true,
                 Poll::Pending => {}
             }
         }
@@ -826,47 +807,17 @@ impl Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            let ended = p.ended || self.inner.is_end_stream();
-            p.record(ended);
+        if let Some(mut x) = self.exchange.take() {
+            if !(self.ended || self.inner.is_end_stream() || x.error.is_some()) {
+                x.status = 499;
+                x.error = Some(CLIENT_GONE.to_owned());
+            }
+            x.finish(None);
         }
     }
 }
 
-/// An exchange waiting for its answer.
-struct Waiting(Option<Box<Pending>>);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            p.record(false);
-        }
-    }
-}
-
-impl Pending {
-    /// Logs the exchange: as a client gone (499) when its answer did not
-    /// end and nothing else cut it.
-    fn record(&self, ended: bool) {
-        let (status, error) = if ended || self.error.is_some() {
-            (self.status, self.error.as_deref())
-        } else {
-            (499, Some("the client went away"))
-        };
-        self.log.record(&Entry {
-            time: self.time,
-            client: self.client,
-            method: self.method.as_bytes(),
-            target: self.target.as_bytes(),
-            version: self.version,
-            status,
-            bytes: self.bytes,
-            duration: self.at.elapsed(),
-            origin: self.origin.as_deref(),
-            error,
-        });
-    }
-}
+const CLIENT_GONE: &str = "the client went away";
 
 /// A connection to an origin endpoint within `limit`, Nagle off (both
 /// paths write whole heads and bodies).
