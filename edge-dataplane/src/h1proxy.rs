@@ -394,7 +394,7 @@ pub async fn serve_connection(
         response: Vec::new(),
     };
     loop {
-        // A request, head and body, must arrive within CLIENT_IO of its
+        // A request, head and body, must arrive within request_timeout of its
         // first byte: a client trickling bytes cannot hold the connection.
         let mut deadline = None;
         // A head parsed whose body is still arriving: it is not parsed
@@ -458,7 +458,8 @@ pub async fn serve_connection(
                     },
                 }
             } else {
-                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CLIENT_IO);
+                let at = *deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + proxy.request_timeout);
                 tokio::time::timeout_at(at, c.cbuf.fill(&mut c.client)).await
             };
             match read {
@@ -469,7 +470,21 @@ pub async fn serve_connection(
                         || all[all.len() - n..].contains(&b'\n');
                     skip_empty_lines(&mut c.cbuf);
                 }
-                _ => return,
+                // A body that does not come in time gets a 408 (RFC 9110
+                // §15.5.9); a head that does not, only the close (no
+                // request to answer yet).
+                Err(_) if waiting.is_some() => {
+                    let what = format!(
+                        "the request body did not arrive within {:?}",
+                        proxy.request_timeout
+                    );
+                    answer_and_close(&proxy, &mut c, StatusCode::REQUEST_TIMEOUT, &what).await;
+                    return;
+                }
+                _ => {
+                    c.note(|x| x.error = Some("the client went away before its body came".into()));
+                    return;
+                }
             }
         };
         // The body (at most MAX_BUFFERED_BODY) is all here: it goes out
@@ -675,7 +690,6 @@ async fn attempt_endpoint(
     }
     let mut body_bytes = 0u64;
     let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
-    c.note(|x| x.bytes = body_bytes);
     proxy
         .stats
         .response_bytes
@@ -762,8 +776,7 @@ async fn read_response_head(
 async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
     proxy.stats.websockets.fetch_add(1, Ordering::Relaxed);
     let _open = Gauge::up(&proxy.stats.websockets_open);
-    let (ended, sent) = tunnel(proxy, c, &mut up).await;
-    c.note(|x| x.bytes = sent);
+    let ended = tunnel(proxy, c, &mut up).await;
     let why = match &ended {
         Tunnel::Done => return Next::Close,
         Tunnel::Idle => {
@@ -834,15 +847,17 @@ impl Activity {
     }
 }
 
-/// How the tunnel ended, and the bytes it sent the client.
-async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> (Tunnel, u64) {
+/// How the tunnel ended. The bytes it sends the client are noted in the
+/// exchange as they go, so that one cut (say, by the stop's grace) is
+/// logged with them.
+async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
     let idle = proxy.websocket_idle;
     let stats = &proxy.stats;
     stats
         .response_bytes
         .fetch_add(c.ubuf.len() as u64, Ordering::Relaxed);
-    // Bytes this tunnel sent the client (for the access log).
-    let to_client = AtomicU64::new(c.ubuf.len() as u64);
+    let early = c.ubuf.len() as u64;
+    c.note(|x| x.bytes = early);
     c.response.extend_from_slice(c.ubuf.bytes());
     let activity = Activity {
         start: tokio::time::Instant::now(),
@@ -854,9 +869,10 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> (Tunnel, u64
         cbuf,
         ubuf,
         response,
+        logged,
         ..
     } = c;
-    let counted = [&stats.response_bytes, &to_client];
+    let to_client = logged.as_deref_mut().map(|x| &mut x.bytes);
     let (mut client_rx, mut client_tx) = client.split();
     let (mut origin_rx, mut origin_tx) = up.split();
     let both = async {
@@ -868,14 +884,16 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> (Tunnel, u64
                 &mut origin_tx,
                 &mut cbuf.data,
                 &activity,
-                &[]
+                None,
+                None
             ),
             pump(
                 &mut origin_rx,
                 &mut client_tx,
                 &mut ubuf.data,
                 &activity,
-                &counted
+                Some(&stats.response_bytes),
+                to_client
             ),
         )
     };
@@ -897,17 +915,19 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> (Tunnel, u64
             }
         }
     };
-    (ended, to_client.load(Ordering::Relaxed))
+    ended
 }
 
 /// Copies one direction of a tunnel until its reader ends, then passes the
-/// end on (a half close).
+/// end on (a half close). The bytes read are added to `counted` (the
+/// edge's total) and `noted` (the exchange's, for the access log).
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rx: &mut R,
     tx: &mut W,
     buf: &mut [u8],
     activity: &Activity,
-    counted: &[&AtomicU64],
+    counted: Option<&AtomicU64>,
+    mut noted: Option<&mut u64>,
 ) -> io::Result<()> {
     loop {
         let n = rx.read(buf).await?;
@@ -915,8 +935,11 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if n == 0 {
             return tx.shutdown().await;
         }
-        for c in counted {
+        if let Some(c) = counted {
             c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(b) = noted.as_deref_mut() {
+            *b += n as u64;
         }
         pass(tx, &buf[..n], activity).await?;
     }
@@ -987,6 +1010,9 @@ async fn relay_body(
             Framing::Close => (c.ubuf.len(), false),
         };
         *bytes += take as u64;
+        // Noted as it goes: an exchange cut (say, by the stop's grace)
+        // is logged with what it had sent.
+        c.note(|x| x.bytes += take as u64);
         let sent = if first {
             first = false;
             c.response.extend_from_slice(&c.ubuf.bytes()[..take]);

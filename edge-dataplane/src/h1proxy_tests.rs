@@ -1964,10 +1964,7 @@ async fn exchanges_cut_short_or_ended_by_trailers_are_logged_as_they_ended() {
     );
     let never = by("/never");
     assert_eq!(never["status"], 499, "{never}");
-    assert_eq!(
-        never["error"],
-        "the connection ended before the exchange did"
-    );
+    assert_eq!(never["error"], "the client went away before its body came");
 
     // A WebSocket the shutdown grace cuts.
     let (ws, _) = websocket_origin().await;
@@ -1976,7 +1973,16 @@ async fn exchanges_cut_short_or_ended_by_trailers_are_logged_as_they_ended() {
         p.shutdown_grace = Duration::from_millis(200);
     })
     .await;
-    let (_s, _) = open_websocket(w.addr).await;
+    let (mut s, mut got) = open_websocket(w.addr).await;
+    // What the tunnel carried before the cut is logged with it.
+    s.write_all(b"abc").await.expect("write");
+    while !got.ends_with(b"ABC") {
+        let mut b = [0u8; 64];
+        match s.read(&mut b).await {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            r => panic!("tunnel ended early: {r:?} after {got:?}"),
+        }
+    }
     w.stop.send(true).expect("stop");
     let lines = logged(&log, &path, 3).await;
     let chat = lines
@@ -1984,12 +1990,52 @@ async fn exchanges_cut_short_or_ended_by_trailers_are_logged_as_they_ended() {
         .find(|l| l["target"] == "/chat")
         .unwrap_or_else(|| panic!("no /chat in {lines:#?}"));
     assert_eq!(
-        (&chat["status"], &chat["origin"]),
-        (&101.into(), &"w".into()),
+        (&chat["status"], &chat["origin"], &chat["bytes"]),
+        (&101.into(), &"w".into(), &got.len().into()),
         "{chat}"
     );
     assert_eq!(
         chat["error"],
         "the connection ended before the exchange did"
     );
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_come_in_time_gets_a_408_and_is_logged() {
+    use crate::access::{AccessLog, Sink};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = Arc::new(AccessLog::open(Sink::File(path.clone())).expect("open"));
+    let origin = Origin::start(|_| ok("hello")).await;
+    let e = edge_with(&[("a", origin.addr, 1.0)], |p| {
+        p.access_log = Some(log.clone());
+        p.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .expect("write");
+    let mut pending = Vec::new();
+    let (status, head, _) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!(status, 408, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    // The connection is closed after it.
+    let mut b = [0u8; 16];
+    assert!(matches!(s.read(&mut b).await, Ok(0) | Err(_)));
+    let lines = logged(&log, &path, 1).await;
+    assert_eq!(
+        (&lines[0]["target"], &lines[0]["status"], &lines[0]["error"]),
+        (
+            &"/slow".into(),
+            &408.into(),
+            &"the request body did not arrive within 300ms".into()
+        ),
+        "{lines:#?}"
+    );
+    // The origin saw nothing of it.
+    assert!(origin.seen().is_empty());
 }

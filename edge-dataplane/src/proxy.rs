@@ -73,6 +73,9 @@ pub struct Proxy {
     pub websocket_idle: Duration,
     /// How long a stopping worker lets open connections finish.
     pub shutdown_grace: Duration,
+    /// How long a request's head and body may take to arrive, from its
+    /// first byte, on the HTTP/1.1 fast path.
+    pub request_timeout: Duration,
     /// Client connections one worker keeps open at once (0: no limit);
     /// past it, new ones wait in the listen backlog.
     pub connection_limit: usize,
@@ -347,6 +350,7 @@ impl Proxy {
             connect_timeout: Duration::from_secs(2),
             websocket_idle: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
+            request_timeout: crate::h1proxy::CLIENT_IO,
             connection_limit: 0,
             access_log: None,
         }
