@@ -94,12 +94,12 @@ impl Admin {
         );
         r.register(
             "upstream_errors",
-            "Requests that got no origin response",
+            "Requests that got no (usable) origin response, after any retry",
             ConstCounter::new(load(&s.upstream_errors)),
         );
         r.register(
             "response_bytes",
-            "Response body bytes sent to clients (HTTP/2 and handed-off connections: those with a known length)",
+            "Response body bytes sent to clients",
             ConstCounter::new(load(&s.response_bytes)),
         );
         r.register(
@@ -131,6 +131,11 @@ impl Admin {
             "endpoint_ejections",
             "Origin endpoints ejected by passive health",
             ConstCounter::new(load(&s.ejections)),
+        );
+        r.register(
+            "panic_picks",
+            "Attempts sent to an ejected endpoint because no endpoint of any origin was healthy",
+            ConstCounter::new(load(&s.panic_picks)),
         );
         r.register(
             "active_connections",
@@ -241,6 +246,26 @@ impl Admin {
     }
 }
 
+/// An admin answer with its content type: OpenMetrics text on
+/// `/metrics` (what `prometheus_client` writes; Prometheus 3 refuses a
+/// scrape without a content type), JSON for a JSON body, else plain text.
+fn reply(path: &str, status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let kind = if path == "/metrics" && status == StatusCode::OK {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else if body.starts_with('{') {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    r
+}
+
 /// Serves the admin port forever.
 pub async fn serve(listener: TcpListener, admin: Admin) {
     serve_with(listener, move |uri| admin.respond(uri)).await;
@@ -265,8 +290,7 @@ where
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (status, body) = respond(req.uri());
-                let mut r = Response::new(Full::new(Bytes::from(body)));
-                *r.status_mut() = status;
+                let r = reply(req.uri().path(), status, body);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -276,5 +300,53 @@ where
                 debug!(%peer, error = %e, "admin connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Prometheus 3 refuses a scrape without a content type ("non-compliant
+    /// scrape target sending blank Content-Type"). The body is OpenMetrics
+    /// text (it ends with `# EOF`), and says so.
+    #[tokio::test]
+    async fn metrics_say_their_content_type() {
+        let admin = Admin {
+            stats: Arc::default(),
+            current: Arc::new(Current::empty()),
+            endpoints: Arc::default(),
+            access_log: None,
+        };
+        let body = admin.metrics();
+        assert!(body.ends_with("# EOF\n"), "OpenMetrics text: {body}");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(serve(l, admin));
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let head = &text[..text.find("\r\n\r\n").expect("head")];
+        assert!(
+            head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+            "no usable content-type:\n{head}"
+        );
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 503"), "{text}");
+        assert!(
+            text.contains("content-type: text/plain; charset=utf-8"),
+            "{text}"
+        );
     }
 }

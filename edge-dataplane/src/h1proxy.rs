@@ -28,7 +28,7 @@ use tracing::debug;
 use crate::access::Exchange;
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
 use crate::proxy::{about, gave_up, Proxy};
-use crate::upstream::{EndpointState, Origin};
+use crate::upstream::{EndpointState, Failed, Origin};
 
 /// How long a kept-alive client connection may sit between requests.
 pub const CLIENT_IDLE: Duration = Duration::from_secs(75);
@@ -555,8 +555,8 @@ async fn hand_off(proxy: Arc<Proxy>, c: Conn, peer: SocketAddr) {
 
 /// Forwards one request and its response.
 async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) -> Next {
-    let mut tried: Option<&str> = None;
-    // The failure of the first attempt, said when no other origin is left.
+    let mut tried: Option<Failed<'_>> = None;
+    // The failure of the first attempt, said when nothing is left to retry.
     let mut first_failure: Option<String> = None;
     let cfg = proxy.current.load_full();
     let (status, text) = 'attempts: {
@@ -564,13 +564,11 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
             break 'attempts (StatusCode::SERVICE_UNAVAILABLE, "no config yet".to_owned());
         };
         for attempt in 0..2 {
-            let Some(origin) = cfg.value.pick(tried) else {
+            let Some(pick) = cfg.value.choose(tried) else {
                 break 'attempts gave_up(first_failure, "no origin available");
             };
-            let Some(ep) = origin.pick() else {
-                tried = Some(origin.id.as_str());
-                continue;
-            };
+            let (origin, ep) = (pick.origin, pick.endpoint);
+            proxy.note_pick(&pick);
             let failed = |e: &str| about(origin, format_args!("failed: {e}"));
             c.note(|x| x.origin = Some(origin.id.clone()));
             match attempt_endpoint(proxy, pool, c, head, origin, ep).await {
@@ -588,13 +586,15 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
                     break 'attempts (StatusCode::GATEWAY_TIMEOUT, about(origin, "timed out"));
                 }
                 Err(Failure::Stale(e)) => {
-                    proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                     break 'attempts (StatusCode::BAD_GATEWAY, failed(&e));
                 }
                 Err(Failure::Retriable(e)) if attempt == 0 => {
                     proxy.upstream_failed(origin, ep, &e);
                     first_failure = Some(failed(&e));
-                    tried = Some(origin.id.as_str());
+                    tried = Some(Failed {
+                        origin: &origin.id,
+                        endpoint: ep.addr,
+                    });
                 }
                 Err(Failure::Retriable(e) | Failure::Final(e)) => {
                     proxy.upstream_failed(origin, ep, &e);
@@ -604,6 +604,13 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
         }
         gave_up(first_failure, "no healthy origin endpoint")
     };
+    if matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+    ) {
+        // The request got no answer from any origin.
+        proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
     let keep_alive = c.keeps_alive(head);
     match c.answer(proxy, status, &text, !keep_alive).await {
         Ok(()) if keep_alive => Next::KeepAlive,
@@ -704,6 +711,7 @@ async fn attempt_endpoint(
         // The answer is cut: the client sees its connection reset.
         Err(Relay::Origin(e)) => {
             proxy.upstream_failed(origin, ep, &e);
+            proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             c.note(|x| x.error = Some(format!("the answer was cut: {e}")));
             return Ok(Next::Abort);
         }

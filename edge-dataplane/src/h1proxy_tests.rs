@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::h1::ChunkedEnd;
 use crate::proxy::{serve, Proxy, Stats};
 use crate::subscriber::{Applied, Build};
-use crate::upstream::{Endpoints, UpstreamBuilder, EJECT_AFTER};
+use crate::upstream::{Endpoints, UpstreamBuilder, BASE_EJECTION, EJECT_AFTER};
 
 /// A request as an origin saw it.
 #[derive(Debug, Clone)]
@@ -595,8 +595,18 @@ async fn failed_origins_are_skipped_ejected_and_answered_for() {
         assert_eq!((status, body.as_slice()), (200, &b"alive"[..]));
     }
     assert_eq!(e.stats.ejections.load(Ordering::Relaxed), 1);
-    assert!(e.stats.upstream_errors.load(Ordering::Relaxed) >= u64::from(EJECT_AFTER));
-    // With only the dead origin: 502 naming it, then (ejected) 503.
+    // Every request was answered: no upstream error, but the dead
+    // origin's failures are counted.
+    assert_eq!(e.stats.upstream_errors.load(Ordering::Relaxed), 0);
+    assert!(
+        e.endpoints
+            .origin_stats("dead")
+            .failures
+            .load(Ordering::Relaxed)
+            >= u64::from(EJECT_AFTER)
+    );
+    // With only the dead origin: 502 naming it; ejected, it is still
+    // tried (nothing else is left: panic routing), so still a 502.
     let e = edge(&[("dead", dead, 1.0)]).await;
     let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 502);
@@ -604,11 +614,20 @@ async fn failed_origins_are_skipped_ejected_and_answered_for() {
     assert!(body.contains("origin dead failed: connect"), "{body}");
     // Clients are not shown internal addresses.
     assert!(!body.contains(&dead.ip().to_string()), "{body}");
-    for _ in 0..EJECT_AFTER {
+    for _ in 1..EJECT_AFTER {
         once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     }
+    assert_eq!(e.endpoints.ejected().len(), 1);
+    assert_eq!(e.stats.panic_picks.load(Ordering::Relaxed), 0);
     let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("origin dead failed: connect"), "{body}");
+    assert_eq!(e.stats.panic_picks.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        e.stats.upstream_errors.load(Ordering::Relaxed),
+        u64::from(EJECT_AFTER) + 1
+    );
     // No config yet: 503.
     let e = edge(&[]).await;
     let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -2038,4 +2057,190 @@ async fn a_body_that_does_not_come_in_time_gets_a_408_and_is_logged() {
     );
     // The origin saw nothing of it.
     assert!(origin.seen().is_empty());
+}
+
+/// An edge serving `config` (origins may have several endpoints).
+async fn edge_cfg(config: pb::NodeConfig, base_ejection: Duration) -> Edge {
+    let endpoints = Arc::new(Endpoints::with_base_ejection(base_ejection));
+    let builder = UpstreamBuilder {
+        endpoints: endpoints.clone(),
+        allowed: Vec::new(),
+    };
+    let current = Arc::new(ArcSwapOption::empty());
+    let value = builder.build(1, &config).expect("valid config");
+    current.store(Some(Arc::new(Applied {
+        version: 1,
+        value,
+        accepted_at_ms: 0,
+        from_disk: false,
+    })));
+    let stats = Arc::new(Stats::default());
+    let proxy = Proxy::new("e1".into(), current, endpoints.clone(), stats.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (stop, rx) = watch::channel(false);
+    tokio::spawn(serve(l, Arc::new(proxy), rx));
+    Edge {
+        addr,
+        stats,
+        stop,
+        endpoints,
+    }
+}
+
+/// A port bound but not listening: connects to it are refused.
+fn refused_port() -> (socket2::Socket, SocketAddr) {
+    let held =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let a = held.local_addr().expect("addr").as_socket().expect("ip");
+    (held, a)
+}
+
+/// A GET refused by one endpoint is retried on another origin when there
+/// is one, else on another endpoint of the same origin. Both paths.
+#[tokio::test]
+async fn a_get_refused_by_one_endpoint_is_retried_on_the_origins_other_endpoint() {
+    let (_held, dead) = refused_port();
+    let alive = Origin::start(|_| ok("alive")).await;
+    let e = edge_cfg(
+        pb::NodeConfig {
+            origins: vec![pb::OriginTarget {
+                id: "only".into(),
+                endpoints: vec![dead.to_string(), alive.addr.to_string()],
+            }],
+            upstream: vec![pb::OriginWeight {
+                origin: "only".into(),
+                weight: 1.0,
+            }],
+            ..pb::NodeConfig::default()
+        },
+        BASE_EJECTION,
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for req in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..], // hyper's path
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..],
+    ] {
+        statuses.push(once(e.addr, req).await.0);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200],
+        "every GET should be answered by the healthy endpoint"
+    );
+}
+
+/// An endpoint ejected for a run of 5xx (it accepts connections fine) is
+/// probed only once its ejection has run out, and comes back on probation:
+/// its next 500 ejects it again at once.
+#[tokio::test]
+async fn an_endpoint_ejected_for_5xx_stays_out_for_its_ejection_then_is_on_probation() {
+    let failing =
+        Origin::start(|_| b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+    let e = edge_cfg(
+        pb::NodeConfig {
+            origins: vec![pb::OriginTarget {
+                id: "a".into(),
+                endpoints: vec![failing.addr.to_string()],
+            }],
+            upstream: vec![pb::OriginWeight {
+                origin: "a".into(),
+                weight: 1.0,
+            }],
+            ..pb::NodeConfig::default()
+        },
+        Duration::from_millis(1500),
+    )
+    .await;
+    let (_tx, rx) = watch::channel(false);
+    tokio::spawn(crate::proxy::readmit(e.endpoints.clone(), rx));
+    for _ in 0..EJECT_AFTER {
+        once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    }
+    let ejected_at = std::time::Instant::now();
+    assert_eq!(e.endpoints.ejected().len(), 1, "ejected after 5 x 500");
+    // The probe (once a second) passes, but the ejection has not run out.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        e.endpoints.ejected().len(),
+        1,
+        "re-admitted before its time"
+    );
+    while !e.endpoints.ejected().is_empty() {
+        assert!(
+            ejected_at.elapsed() < Duration::from_secs(5),
+            "never re-admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ejected_at.elapsed() >= Duration::from_millis(1500));
+    // On probation: one more 500 ejects it again.
+    assert_eq!(
+        once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+        500
+    );
+    assert_eq!(e.endpoints.ejected().len(), 1);
+    assert_eq!(e.stats.ejections.load(Ordering::Relaxed), 2);
+}
+
+/// With every endpoint ejected, requests still go to them (panic routing):
+/// five 5xx in a row from the only origin (here it recovers at once) do
+/// not turn into a 503 for every client.
+#[tokio::test]
+async fn with_every_endpoint_ejected_requests_still_reach_an_origin() {
+    let n = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let m = n.clone();
+    let origin = Origin::start(move |_| {
+        if m.fetch_add(1, Ordering::Relaxed) < EJECT_AFTER {
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n".to_vec()
+        } else {
+            ok("recovered")
+        }
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    for _ in 0..EJECT_AFTER {
+        assert_eq!(
+            once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+            500
+        );
+    }
+    let (status, _, body) = once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(
+        status,
+        200,
+        "the only origin (now healthy) is not tried: {}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+/// Response bytes (reported to the control plane as bytes/s, and
+/// sextant_edge_response_bytes_total) on hyper's path are the body bytes
+/// sent: none for a HEAD, whatever its Content-Length, and those of a
+/// chunked answer.
+#[tokio::test]
+async fn response_bytes_count_the_body_bytes_sent_on_hypers_path() {
+    let origin = Origin::start(|s| {
+        if s.head.starts_with("HEAD") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n".to_vec()
+        } else {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()
+        }
+    })
+    .await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let (status, _, body) = once(e.addr, b"HEAD / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert_eq!((status, body.len()), (200, 0));
+    let (status, _, body) = once(e.addr, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert_eq!((status, body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(
+        e.stats.response_bytes.load(Ordering::Relaxed),
+        5,
+        "body bytes sent: 0 for the HEAD, 5 for the chunked GET"
+    );
 }

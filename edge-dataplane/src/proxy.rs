@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::access::{AccessLog, Exchange};
 use crate::h1proxy::Pool;
 use crate::subscriber::Applied;
-use crate::upstream::{EndpointState, Endpoints, Origin, Upstream};
+use crate::upstream::{EndpointState, Endpoints, Failed, Origin, Pick, Upstream};
 
 /// The config in service, swapped atomically; requests in flight keep the
 /// version they started with.
@@ -43,8 +43,11 @@ pub struct Stats {
     pub requests: AtomicU64,
     /// Responses by class: 1xx..5xx at index 1..5; index 0 unused.
     pub responses: [AtomicU64; 6],
-    /// Requests that got no origin response (connect errors, timeouts).
+    /// Requests that got no origin response (connect errors, timeouts,
+    /// answers cut or malformed), after any retry.
     pub upstream_errors: AtomicU64,
+    /// Attempts sent to an ejected endpoint because none was healthy.
+    pub panic_picks: AtomicU64,
     pub response_bytes: AtomicU64,
     pub active_connections: AtomicI64,
     pub ejections: AtomicU64,
@@ -365,13 +368,19 @@ impl Proxy {
 
     /// Records a request that got no response from `ep` (passive health).
     pub fn upstream_failed(&self, origin: &Origin, ep: &EndpointState, error: &str) {
-        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
         origin.stats.failures.fetch_add(1, Ordering::Relaxed);
         if ep.failure(now_ms()) {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             warn!(origin = %origin.id, endpoint = %ep.addr, error, "endpoint ejected");
         }
         debug!(origin = %origin.id, endpoint = %ep.addr, error, "upstream request failed");
+    }
+
+    /// Counts an attempt sent to an ejected endpoint (none was healthy).
+    pub fn note_pick(&self, pick: &Pick<'_>) {
+        if pick.panic {
+            self.stats.panic_picks.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Records a 5xx answer from `ep` (passive health).
@@ -413,18 +422,20 @@ impl Proxy {
                 .map(str::to_owned);
             x.error = resp.extensions().get::<LocalAnswer>().map(|a| a.0.clone());
         }
-        self.count_status(resp.status().as_u16());
-        if let Some(len) = resp
-            .headers()
-            .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
+        let status = resp.status();
+        self.count_status(status.as_u16());
+        if matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+        ) && resp.extensions().get::<LocalAnswer>().is_some()
         {
-            self.stats.response_bytes.fetch_add(len, Ordering::Relaxed);
+            // The request got no (usable) answer from any origin.
+            self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
         }
         resp.map(|inner| Logged {
             inner,
             exchange,
+            stats: self.stats.clone(),
             ended: false,
         })
     }
@@ -505,18 +516,17 @@ impl Proxy {
             Either::Left(body)
         };
         let mut req = Some(Request::from_parts(parts, body));
-        let mut tried: Option<String> = None;
-        // The failure of the first attempt, said when no other origin is left.
+        let mut tried: Option<Failed<'_>> = None;
+        // The failure of the first attempt, said when nothing is left to
+        // retry.
         let mut first_failure: Option<String> = None;
         for attempt in 0..2 {
-            let Some(origin) = cfg.value.pick(tried.as_deref()) else {
+            let Some(pick) = cfg.value.choose(tried) else {
                 let (status, said) = gave_up(first_failure, "no origin available");
                 return text(status, said);
             };
-            let Some(ep) = origin.pick() else {
-                tried = Some(origin.id.clone());
-                continue;
-            };
+            let (origin, ep) = (pick.origin, pick.endpoint);
+            self.note_pick(&pick);
             let Some(r) = req.take() else { break };
             let started = Instant::now();
             let sent = tokio::time::timeout(
@@ -559,7 +569,10 @@ impl Proxy {
                         Some(r) if attempt == 0 => {
                             req = Some(r);
                             first_failure = Some(about(origin, format_args!("failed: {e}")));
-                            tried = Some(origin.id.clone());
+                            tried = Some(Failed {
+                                origin: &origin.id,
+                                endpoint: ep.addr,
+                            });
                         }
                         _ => {
                             return text(
@@ -771,6 +784,8 @@ fn version_name(v: hyper::Version) -> &'static str {
 pub struct Logged {
     inner: ProxyBody,
     exchange: Option<Box<Exchange>>,
+    /// Where the body bytes sent are counted.
+    stats: Arc<Stats>,
     /// The body ended (hyper may drop it without reading on).
     ended: bool,
 }
@@ -785,6 +800,13 @@ impl Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                this.stats
+                    .response_bytes
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
         if let Some(x) = &mut this.exchange {
             match &r {
                 Poll::Ready(Some(Ok(f))) => {
@@ -896,7 +918,8 @@ pub fn spawn_workers(
     Ok(threads)
 }
 
-/// Re-admits ejected endpoints once a TCP connect to them succeeds.
+/// Re-admits ejected endpoints whose ejection has run out (see
+/// [`EndpointState`]) once a TCP connect to them succeeds.
 pub async fn readmit(endpoints: Arc<Endpoints>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -904,7 +927,12 @@ pub async fn readmit(endpoints: Arc<Endpoints>, mut shutdown: watch::Receiver<bo
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        for ep in endpoints.ejected() {
+        let now = now_ms();
+        for ep in endpoints
+            .ejected()
+            .into_iter()
+            .filter(|e| e.due(now, endpoints.base_ejection))
+        {
             let ok = matches!(
                 tokio::time::timeout(
                     Duration::from_millis(500),

@@ -57,7 +57,7 @@ fn report(
         at_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0)),
-        healthy: held.as_ref().is_some_and(|c| c.value.pick(None).is_some()),
+        healthy: held.as_ref().is_some_and(|c| c.value.healthy()),
         rps: requests as f64 / secs,
         active_connections: u32::try_from(stats.active_connections.load(Ordering::Relaxed).max(0))
             .unwrap_or(u32::MAX),
@@ -99,7 +99,12 @@ pub async fn run(
             }
         };
         let mut call = Box::pin(call);
-        let mut tick = tokio::time::interval(cfg.interval);
+        // The first report covers a whole interval (an interval's first
+        // tick is at once), and a late tick is not followed by a burst of
+        // reports covering almost nothing.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut before = totals(&stats);
         let mut at = Instant::now();
         let ended = loop {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use sextant_proto::v1 as pb;
@@ -13,13 +14,25 @@ use crate::subscriber::Build;
 
 /// Consecutive failures (connect errors or 5xx) that eject an endpoint.
 pub const EJECT_AFTER: u32 = 5;
+/// How long a first ejection lasts; the n-th in a row (with no success in
+/// between) lasts n times as long, up to [`MAX_EJECTION`].
+pub const BASE_EJECTION: Duration = Duration::from_secs(10);
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// Passive health of one endpoint, shared across config versions.
+///
+/// An endpoint is ejected after [`EJECT_AFTER`] failures in a row, for
+/// the base ejection time times the number of ejections in a row, and
+/// then re-admitted once a TCP probe succeeds. Re-admitted after an
+/// ejection, it is on probation: its first failure ejects it again (for
+/// longer), its first success ends the run.
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
     failures: AtomicU32,
     ejected: AtomicBool,
+    /// Ejections since the last success.
+    ejections: AtomicU32,
     /// Unix ms of the ejection (0 when not ejected).
     ejected_at_ms: AtomicU64,
 }
@@ -30,6 +43,7 @@ impl EndpointState {
             addr,
             failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
+            ejections: AtomicU32::new(0),
             ejected_at_ms: AtomicU64::new(0),
         }
     }
@@ -38,10 +52,13 @@ impl EndpointState {
         self.ejected.load(Ordering::Relaxed)
     }
 
-    /// Records a success: resets the failure run.
+    /// Records a success: resets the failure run and ends a probation.
     pub fn success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
         }
     }
 
@@ -49,15 +66,34 @@ impl EndpointState {
     pub fn failure(&self, now_ms: u64) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= EJECT_AFTER && !self.ejected.swap(true, Ordering::Relaxed) {
+            self.ejections.fetch_add(1, Ordering::Relaxed);
             self.ejected_at_ms.store(now_ms, Ordering::Relaxed);
             return true;
         }
         false
     }
 
-    /// Re-admits the endpoint (after a successful probe).
+    /// Whether the endpoint is ejected and its ejection, `base` times the
+    /// ejections in a row (at most [`MAX_EJECTION`]), has run out by
+    /// `now_ms`: time to probe it.
+    pub fn due(&self, now_ms: u64, base: Duration) -> bool {
+        if !self.is_ejected() {
+            return false;
+        }
+        let n = self.ejections.load(Ordering::Relaxed).max(1);
+        let lasts = base.saturating_mul(n).min(MAX_EJECTION);
+        let lasts = u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX);
+        now_ms
+            >= self
+                .ejected_at_ms
+                .load(Ordering::Relaxed)
+                .saturating_add(lasts)
+    }
+
+    /// Re-admits the endpoint (after a successful probe), on probation:
+    /// one more failure ejects it again.
     pub fn readmit(&self) {
-        self.failures.store(0, Ordering::Relaxed);
+        self.failures.store(EJECT_AFTER - 1, Ordering::Relaxed);
         self.ejected.store(false, Ordering::Relaxed);
         self.ejected_at_ms.store(0, Ordering::Relaxed);
     }
@@ -130,13 +166,33 @@ impl Histogram {
 
 /// Endpoint states by address, so that health survives config swaps, and
 /// origins' stats by id, so that their counters do.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Endpoints {
     by_addr: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     origins: Mutex<std::collections::BTreeMap<String, Arc<OriginStats>>>,
+    /// How long a first ejection lasts ([`BASE_EJECTION`]).
+    pub base_ejection: Duration,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self {
+            by_addr: Mutex::default(),
+            origins: Mutex::default(),
+            base_ejection: BASE_EJECTION,
+        }
+    }
 }
 
 impl Endpoints {
+    /// With first ejections lasting `base` (instead of [`BASE_EJECTION`]).
+    pub fn with_base_ejection(base: Duration) -> Self {
+        Self {
+            base_ejection: base,
+            ..Self::default()
+        }
+    }
+
     pub fn get(&self, addr: SocketAddr) -> Arc<EndpointState> {
         let mut m = self
             .by_addr
@@ -169,15 +225,17 @@ impl Endpoints {
             .collect()
     }
 
-    /// Every ejected endpoint.
+    /// Every ejected endpoint that a config in use still names. The
+    /// states of endpoints that none names any more (only this map holds
+    /// them) are dropped first: a removed endpoint is neither reported
+    /// ejected nor probed, and comes back, if it does, with a clean slate.
     pub fn ejected(&self) -> Vec<Arc<EndpointState>> {
-        self.by_addr
+        let mut m = self
+            .by_addr
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .filter(|e| e.is_ejected())
-            .cloned()
-            .collect()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.retain(|_, e| Arc::strong_count(e) > 1);
+        m.values().filter(|e| e.is_ejected()).cloned().collect()
     }
 }
 
@@ -195,18 +253,42 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// The next healthy endpoint, round robin; none when all are ejected.
+    /// The next healthy endpoint, round robin over the healthy ones (an
+    /// ejected endpoint's share is spread evenly, not handed to its
+    /// neighbour); none when all are ejected.
     pub fn pick(&self) -> Option<&Arc<EndpointState>> {
-        let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        (0..n)
-            .map(|i| &self.endpoints[(start + i) % n])
-            .find(|e| !e.is_ejected())
+        self.pick_where(|e| !e.is_ejected())
+    }
+
+    /// The next endpoint, round robin, among those `ok` takes.
+    fn pick_where(&self, ok: impl Fn(&EndpointState) -> bool) -> Option<&Arc<EndpointState>> {
+        let k = self.endpoints.iter().filter(|e| ok(e)).count();
+        if k == 0 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % k;
+        self.endpoints.iter().filter(|e| ok(e)).nth(i)
     }
 
     fn usable(&self) -> bool {
         self.endpoints.iter().any(|e| !e.is_ejected())
     }
+}
+
+/// Where one attempt at a request goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Pick<'a> {
+    pub origin: &'a Origin,
+    pub endpoint: &'a Arc<EndpointState>,
+    /// No endpoint was healthy: this one is ejected, tried anyway.
+    pub panic: bool,
+}
+
+/// What a retry avoids: the origin and endpoint that failed.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed<'a> {
+    pub origin: &'a str,
+    pub endpoint: SocketAddr,
 }
 
 /// The upstream of an edge proxy for one config version.
@@ -216,17 +298,72 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Picks an origin by weight among those with a healthy endpoint
-    /// (renormalised), skipping `except`.
-    pub fn pick(&self, except: Option<&str>) -> Option<&Origin> {
-        let usable = |o: &&Origin| o.weight > 0.0 && o.usable() && Some(o.id.as_str()) != except;
-        let total: f64 = self.origins.iter().filter(usable).map(|o| o.weight).sum();
+    /// Whether some origin of positive weight has a healthy endpoint.
+    pub fn healthy(&self) -> bool {
+        self.origins.iter().any(|o| o.weight > 0.0 && o.usable())
+    }
+
+    /// Where an attempt goes. By weight among origins with a healthy
+    /// endpoint; a retry (`after` a failure) goes to another origin when
+    /// there is one, else to another healthy endpoint of the same. When
+    /// no endpoint is healthy at all, ejection is ignored (panic routing,
+    /// as Envoy's panic threshold): an outage of passive health's making
+    /// is worse than sending requests to endpoints that may have
+    /// recovered. None only when there is no origin of positive weight
+    /// (or, for a retry, nothing but the endpoint that failed).
+    pub fn choose(&self, after: Option<Failed<'_>>) -> Option<Pick<'_>> {
+        let other = |o: &Origin| after.is_none_or(|f| f.origin != o.id);
+        let not_failed = |e: &EndpointState| after.is_none_or(|f| f.endpoint != e.addr);
+        let healthy = |o: &Origin| o.weight > 0.0 && other(o) && o.usable();
+        if let Some(p) = self.by_weight(healthy).and_then(|o| {
+            o.pick().map(|endpoint| Pick {
+                origin: o,
+                endpoint,
+                panic: false,
+            })
+        }) {
+            return Some(p);
+        }
+        if let Some(f) = after {
+            if let Some(o) = self.origins.iter().find(|o| o.id == f.origin) {
+                if let Some(endpoint) = o.pick_where(|e| !e.is_ejected() && not_failed(e)) {
+                    return Some(Pick {
+                        origin: o,
+                        endpoint,
+                        panic: false,
+                    });
+                }
+            }
+        }
+        if self.healthy() {
+            // Healthy endpoints are left, only not for this retry.
+            return None;
+        }
+        let o = self
+            .by_weight(|o| o.weight > 0.0 && other(o))
+            .or_else(|| self.by_weight(|o| o.weight > 0.0))?;
+        let endpoint = o.pick_where(not_failed)?;
+        Some(Pick {
+            origin: o,
+            endpoint,
+            panic: true,
+        })
+    }
+
+    /// An origin by weight among those `ok` takes (renormalised).
+    fn by_weight(&self, ok: impl Fn(&Origin) -> bool) -> Option<&Origin> {
+        let total: f64 = self
+            .origins
+            .iter()
+            .filter(|o| ok(o))
+            .map(|o| o.weight)
+            .sum();
         if total <= 0.0 {
             return None;
         }
         let mut x = fastrand::f64() * total;
         let mut last = None;
-        for o in self.origins.iter().filter(usable) {
+        for o in self.origins.iter().filter(|o| ok(o)) {
             last = Some(o);
             if x < o.weight {
                 return Some(o);
@@ -368,14 +505,15 @@ mod tests {
     }
 
     #[test]
-    fn picks_follow_weights_and_skip_ejected_origins() {
+    fn picks_follow_weights_and_skip_ejected_origins_until_none_is_left() {
         let b = builder(&[]);
         let mut c = config("127.0.0.1:80", &[("a", 0.2), ("b", 0.8)]);
         c.origins[1].endpoints = vec!["127.0.0.2:80".into()];
         let up = b.build(1, &c).expect("valid");
         let n = 20_000;
+        let of = |p: Option<Pick<'_>>| p.map(|p| (p.origin.id.clone(), p.panic));
         let a = (0..n)
-            .filter(|_| up.pick(None).map(|o| o.id.as_str()) == Some("a"))
+            .filter(|_| of(up.choose(None)) == Some(("a".into(), false)))
             .count();
         let share = a as f64 / n as f64;
         assert!((share - 0.2).abs() < 0.02, "share of a: {share}");
@@ -383,13 +521,149 @@ mod tests {
             up.origins[1].endpoints[0].failure(1);
         }
         assert!(up.origins[1].endpoints[0].is_ejected());
-        assert!((0..100).all(|_| up.pick(None).map(|o| o.id.as_str()) == Some("a")));
-        assert!(up.pick(Some("a")).is_none());
+        assert!(up.healthy());
+        assert!((0..100).all(|_| of(up.choose(None)) == Some(("a".into(), false))));
+        // A retry after a's only endpoint failed: b is ejected, a has no
+        // other endpoint, and a healthy endpoint is left (the one that
+        // failed, not yet ejected): no panic, nothing to retry on.
+        let failed = Failed {
+            origin: "a",
+            endpoint: "127.0.0.1:80".parse().expect("addr"),
+        };
+        assert!(up.choose(Some(failed)).is_none());
         // Health survives a rebuild (same address, same state).
         let again = b.build(2, &c).expect("valid");
         assert!(again.origins[1].endpoints[0].is_ejected());
         assert_eq!(b.endpoints.ejected().len(), 1);
+        // Nothing healthy left: ejection is ignored, and the weights hold.
+        for _ in 0..EJECT_AFTER {
+            up.origins[0].endpoints[0].failure(1);
+        }
+        assert!(!up.healthy());
+        let picks: Vec<_> = (0..n).filter_map(|_| of(up.choose(None))).collect();
+        assert_eq!(picks.len(), n);
+        assert!(picks.iter().all(|(_, panic)| *panic));
+        let a = picks.iter().filter(|(o, _)| o == "a").count() as f64 / n as f64;
+        assert!((a - 0.2).abs() < 0.02, "share of a in panic: {a}");
+        // A panic retry goes elsewhere than what failed.
+        assert!((0..100).all(|_| of(up.choose(Some(failed))) == Some(("b".into(), true))));
         again.origins[1].endpoints[0].readmit();
         assert!(!up.origins[1].endpoints[0].is_ejected());
+    }
+
+    #[test]
+    fn ejections_last_longer_in_a_row_and_a_readmitted_endpoint_is_on_probation() {
+        let e = EndpointState::new("127.0.0.1:80".parse().expect("addr"));
+        let base = Duration::from_secs(10);
+        for _ in 0..EJECT_AFTER - 1 {
+            assert!(!e.failure(1_000));
+        }
+        assert!(!e.due(1_000, base), "not ejected yet");
+        assert!(e.failure(1_000));
+        assert!(!e.due(10_999, base));
+        assert!(e.due(11_000, base));
+        // Re-admitted: one failure ejects it again, for twice as long.
+        e.readmit();
+        assert!(!e.is_ejected());
+        assert!(e.failure(20_000));
+        assert!(!e.due(39_999, base));
+        assert!(e.due(40_000, base));
+        // A success ends the run: the next ejection is a first one again,
+        // and takes a whole run of failures.
+        e.readmit();
+        e.success();
+        for _ in 0..EJECT_AFTER - 1 {
+            assert!(!e.failure(50_000));
+        }
+        assert!(e.failure(50_000));
+        assert!(e.due(60_000, base));
+        // However many in a row, at most MAX_EJECTION.
+        for _ in 0..100 {
+            e.readmit();
+            e.failure(0);
+        }
+        let max = u64::try_from(MAX_EJECTION.as_millis()).expect("ms");
+        assert!(!e.due(max - 1, base));
+        assert!(e.due(max, base));
+    }
+}
+
+#[cfg(test)]
+mod endpoint_health {
+    use super::*;
+
+    fn one_origin(endpoints: &[&str]) -> pb::NodeConfig {
+        pb::NodeConfig {
+            origins: vec![pb::OriginTarget {
+                id: "a".into(),
+                endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+            }],
+            upstream: vec![pb::OriginWeight {
+                origin: "a".into(),
+                weight: 1.0,
+            }],
+            ..pb::NodeConfig::default()
+        }
+    }
+
+    fn builder() -> UpstreamBuilder {
+        UpstreamBuilder {
+            endpoints: Arc::new(Endpoints::default()),
+            allowed: Vec::new(),
+        }
+    }
+
+    /// With one endpoint of three ejected, its share is spread over the
+    /// other two evenly, not all handed to its neighbour.
+    #[test]
+    fn round_robin_spreads_an_ejected_endpoints_share_evenly() {
+        let b = builder();
+        let up = b
+            .build(
+                1,
+                &one_origin(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]),
+            )
+            .expect("valid");
+        let o = &up.origins[0];
+        for _ in 0..EJECT_AFTER {
+            o.endpoints[0].failure(1);
+        }
+        assert!(o.endpoints[0].is_ejected());
+        let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+        for _ in 0..3000 {
+            *counts.entry(o.pick().expect("healthy").addr).or_default() += 1;
+        }
+        let at = |a: &str| counts[&a.parse::<SocketAddr>().expect("addr")];
+        let (b2, b3) = (at("10.0.0.2:80"), at("10.0.0.3:80"));
+        assert!(
+            (b2 as i64 - b3 as i64).abs() < 300,
+            "the two healthy endpoints should share evenly: .2 got {b2}, .3 got {b3}"
+        );
+    }
+
+    /// An endpoint no config in use names any more is not reported
+    /// ejected (`sextant_edge_ejected_endpoints`) nor probed, and comes
+    /// back, if it does, with a clean slate.
+    #[test]
+    fn an_endpoint_no_longer_configured_is_not_reported_ejected() {
+        let b = builder();
+        let v1 = b
+            .build(1, &one_origin(&["10.0.0.1:80", "10.0.0.2:80"]))
+            .expect("valid");
+        for _ in 0..EJECT_AFTER {
+            v1.origins[0].endpoints[0].failure(1);
+        }
+        drop(v1);
+        // v2 no longer has 10.0.0.1.
+        let _v2 = b.build(2, &one_origin(&["10.0.0.2:80"])).expect("valid");
+        let ejected: Vec<_> = b.endpoints.ejected().iter().map(|e| e.addr).collect();
+        assert!(
+            ejected.is_empty(),
+            "no endpoint of the config in service is ejected, yet ejected() = {ejected:?}"
+        );
+        let v3 = b
+            .build(3, &one_origin(&["10.0.0.1:80", "10.0.0.2:80"]))
+            .expect("valid");
+        assert!(!v3.origins[0].endpoints[0].is_ejected());
     }
 }

@@ -583,6 +583,51 @@ fn an_access_log_that_cannot_be_opened_stops_the_edge_with_its_name() -> Result<
 }
 
 #[test]
+fn a_capacity_or_report_interval_the_control_plane_would_refuse_stops_the_edge() -> Result<()> {
+    // A negative capacity would have every report refused: the edge would
+    // count as silent, a failing health vote. An interval that rounds to
+    // nothing would stop the reporter.
+    for (flag, value, said) in [
+        ("--capacity-rps", "-1", "--capacity-rps must be"),
+        ("--capacity-rps", "NaN", "--capacity-rps must be"),
+        ("--report-interval", "1e-10", "--report-interval must be"),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let mut child = std::process::Command::new(sextant_tests::bin("sextant-edge")?)
+            .args(["--control-plane", "http://127.0.0.1:9", "--node-id", "e1"])
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg(format!("{flag}={value}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        // An edge that takes the value runs on: it is stopped, and fails.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if std::time::Instant::now() > until {
+                child.kill()?;
+                anyhow::bail!("{flag} {value}: still running after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut stderr)?;
+        }
+        ensure!(
+            !status.success(),
+            "{flag} {value}: started anyway: {stderr}"
+        );
+        ensure!(stderr.contains(said), "{flag} {value}: {stderr}");
+        ensure!(!stderr.contains("listening for http"), "{stderr}");
+    }
+    Ok(())
+}
+
+#[test]
 fn sigusr1_leaves_an_edge_without_an_access_log_serving() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_origins, _cp, e1) = one_edge(dir.path(), &[])?;

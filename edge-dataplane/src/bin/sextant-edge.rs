@@ -73,8 +73,13 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     sextant_edge::process::init_logging("info");
-    if !(args.report_interval > 0.0 && args.report_interval.is_finite()) {
-        anyhow::bail!("--report-interval must be a positive number of seconds");
+    if !(0.001..1e9).contains(&args.report_interval) {
+        anyhow::bail!("--report-interval must be at least 0.001 seconds (and under 1e9)");
+    }
+    if !(args.capacity_rps >= 0.0 && args.capacity_rps.is_finite()) {
+        // The control plane refuses reports with such a capacity: the
+        // edge would report nothing, and count as down.
+        anyhow::bail!("--capacity-rps must be a number of requests/s, 0 or more");
     }
     if !(0.001..1e9).contains(&args.websocket_idle) {
         anyhow::bail!("--websocket-idle must be at least 0.001 seconds (and under 1e9)");

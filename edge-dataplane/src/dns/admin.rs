@@ -6,15 +6,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{StatusCode, Uri};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
 
 use super::table::{TYPE_A, TYPE_AAAA};
 use super::Shared;
@@ -124,8 +119,8 @@ impl Admin {
         )
     }
 
-    fn respond<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
-        let (status, body) = match req.uri().path() {
+    fn respond(&self, uri: &Uri) -> (StatusCode, String) {
+        match uri.path() {
             "/metrics" => (StatusCode::OK, self.metrics()),
             "/healthz" => match self.shared.current.load_full() {
                 Some(c) => (
@@ -134,40 +129,15 @@ impl Admin {
                 ),
                 None => (StatusCode::SERVICE_UNAVAILABLE, "no config yet\n".into()),
             },
-            "/debug/answer" => self.debug_answer(req.uri().query().unwrap_or_default()),
+            "/debug/answer" => self.debug_answer(uri.query().unwrap_or_default()),
             _ => (StatusCode::NOT_FOUND, "not found\n".into()),
-        };
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r
+        }
     }
 }
 
 /// Serves the admin port forever.
 pub async fn serve(listener: TcpListener, admin: Admin) {
-    let admin = Arc::new(admin);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                continue;
-            }
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.respond(&req)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(%peer, error = %e, "admin connection ended");
-            }
-        });
-    }
+    crate::admin::serve_with(listener, move |uri| admin.respond(uri)).await;
 }
 
 #[cfg(test)]
