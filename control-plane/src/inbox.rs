@@ -22,6 +22,12 @@ pub use sextant_core::automation::Observation;
 /// oldest are dropped (and counted): verdicts want the newest.
 const MAX_QUEUED: usize = 200_000;
 
+/// An edge's reports become its agent's vote at most this often (ms);
+/// those in between only replace its latest report. An edge reporting in
+/// a tight loop (broken or hostile) cannot fill the queue and push out
+/// other edges' and probers' votes, nor wake the loop for each report.
+pub const MIN_VOTE_GAP_MS: i64 = 100;
+
 /// Latest edge reports by edge id, and the observation queue.
 #[derive(Debug, Default)]
 pub struct Reports {
@@ -29,6 +35,8 @@ pub struct Reports {
     queue: Mutex<Vec<Observation>>,
     wake: Notify,
     dropped: AtomicU64,
+    /// When each edge's last vote was queued.
+    voted: Mutex<BTreeMap<String, i64>>,
 }
 
 impl Reports {
@@ -45,8 +53,23 @@ impl Reports {
     }
 
     /// Keeps `r` as the edge's latest report and queues it as the agent's
-    /// vote.
+    /// vote, unless the edge's last vote is less than [`MIN_VOTE_GAP_MS`]
+    /// old.
     pub fn put(&self, edge: String, r: Received) {
+        if let Ok(mut v) = self.voted.lock() {
+            let at = r.received_at_ms;
+            match v.get_mut(&edge) {
+                Some(last) if (*last..last.saturating_add(MIN_VOTE_GAP_MS)).contains(&at) => {
+                    drop(v);
+                    self.keep(edge, r);
+                    return;
+                }
+                Some(last) => *last = at,
+                None => {
+                    v.insert(edge.clone(), at);
+                }
+            }
+        }
         let obs = Observation {
             edge: edge.clone(),
             voter: sextant_core::health::AGENT.to_owned(),
@@ -109,5 +132,60 @@ impl Reports {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(edge: &str, at: i64, healthy: bool) -> Received {
+        Received {
+            report: pb::EdgeReport {
+                node_id: edge.into(),
+                healthy,
+                ..Default::default()
+            },
+            received_at_ms: at,
+        }
+    }
+
+    #[test]
+    fn one_edge_reporting_in_a_tight_loop_cannot_push_out_other_votes() {
+        let r = Reports::default();
+        r.push(vec![Observation {
+            edge: "e2".into(),
+            voter: "p1".into(),
+            ok: false,
+            at_ms: 0,
+            error: "refused".into(),
+        }]);
+        // 200,000 reports in 10 s: one vote per 100 ms is queued.
+        for i in 0..MAX_QUEUED as i64 {
+            r.put("e1".into(), report("e1", i / 20, true));
+        }
+        let q = r.take();
+        assert_eq!(r.dropped(), 0);
+        assert!(q.iter().any(|o| o.edge == "e2" && o.voter == "p1"));
+        let votes = q.iter().filter(|o| o.edge == "e1").count();
+        assert_eq!(votes, 100, "{votes} votes of e1 queued");
+        // The latest report is still the last one received.
+        assert_eq!(r.get("e1").map(|x| x.received_at_ms), Some(9_999));
+    }
+
+    #[test]
+    fn reports_at_the_usual_pace_are_each_a_vote() {
+        let r = Reports::default();
+        for (i, healthy) in [true, false, true].into_iter().enumerate() {
+            r.put("e1".into(), report("e1", 1_000 * i as i64, healthy));
+            r.put("e2".into(), report("e2", 1_000 * i as i64, true));
+        }
+        let q = r.take();
+        let e1: Vec<bool> = q.iter().filter(|o| o.edge == "e1").map(|o| o.ok).collect();
+        assert_eq!(e1, [true, false, true]);
+        assert_eq!(q.iter().filter(|o| o.edge == "e2").count(), 3);
+        // A clock gone backwards (a new leader's) does not silence an edge.
+        r.put("e1".into(), report("e1", 500, false));
+        assert_eq!(r.take().len(), 1);
     }
 }
