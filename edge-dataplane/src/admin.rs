@@ -1,7 +1,7 @@
 //! The edge's admin port: `/healthz` and `/metrics` (Prometheus text), and
 //! [`serve_with`], the admin server the other binaries share.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -12,8 +12,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -81,16 +80,20 @@ impl Admin {
             "Requests received",
             ConstCounter::new(load(&s.requests)),
         );
-        let responses = Family::<Vec<(String, String)>, Gauge<i64, AtomicI64>>::default();
-        for class in 1..=5 {
-            responses
-                .get_or_create(&vec![("class".into(), format!("{class}xx"))])
-                .set(i64::try_from(load(&s.responses[class])).unwrap_or(i64::MAX));
-        }
         r.register(
             "responses",
-            "Responses by status class (monotonic)",
-            responses,
+            "Responses by status class",
+            Labelled(
+                MetricType::Counter,
+                (1..=5)
+                    .map(|class| {
+                        (
+                            vec![("class".to_owned(), format!("{class}xx"))],
+                            Value::Counter(load(&s.responses[class])),
+                        )
+                    })
+                    .collect(),
+            ),
         );
         r.register(
             "upstream_errors",
@@ -321,6 +324,14 @@ mod tests {
         };
         let body = admin.metrics();
         assert!(body.ends_with("# EOF\n"), "OpenMetrics text: {body}");
+        // Monotonic families are counters.
+        for line in [
+            "# TYPE sextant_edge_responses counter",
+            "sextant_edge_responses_total{class=\"2xx\"} 0",
+            "# TYPE sextant_edge_panic_picks counter",
+        ] {
+            assert!(body.contains(line), "no {line:?} in {body}");
+        }
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(serve(l, admin));

@@ -433,7 +433,9 @@ pub async fn serve_connection(
                         proxy.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                         let status =
                             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                        // Nothing of it is logged as a request line.
+                        // Counted as a request (its answer is counted);
+                        // nothing of it is logged as a request line.
+                        proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
                         c.request.clear();
                         c.begin(&proxy);
                         answer_and_close(&proxy, &mut c, status, &e.to_string()).await;
@@ -478,6 +480,7 @@ pub async fn serve_connection(
                         "the request body did not arrive within {:?}",
                         proxy.request_timeout
                     );
+                    proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
                     answer_and_close(&proxy, &mut c, StatusCode::REQUEST_TIMEOUT, &what).await;
                     return;
                 }
@@ -493,6 +496,7 @@ pub async fn serve_connection(
         // No new WebSocket on a stopping worker: the grace would only cut
         // it.
         c.begin(&proxy);
+        proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
         if head.upgrade.is_some() && c.stop.is_cancelled() {
             let what = "stopping: no new websockets here";
             answer_and_close(&proxy, &mut c, StatusCode::SERVICE_UNAVAILABLE, what).await;
@@ -501,7 +505,6 @@ pub async fn serve_connection(
         c.request
             .extend_from_slice(&c.cbuf.bytes()[head.len..head.len + body]);
         c.cbuf.consume(head.len + body);
-        proxy.stats.requests.fetch_add(1, Ordering::Relaxed);
         match exchange(&proxy, &pool, &mut c, &head).await {
             Next::KeepAlive => {}
             Next::Close => {

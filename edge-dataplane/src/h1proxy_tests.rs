@@ -545,6 +545,15 @@ async fn bad_requests_get_a_clear_answer_and_harm_no_other_client() {
         3,
         "only the good requests reached the origin"
     );
+    // Refused requests are requests too: every answer has its request.
+    let answers: u64 = e
+        .stats
+        .responses
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(e.stats.requests.load(Ordering::Relaxed), 6);
+    assert_eq!(answers, 6);
 }
 
 #[tokio::test]
