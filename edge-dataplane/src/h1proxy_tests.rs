@@ -2226,6 +2226,14 @@ async fn with_every_endpoint_ejected_requests_still_reach_an_origin() {
         "the only origin (now healthy) is not tried: {}",
         String::from_utf8_lossy(&body)
     );
+    // It was sent there ejected; its answer brought it back at once.
+    assert_eq!(e.stats.panic_picks.load(Ordering::Relaxed), 1);
+    assert!(e.endpoints.ejected().is_empty());
+    assert_eq!(
+        once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+        200
+    );
+    assert_eq!(e.stats.panic_picks.load(Ordering::Relaxed), 1);
 }
 
 /// Response bytes (reported to the control plane as bytes/s, and

@@ -52,13 +52,19 @@ impl EndpointState {
         self.ejected.load(Ordering::Relaxed)
     }
 
-    /// Records a success: resets the failure run and ends a probation.
+    /// Records a success: resets the failure run and ends a probation;
+    /// an ejected endpoint that answers (sent a request by panic routing,
+    /// or one under way when it was ejected) is back at once.
     pub fn success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
         if self.ejections.load(Ordering::Relaxed) != 0 {
             self.ejections.store(0, Ordering::Relaxed);
+        }
+        if self.ejected.load(Ordering::Relaxed) {
+            self.ejected.store(false, Ordering::Relaxed);
+            self.ejected_at_ms.store(0, Ordering::Relaxed);
         }
     }
 
@@ -568,10 +574,11 @@ mod tests {
         assert!(e.failure(20_000));
         assert!(!e.due(39_999, base));
         assert!(e.due(40_000, base));
-        // A success ends the run: the next ejection is a first one again,
-        // and takes a whole run of failures.
-        e.readmit();
+        // A success ends the run, even while ejected: the endpoint is back,
+        // the next ejection is a first one again and takes a whole run of
+        // failures.
         e.success();
+        assert!(!e.is_ejected());
         for _ in 0..EJECT_AFTER - 1 {
             assert!(!e.failure(50_000));
         }
