@@ -177,13 +177,23 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut P
             .collect(),
         ..pb::NodeConfig::default()
     };
-    let endpoints = Arc::new(Endpoints::default());
+    let config = (!origins.is_empty()).then_some(config);
+    serve_config(config, Endpoints::default(), tune).await
+}
+
+/// An edge serving `config` (none: no config yet) with `endpoints`' health.
+async fn serve_config(
+    config: Option<pb::NodeConfig>,
+    endpoints: Endpoints,
+    tune: impl FnOnce(&mut Proxy),
+) -> Edge {
+    let endpoints = Arc::new(endpoints);
     let builder = UpstreamBuilder {
         endpoints: endpoints.clone(),
         allowed: Vec::new(),
     };
     let current = Arc::new(ArcSwapOption::empty());
-    if !origins.is_empty() {
+    if let Some(config) = config {
         let value = builder.build(1, &config).expect("valid config");
         current.store(Some(Arc::new(Applied {
             version: 1,
@@ -193,7 +203,7 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut P
         })));
     }
     let stats = Arc::new(Stats::default());
-    let mut proxy = Proxy::new("e1".into(), current, endpoints, stats.clone());
+    let mut proxy = Proxy::new("e1".into(), current, endpoints.clone(), stats.clone());
     tune(&mut proxy);
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -203,7 +213,7 @@ async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut P
         addr,
         stats,
         stop,
-        endpoints: builder.endpoints.clone(),
+        endpoints,
     }
 }
 
@@ -583,18 +593,7 @@ async fn an_origin_that_closes_idle_connections_costs_no_request() {
 
 #[tokio::test]
 async fn failed_origins_are_skipped_ejected_and_answered_for() {
-    // A port held, bound but not listening, for the whole test: connects
-    // to it are refused, and no other test running alongside can take it
-    // (a port merely freed could be).
-    let held =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind");
-    let dead = held
-        .local_addr()
-        .expect("addr")
-        .as_socket()
-        .expect("an IP address");
+    let (_held, dead) = refused_port();
     let origin = Origin::start(|_| ok("alive")).await;
     let e = edge(&[("dead", dead, 0.5), ("alive", origin.addr, 0.5)]).await;
     // Every request gets an answer: a GET that failed on the dead origin
@@ -1695,11 +1694,7 @@ async fn every_exchange_is_logged_on_both_paths_with_its_outcome() {
         }
     })
     .await;
-    let held =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind");
-    let dead = held.local_addr().expect("addr").as_socket().expect("IP");
+    let (_held, dead) = refused_port();
     let (ws, _) = websocket_origin().await;
     let config = |p: &mut Proxy| {
         p.access_log = Some(log.clone());
@@ -1825,11 +1820,7 @@ async fn every_exchange_is_logged_on_both_paths_with_its_outcome() {
 async fn each_origin_s_answers_failures_and_response_times_are_in_the_metrics() {
     let fast = Origin::start(|_| ok("fast")).await;
     let slow = Origin::start(|_| [&b"SLOW"[..], &ok("slow")].concat()).await;
-    let held =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind");
-    let dead = held.local_addr().expect("addr").as_socket().expect("IP");
+    let (_held, dead) = refused_port();
     let e = edge(&[("fast", fast.addr, 1.0)]).await;
     for _ in 0..3 {
         assert_eq!(
@@ -2068,36 +2059,20 @@ async fn a_body_that_does_not_come_in_time_gets_a_408_and_is_logged() {
     assert!(origin.seen().is_empty());
 }
 
-/// An edge serving `config` (origins may have several endpoints).
+/// An edge serving `config` (origins may have several endpoints), whose
+/// first ejections last `base_ejection`.
 async fn edge_cfg(config: pb::NodeConfig, base_ejection: Duration) -> Edge {
-    let endpoints = Arc::new(Endpoints::with_base_ejection(base_ejection));
-    let builder = UpstreamBuilder {
-        endpoints: endpoints.clone(),
-        allowed: Vec::new(),
-    };
-    let current = Arc::new(ArcSwapOption::empty());
-    let value = builder.build(1, &config).expect("valid config");
-    current.store(Some(Arc::new(Applied {
-        version: 1,
-        value,
-        accepted_at_ms: 0,
-        from_disk: false,
-    })));
-    let stats = Arc::new(Stats::default());
-    let proxy = Proxy::new("e1".into(), current, endpoints.clone(), stats.clone());
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let (stop, rx) = watch::channel(false);
-    tokio::spawn(serve(l, Arc::new(proxy), rx));
-    Edge {
-        addr,
-        stats,
-        stop,
-        endpoints,
-    }
+    serve_config(
+        Some(config),
+        Endpoints::with_base_ejection(base_ejection),
+        |_| {},
+    )
+    .await
 }
 
-/// A port bound but not listening: connects to it are refused.
+/// A port bound but not listening, held while the socket lives: connects
+/// to it are refused, and no other test running alongside can take it (a
+/// port merely freed could be).
 fn refused_port() -> (socket2::Socket, SocketAddr) {
     let held =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
