@@ -335,29 +335,30 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(serve(l, admin));
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.expect("read");
-        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let text = get(addr, "/metrics").await;
         let head = &text[..text.find("\r\n\r\n").expect("head")];
         assert!(
             head.contains("content-type: application/openmetrics-text; version=1.0.0"),
             "no usable content-type:\n{head}"
         );
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await.expect("read");
-        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        let text = get(addr, "/healthz").await;
         assert!(text.starts_with("http/1.1 503"), "{text}");
         assert!(
             text.contains("content-type: text/plain; charset=utf-8"),
             "{text}"
         );
+    }
+
+    /// The whole answer to a GET of `path`, lowercased.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        String::from_utf8_lossy(&out).to_ascii_lowercase()
     }
 }
