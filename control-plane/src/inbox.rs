@@ -23,10 +23,13 @@ pub use sextant_core::automation::Observation;
 const MAX_QUEUED: usize = 200_000;
 
 /// An edge's reports become its agent's vote at most this often (ms);
-/// those in between only replace its latest report. An edge reporting in
-/// a tight loop (broken or hostile) cannot fill the queue and push out
-/// other edges' and probers' votes, nor wake the loop for each report.
+/// those in between only replace its latest report, unless they change
+/// its health (then at most every [`MIN_CHANGE_GAP_MS`]). An edge
+/// reporting in a tight loop (broken or hostile) cannot fill the queue
+/// and push out other edges' and probers' votes, nor wake the loop for
+/// each report.
 pub const MIN_VOTE_GAP_MS: i64 = 100;
+pub const MIN_CHANGE_GAP_MS: i64 = 10;
 
 /// Latest edge reports by edge id, and the observation queue.
 #[derive(Debug, Default)]
@@ -35,8 +38,8 @@ pub struct Reports {
     queue: Mutex<Vec<Observation>>,
     wake: Notify,
     dropped: AtomicU64,
-    /// When each edge's last vote was queued.
-    voted: Mutex<BTreeMap<String, i64>>,
+    /// When each edge's last vote was queued, and what it said.
+    voted: Mutex<BTreeMap<String, (i64, bool)>>,
 }
 
 impl Reports {
@@ -54,19 +57,27 @@ impl Reports {
 
     /// Keeps `r` as the edge's latest report and queues it as the agent's
     /// vote, unless the edge's last vote is less than [`MIN_VOTE_GAP_MS`]
-    /// old.
+    /// old and said the same (or, when it said otherwise, is less than
+    /// [`MIN_CHANGE_GAP_MS`] old).
     pub fn put(&self, edge: String, r: Received) {
         if let Ok(mut v) = self.voted.lock() {
-            let at = r.received_at_ms;
+            let (at, ok) = (r.received_at_ms, r.report.healthy);
             match v.get_mut(&edge) {
-                Some(last) if (*last..last.saturating_add(MIN_VOTE_GAP_MS)).contains(&at) => {
-                    drop(v);
-                    self.keep(edge, r);
-                    return;
+                Some((last, said)) => {
+                    let gap = if *said == ok {
+                        MIN_VOTE_GAP_MS
+                    } else {
+                        MIN_CHANGE_GAP_MS
+                    };
+                    if (*last..last.saturating_add(gap)).contains(&at) {
+                        drop(v);
+                        self.keep(edge, r);
+                        return;
+                    }
+                    (*last, *said) = (at, ok);
                 }
-                Some(last) => *last = at,
                 None => {
-                    v.insert(edge.clone(), at);
+                    v.insert(edge.clone(), (at, ok));
                 }
             }
         }
@@ -187,5 +198,24 @@ mod tests {
         // A clock gone backwards (a new leader's) does not silence an edge.
         r.put("e1".into(), report("e1", 500, false));
         assert_eq!(r.take().len(), 1);
+    }
+
+    #[test]
+    fn a_change_of_health_in_a_burst_is_voted_at_once() {
+        let r = Reports::default();
+        r.put("e1".into(), report("e1", 1_000, true));
+        r.put("e1".into(), report("e1", 1_040, false));
+        r.put("e1".into(), report("e1", 1_041, true));
+        r.put("e1".into(), report("e1", 1_045, false));
+        let votes: Vec<(i64, bool)> = r.take().iter().map(|o| (o.at_ms, o.ok)).collect();
+        assert_eq!(votes, [(1_000, true), (1_040, false)]);
+        assert_eq!(r.get("e1").map(|x| x.report.healthy), Some(false));
+        // Flipping every 5 ms for half a second is voted at most every
+        // 10 ms.
+        for i in 0..100 {
+            r.put("e2".into(), report("e2", 5_000 + i * 5, i % 2 == 0));
+        }
+        let n = r.take().len();
+        assert!((20..=50).contains(&n), "{n} votes");
     }
 }

@@ -306,6 +306,12 @@ impl Conn {
         let r = h1::local_response(status, what, close);
         let written = write_client(&mut self.client, &r).await;
         let ok = written.is_ok();
+        if ok {
+            proxy
+                .stats
+                .response_bytes
+                .fetch_add(h1::local_body_len(what), Ordering::Relaxed);
+        }
         self.note(|x| {
             x.origin = None;
             (x.status, x.bytes) = if ok {
@@ -688,22 +694,22 @@ async fn attempt_endpoint(
         }
     };
     origin.stats.answered(response.status, sent.elapsed());
-    if (500..600).contains(&response.status) {
+    // A 5xx is the endpoint's failure at once; any other answer is its
+    // success once the body has come whole (a cut body is a failure).
+    let server_error = (500..600).contains(&response.status);
+    if server_error {
         proxy.endpoint_5xx(origin, ep);
-    } else {
-        ep.success();
     }
     proxy.count_status(response.status);
     c.note(|x| x.status = response.status);
     if response.upgraded {
+        ep.success();
         return Ok(websocket(proxy, c, up).await);
     }
-    let mut body_bytes = 0u64;
-    let relayed = relay_body(proxy, c, &mut up, response.body, &mut body_bytes).await;
-    proxy
-        .stats
-        .response_bytes
-        .fetch_add(body_bytes, Ordering::Relaxed);
+    let relayed = relay_body(proxy, c, &mut up, response.body).await;
+    if !server_error && !matches!(relayed, Err(Relay::Origin(_))) {
+        ep.success();
+    }
     match relayed {
         Ok(complete) => {
             if complete && response.reusable && c.ubuf.is_empty() {
@@ -995,7 +1001,6 @@ async fn relay_body(
     c: &mut Conn,
     up: &mut TcpStream,
     body: Framing,
-    bytes: &mut u64,
 ) -> Result<bool, Relay> {
     let mut chunked = ChunkedEnd::default();
     let mut left = match body {
@@ -1020,9 +1025,12 @@ async fn relay_body(
                 .map_err(|e| Relay::Origin(format!("bad chunked body: {e}")))?,
             Framing::Close => (c.ubuf.len(), false),
         };
-        *bytes += take as u64;
-        // Noted as it goes: an exchange cut (say, by the stop's grace)
-        // is logged with what it had sent.
+        // Counted as it goes: an exchange cut (say, by the stop's grace)
+        // is counted and logged with what it had sent.
+        proxy
+            .stats
+            .response_bytes
+            .fetch_add(take as u64, Ordering::Relaxed);
         c.note(|x| x.bytes += take as u64);
         let sent = if first {
             first = false;

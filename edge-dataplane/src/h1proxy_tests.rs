@@ -2236,3 +2236,102 @@ async fn response_bytes_count_the_body_bytes_sent_on_hypers_path() {
         "body bytes sent: 0 for the HEAD, 5 for the chunked GET"
     );
 }
+
+/// An origin that answers every request with a 200 head and a body cut
+/// short (Content-Length 100, 7 bytes sent, then the close).
+async fn cutting_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut s, &mut buf).await.is_some() {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn cut_exchange(edge: SocketAddr, raw: &[u8]) {
+    let mut c = TcpStream::connect(edge).await.expect("connect");
+    c.write_all(raw).await.expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+}
+
+/// An endpoint whose answers are all cut (the head comes, the body does
+/// not) is ejected like one that fails to answer, on both paths: the
+/// head's arrival is no success until the body has come whole.
+#[tokio::test]
+async fn an_endpoint_that_cuts_every_answer_is_ejected() {
+    let addr = cutting_origin().await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..], // hyper's path
+    ] {
+        let e = edge(&[("a", addr, 1.0)]).await;
+        for _ in 0..EJECT_AFTER {
+            cut_exchange(e.addr, request).await;
+        }
+        assert_eq!(
+            e.endpoints.ejected().len(),
+            1,
+            "{} answers cut in a row, endpoint still in service; ejections = {}",
+            EJECT_AFTER,
+            e.stats.ejections.load(Ordering::Relaxed)
+        );
+        assert_eq!(
+            e.endpoints
+                .origin_stats("a")
+                .failures
+                .load(Ordering::Relaxed),
+            u64::from(EJECT_AFTER)
+        );
+    }
+}
+
+/// A cut answer is an upstream error on both paths.
+#[tokio::test]
+async fn a_cut_answer_is_an_upstream_error_on_both_paths() {
+    let addr = cutting_origin().await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    cut_exchange(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(
+        e.stats.upstream_errors.load(Ordering::Relaxed),
+        1,
+        "fast path"
+    );
+    cut_exchange(e.addr, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await; // hyper's path
+    assert_eq!(
+        e.stats.upstream_errors.load(Ordering::Relaxed),
+        2,
+        "hyper's path does not count the cut answer"
+    );
+}
+
+/// The edge's own answers count the same body bytes on both paths.
+#[tokio::test]
+async fn local_answers_count_the_same_bytes_on_both_paths() {
+    let (_held, dead) = refused_port();
+    let e = edge(&[("a", dead, 1.0)]).await;
+    assert_eq!(
+        once(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+        502
+    );
+    let fast = e.stats.response_bytes.load(Ordering::Relaxed);
+    assert_eq!(
+        once(e.addr, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.0,
+        502
+    );
+    let hyper = e.stats.response_bytes.load(Ordering::Relaxed) - fast;
+    assert!(fast > 0);
+    assert_eq!(
+        fast, hyper,
+        "fast path counted {fast}, hyper's path {hyper}"
+    );
+}

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::access::{AccessLog, Exchange};
 use crate::h1proxy::Pool;
 use crate::subscriber::Applied;
-use crate::upstream::{EndpointState, Endpoints, Failed, Origin, Pick, Upstream};
+use crate::upstream::{mono_ms, EndpointState, Endpoints, Failed, Origin, Pick, Upstream};
 
 /// The config in service, swapped atomically; requests in flight keep the
 /// version they started with.
@@ -211,12 +211,6 @@ pub(crate) fn gave_up(first_failure: Option<String>, none: &str) -> (StatusCode,
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Upstream connections owned by one client connection.
 ///
 /// Each client connection keeps its own HTTP/1.1 connections to the origin
@@ -369,7 +363,7 @@ impl Proxy {
     /// Records a request that got no response from `ep` (passive health).
     pub fn upstream_failed(&self, origin: &Origin, ep: &EndpointState, error: &str) {
         origin.stats.failures.fetch_add(1, Ordering::Relaxed);
-        if ep.failure(now_ms()) {
+        if ep.failure(mono_ms()) {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             warn!(origin = %origin.id, endpoint = %ep.addr, error, "endpoint ejected");
         }
@@ -385,7 +379,7 @@ impl Proxy {
 
     /// Records a 5xx answer from `ep` (passive health).
     pub fn endpoint_5xx(&self, origin: &Origin, ep: &EndpointState) {
-        if ep.failure(now_ms()) {
+        if ep.failure(mono_ms()) {
             self.stats.ejections.fetch_add(1, Ordering::Relaxed);
             warn!(origin = %origin.id, endpoint = %ep.addr, "endpoint ejected after a run of 5xx");
         }
@@ -432,10 +426,13 @@ impl Proxy {
             // The request got no (usable) answer from any origin.
             self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
         }
+        let mut resp = resp;
+        let outcome = resp.extensions_mut().remove::<Outcome>();
         resp.map(|inner| Logged {
             inner,
             exchange,
             stats: self.stats.clone(),
+            outcome,
             ended: false,
         })
     }
@@ -543,12 +540,19 @@ impl Proxy {
                     origin
                         .stats
                         .answered(resp.status().as_u16(), started.elapsed());
-                    if resp.status().is_server_error() {
+                    let server_error = resp.status().is_server_error();
+                    if server_error {
                         self.endpoint_5xx(origin, ep);
-                    } else {
-                        ep.success();
                     }
                     let (mut rparts, rbody) = resp.into_parts();
+                    // The answer's success is the endpoint's once its body
+                    // has gone without an error (see `Logged`).
+                    rparts.extensions.insert(Outcome {
+                        endpoint: ep.clone(),
+                        origin: origin.stats.clone(),
+                        id: origin.header.clone(),
+                        success: !server_error,
+                    });
                     // A length sent with a transfer coding is not the
                     // length (RFC 9112 §6.3): the body is sent as decoded.
                     if rparts
@@ -786,6 +790,9 @@ pub struct Logged {
     exchange: Option<Box<Exchange>>,
     /// Where the body bytes sent are counted.
     stats: Arc<Stats>,
+    /// What the answer says of its origin endpoint, told once the body
+    /// has ended (or been dropped) or failed.
+    outcome: Option<Outcome>,
     /// The body ended (hyper may drop it without reading on).
     ended: bool,
 }
@@ -800,12 +807,27 @@ impl Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                this.stats
-                    .response_bytes
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.stats
+                        .response_bytes
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
             }
+            // The origin cut its answer: a failure of the endpoint, and a
+            // request without a (whole) answer.
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(o) = this.outcome.take() {
+                    this.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    o.origin.failures.fetch_add(1, Ordering::Relaxed);
+                    if o.endpoint.failure(mono_ms()) {
+                        this.stats.ejections.fetch_add(1, Ordering::Relaxed);
+                        warn!(origin = ?o.id, endpoint = %o.endpoint.addr, error = %e, "endpoint ejected");
+                    }
+                }
+            }
+            _ => {}
         }
         if let Some(x) = &mut this.exchange {
             match &r {
@@ -831,8 +853,25 @@ impl Body for Logged {
     }
 }
 
+/// An origin endpoint's part in an answer on hyper's path.
+#[derive(Debug, Clone)]
+struct Outcome {
+    endpoint: Arc<EndpointState>,
+    origin: Arc<crate::upstream::OriginStats>,
+    id: HeaderValue,
+    /// A success unless the body fails (false for a 5xx, already counted).
+    success: bool,
+}
+
 impl Drop for Logged {
     fn drop(&mut self) {
+        // A body not cut by its origin (ended, or left by the client, or
+        // never read, as a HEAD's) was a success of the endpoint.
+        if let Some(o) = self.outcome.take() {
+            if o.success {
+                o.endpoint.success();
+            }
+        }
         if let Some(mut x) = self.exchange.take() {
             if !(self.ended || self.inner.is_end_stream() || x.error.is_some()) {
                 x.status = 499;
@@ -927,7 +966,7 @@ pub async fn readmit(endpoints: Arc<Endpoints>, mut shutdown: watch::Receiver<bo
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let now = now_ms();
+        let now = mono_ms();
         for ep in endpoints
             .ejected()
             .into_iter()
@@ -944,6 +983,8 @@ pub async fn readmit(endpoints: Arc<Endpoints>, mut shutdown: watch::Receiver<bo
             if ok {
                 ep.readmit();
                 info!(endpoint = %ep.addr, "endpoint re-admitted after a successful probe");
+            } else {
+                ep.probe_failed(mono_ms());
             }
         }
     }

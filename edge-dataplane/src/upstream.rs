@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,18 +23,35 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 ///
 /// An endpoint is ejected after [`EJECT_AFTER`] failures in a row, for
 /// the base ejection time times the number of ejections in a row, and
-/// then re-admitted once a TCP probe succeeds. Re-admitted after an
-/// ejection, it is on probation: its first failure ejects it again (for
-/// longer), its first success ends the run.
+/// then re-admitted once a TCP probe succeeds (a failed probe starts the
+/// wait again). Re-admitted after an ejection, it is on probation: its
+/// first failure ejects it again (for longer), its first success ends
+/// the run. An ejected endpoint that answers a request (one sent by
+/// panic routing, or one under way at its ejection) is re-admitted on
+/// probation at once.
+///
+/// Times are milliseconds of [`mono_ms`], a monotonic clock: stepping the
+/// wall clock neither lengthens nor ends an ejection.
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
     failures: AtomicU32,
-    ejected: AtomicBool,
-    /// Ejections since the last success.
-    ejections: AtomicU32,
-    /// Unix ms of the ejection (0 when not ejected).
-    ejected_at_ms: AtomicU64,
+    /// Ejections in a row (bits 48 and up) and the time of the ejection
+    /// under way (the low 48 bits; 0: not ejected), in one word so that
+    /// they change together.
+    ejection: AtomicU64,
+}
+
+const AT: u64 = (1 << 48) - 1;
+
+/// Milliseconds of a monotonic clock, from 1 (0 means "not ejected").
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(AT - 1)
+        .min(AT - 1)
+        + 1
 }
 
 impl EndpointState {
@@ -42,66 +59,81 @@ impl EndpointState {
         Self {
             addr,
             failures: AtomicU32::new(0),
-            ejected: AtomicBool::new(false),
-            ejections: AtomicU32::new(0),
-            ejected_at_ms: AtomicU64::new(0),
+            ejection: AtomicU64::new(0),
         }
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.ejected.load(Ordering::Relaxed)
+        self.ejection.load(Ordering::Relaxed) & AT != 0
     }
 
-    /// Records a success: resets the failure run and ends a probation;
-    /// an ejected endpoint that answers (sent a request by panic routing,
-    /// or one under way when it was ejected) is back at once.
+    /// Records a success: resets the failure run and the ejections in a
+    /// row; an ejected endpoint is re-admitted, on probation.
     pub fn success(&self) {
+        if self.ejection.load(Ordering::Relaxed) & AT != 0 {
+            self.readmit();
+            return;
+        }
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        if self.ejections.load(Ordering::Relaxed) != 0 {
-            self.ejections.store(0, Ordering::Relaxed);
-        }
-        if self.ejected.load(Ordering::Relaxed) {
-            self.ejected.store(false, Ordering::Relaxed);
-            self.ejected_at_ms.store(0, Ordering::Relaxed);
+        if self.ejection.load(Ordering::Relaxed) != 0 {
+            // Not ejected (else the time bits would be set): only the
+            // count of ejections in a row is left to clear, unless an
+            // ejection lands meanwhile.
+            let _ = self
+                .ejection
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                    (e & AT == 0).then_some(0)
+                });
         }
     }
 
-    /// Records a failure; returns true when it ejected the endpoint.
+    /// Records a failure at `now_ms` ([`mono_ms`]); returns true when it
+    /// ejected the endpoint.
     pub fn failure(&self, now_ms: u64) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= EJECT_AFTER && !self.ejected.swap(true, Ordering::Relaxed) {
-            self.ejections.fetch_add(1, Ordering::Relaxed);
-            self.ejected_at_ms.store(now_ms, Ordering::Relaxed);
-            return true;
+        if n < EJECT_AFTER {
+            return false;
         }
-        false
+        let at = now_ms.clamp(1, AT);
+        self.ejection
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                (e & AT == 0).then(|| (((e >> 48) + 1).min(0xffff) << 48) | at)
+            })
+            .is_ok()
     }
 
     /// Whether the endpoint is ejected and its ejection, `base` times the
     /// ejections in a row (at most [`MAX_EJECTION`]), has run out by
-    /// `now_ms`: time to probe it.
+    /// `now_ms` ([`mono_ms`]): time to probe it.
     pub fn due(&self, now_ms: u64, base: Duration) -> bool {
-        if !self.is_ejected() {
+        let e = self.ejection.load(Ordering::Relaxed);
+        let at = e & AT;
+        if at == 0 {
             return false;
         }
-        let n = self.ejections.load(Ordering::Relaxed).max(1);
+        let n = u32::try_from(e >> 48).unwrap_or(u32::MAX).max(1);
         let lasts = base.saturating_mul(n).min(MAX_EJECTION);
         let lasts = u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX);
-        now_ms
-            >= self
-                .ejected_at_ms
-                .load(Ordering::Relaxed)
-                .saturating_add(lasts)
+        now_ms >= at.saturating_add(lasts)
     }
 
-    /// Re-admits the endpoint (after a successful probe), on probation:
-    /// one more failure ejects it again.
+    /// A probe failed at `now_ms`: the ejection's wait starts again.
+    pub fn probe_failed(&self, now_ms: u64) {
+        let at = now_ms.clamp(1, AT);
+        let _ = self
+            .ejection
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                (e & AT != 0).then_some((e & !AT) | at)
+            });
+    }
+
+    /// Re-admits the endpoint (after a successful probe, or an answer), on
+    /// probation: one more failure ejects it again, for longer.
     pub fn readmit(&self) {
         self.failures.store(EJECT_AFTER - 1, Ordering::Relaxed);
-        self.ejected.store(false, Ordering::Relaxed);
-        self.ejected_at_ms.store(0, Ordering::Relaxed);
+        self.ejection.fetch_and(!AT, Ordering::Relaxed);
     }
 }
 
@@ -266,14 +298,21 @@ impl Origin {
         self.pick_where(|e| !e.is_ejected())
     }
 
-    /// The next endpoint, round robin, among those `ok` takes.
+    /// The next endpoint, round robin, among those `ok` takes. Should
+    /// another worker eject or re-admit one between the count and the
+    /// walk, the first that `ok` takes is returned: never none while one
+    /// is left.
     fn pick_where(&self, ok: impl Fn(&EndpointState) -> bool) -> Option<&Arc<EndpointState>> {
         let k = self.endpoints.iter().filter(|e| ok(e)).count();
         if k == 0 {
             return None;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % k;
-        self.endpoints.iter().filter(|e| ok(e)).nth(i)
+        self.endpoints
+            .iter()
+            .filter(|e| ok(e))
+            .nth(i)
+            .or_else(|| self.endpoints.iter().find(|e| ok(e)))
     }
 
     fn usable(&self) -> bool {
@@ -319,20 +358,29 @@ impl Upstream {
     /// (or, for a retry, nothing but the endpoint that failed).
     pub fn choose(&self, after: Option<Failed<'_>>) -> Option<Pick<'_>> {
         let other = |o: &Origin| after.is_none_or(|f| f.origin != o.id);
+        // A retry never goes back to the address that failed, even under
+        // another origin's name.
         let not_failed = |e: &EndpointState| after.is_none_or(|f| f.endpoint != e.addr);
-        let healthy = |o: &Origin| o.weight > 0.0 && other(o) && o.usable();
-        if let Some(p) = self.by_weight(healthy).and_then(|o| {
-            o.pick().map(|endpoint| Pick {
-                origin: o,
-                endpoint,
-                panic: false,
-            })
-        }) {
-            return Some(p);
+        let good = |e: &EndpointState| !e.is_ejected() && not_failed(e);
+        let healthy =
+            |o: &Origin| o.weight > 0.0 && other(o) && o.endpoints.iter().any(|e| good(e));
+        // A few tries: another worker may eject the endpoint picked
+        // between the origin's pick and its endpoint's.
+        for _ in 0..3 {
+            let Some(o) = self.by_weight(healthy) else {
+                break;
+            };
+            if let Some(endpoint) = o.pick_where(good) {
+                return Some(Pick {
+                    origin: o,
+                    endpoint,
+                    panic: false,
+                });
+            }
         }
         if let Some(f) = after {
             if let Some(o) = self.origins.iter().find(|o| o.id == f.origin) {
-                if let Some(endpoint) = o.pick_where(|e| !e.is_ejected() && not_failed(e)) {
+                if let Some(endpoint) = o.pick_where(good) {
                     return Some(Pick {
                         origin: o,
                         endpoint,
@@ -404,6 +452,9 @@ impl Build for UpstreamBuilder {
                 ));
             }
             sum += w.weight;
+            if origins.iter().any(|o: &Origin| o.id == w.origin) {
+                return Err(format!("upstream names origin {} twice", w.origin));
+            }
             let o = by_id.get(w.origin.as_str()).ok_or_else(|| {
                 format!(
                     "upstream names origin {} which the config does not define",
@@ -508,6 +559,10 @@ mod tests {
         assert!(builder(&[])
             .build(1, &config("10.0.0.1:80", &[("a", 1.0)]))
             .is_ok());
+        let mut twice = config("10.0.0.1:80", &[("a", 0.5)]);
+        twice.upstream.push(twice.upstream[0].clone());
+        let e = builder(&[]).build(1, &twice).expect_err("twice");
+        assert!(e.contains("upstream names origin a twice"), "{e}");
     }
 
     #[test]
@@ -574,30 +629,41 @@ mod tests {
         assert!(e.failure(20_000));
         assert!(!e.due(39_999, base));
         assert!(e.due(40_000, base));
-        // A success ends the run, even while ejected: the endpoint is back,
-        // the next ejection is a first one again and takes a whole run of
-        // failures.
+        // An answer while ejected re-admits it, on probation: the next
+        // failure ejects it again, for three times as long.
         e.success();
         assert!(!e.is_ejected());
+        assert!(e.failure(41_000));
+        assert!(!e.due(70_999, base));
+        assert!(e.due(71_000, base));
+        // A success while in service ends the run: the next ejection is a
+        // first one again and takes a whole run of failures.
+        e.success();
+        e.success();
         for _ in 0..EJECT_AFTER - 1 {
             assert!(!e.failure(50_000));
         }
         assert!(e.failure(50_000));
         assert!(e.due(60_000, base));
+        // A failed probe starts the wait again.
+        e.probe_failed(60_000);
+        assert!(!e.due(69_999, base));
+        assert!(e.due(70_000, base));
         // However many in a row, at most MAX_EJECTION.
         for _ in 0..100 {
             e.readmit();
-            e.failure(0);
+            e.failure(1);
         }
         let max = u64::try_from(MAX_EJECTION.as_millis()).expect("ms");
-        assert!(!e.due(max - 1, base));
-        assert!(e.due(max, base));
+        assert!(!e.due(max, base));
+        assert!(e.due(max + 1, base));
     }
 }
 
 #[cfg(test)]
 mod endpoint_health {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     fn one_origin(endpoints: &[&str]) -> pb::NodeConfig {
         pb::NodeConfig {
@@ -672,5 +738,119 @@ mod endpoint_health {
             .build(3, &one_origin(&["10.0.0.1:80", "10.0.0.2:80"]))
             .expect("valid");
         assert!(!v3.origins[0].endpoints[0].is_ejected());
+    }
+
+    fn cfg(origins: &[(&str, &[&str], f64)]) -> pb::NodeConfig {
+        pb::NodeConfig {
+            origins: origins
+                .iter()
+                .map(|(id, eps, _)| pb::OriginTarget {
+                    id: (*id).into(),
+                    endpoints: eps.iter().map(|e| (*e).to_owned()).collect(),
+                })
+                .collect(),
+            upstream: origins
+                .iter()
+                .map(|(id, _, w)| pb::OriginWeight {
+                    origin: (*id).into(),
+                    weight: *w,
+                })
+                .collect(),
+            ..pb::NodeConfig::default()
+        }
+    }
+
+    /// Two origin ids naming the same address (one LB VIP under two ids,
+    /// a blue/green pair during a move): a retry does not go back to the
+    /// address that just failed under the other id.
+    #[test]
+    fn a_retry_never_goes_back_to_the_endpoint_that_failed() {
+        let b = builder();
+        let up = b
+            .build(
+                1,
+                &cfg(&[
+                    ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
+                    ("b", &["10.0.0.1:80"], 0.5),
+                ]),
+            )
+            .expect("valid");
+        let failed = Failed {
+            origin: "a",
+            endpoint: "10.0.0.1:80".parse().expect("addr"),
+        };
+        for _ in 0..100 {
+            let p = up.choose(Some(failed)).expect("a healthy endpoint is left");
+            assert_ne!(
+                p.endpoint.addr, failed.endpoint,
+                "the retry went back to the endpoint that failed (origin {})",
+                p.origin.id
+            );
+        }
+    }
+
+    /// One endpoint of an origin flaps (ejected, re-admitted) on another
+    /// thread while the other stays healthy: `choose` always finds the
+    /// healthy one (a miss would be a 503 "no origin available").
+    #[test]
+    fn choose_always_finds_the_healthy_endpoint_while_another_flaps() {
+        let b = builder();
+        let up = Arc::new(
+            b.build(1, &cfg(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]))
+                .expect("valid"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let flapper = {
+            let (up, stop) = (up.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let x = &up.origins[0].endpoints[0];
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..EJECT_AFTER {
+                        x.failure(1);
+                    }
+                    x.readmit();
+                    x.success();
+                }
+            })
+        };
+        let mut none = 0;
+        for _ in 0..2_000_000 {
+            if up.choose(None).is_none() {
+                none += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flapper.join().expect("join");
+        assert_eq!(
+            none, 0,
+            "{none} picks found nothing though 10.0.0.2 was healthy throughout"
+        );
+    }
+
+    /// An ejection and its time change together: an observer on another
+    /// thread (the probe task) never sees a fresh ejection as due.
+    #[test]
+    fn a_fresh_ejection_is_never_due_at_once() {
+        let e = Arc::new(EndpointState::new("10.0.0.1:80".parse().expect("addr")));
+        let now = 1_700_000_000_000u64;
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (e, stop) = (e.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    e.readmit();
+                    e.failure(now); // on probation: ejects at once
+                }
+            })
+        };
+        let mut due = 0;
+        for _ in 0..5_000_000 {
+            if e.due(now, BASE_EJECTION) {
+                due += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        t.join().expect("join");
+        assert_eq!(due, 0, "{due} times an ejection just made was due at once");
     }
 }
