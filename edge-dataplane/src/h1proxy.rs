@@ -28,7 +28,7 @@ use tracing::debug;
 use crate::access::Exchange;
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
 use crate::proxy::{about, gave_up, Proxy};
-use crate::upstream::{EndpointState, Failed, Origin};
+use crate::upstream::{mono_ms_at, EndpointState, Failed, Origin};
 
 /// How long a kept-alive client connection may sit between requests.
 pub const CLIENT_IDLE: Duration = Duration::from_secs(75);
@@ -301,21 +301,30 @@ impl Conn {
         status: StatusCode,
         what: &str,
         close: bool,
+        head_method: bool,
     ) -> Result<(), Failure> {
         proxy.count_status(status.as_u16());
-        let r = h1::local_response(status, what, close);
+        let mut r = h1::local_response(status, what, close);
+        // The answer to a HEAD has no body (its length is still said): a
+        // body would be read as the start of the next answer.
+        let body = if head_method {
+            r.truncate(r.len() - h1::local_body_len(what) as usize);
+            0
+        } else {
+            h1::local_body_len(what)
+        };
         let written = write_client(&mut self.client, &r).await;
         let ok = written.is_ok();
         if ok {
             proxy
                 .stats
                 .response_bytes
-                .fetch_add(h1::local_body_len(what), Ordering::Relaxed);
+                .fetch_add(body, Ordering::Relaxed);
         }
         self.note(|x| {
             x.origin = None;
             (x.status, x.bytes) = if ok {
-                (status.as_u16(), h1::local_body_len(what))
+                (status.as_u16(), body)
             } else {
                 (499, 0)
             };
@@ -328,7 +337,7 @@ impl Conn {
 /// Sends a response the proxy made (logged) and closes the connection
 /// gently.
 async fn answer_and_close(proxy: &Proxy, c: &mut Conn, status: StatusCode, what: &str) {
-    if c.answer(proxy, status, what, true).await.is_ok() {
+    if c.answer(proxy, status, what, true, false).await.is_ok() {
         close_gently(&mut c.client).await;
     }
 }
@@ -621,7 +630,10 @@ async fn exchange(proxy: &Proxy, pool: &Pool, c: &mut Conn, head: &RequestHead) 
         proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
     }
     let keep_alive = c.keeps_alive(head);
-    match c.answer(proxy, status, &text, !keep_alive).await {
+    match c
+        .answer(proxy, status, &text, !keep_alive, head.head_method)
+        .await
+    {
         Ok(()) if keep_alive => Next::KeepAlive,
         Ok(()) => Next::Close,
         Err(_) => Next::Abort,
@@ -703,12 +715,12 @@ async fn attempt_endpoint(
     proxy.count_status(response.status);
     c.note(|x| x.status = response.status);
     if response.upgraded {
-        ep.success();
+        ep.success(mono_ms_at(sent));
         return Ok(websocket(proxy, c, up).await);
     }
     let relayed = relay_body(proxy, c, &mut up, response.body).await;
     if !server_error && !matches!(relayed, Err(Relay::Origin(_))) {
-        ep.success();
+        ep.success(mono_ms_at(sent));
     }
     match relayed {
         Ok(complete) => {
@@ -719,7 +731,11 @@ async fn attempt_endpoint(
         Err(Relay::Client) => return Err(Failure::Client),
         // The answer is cut: the client sees its connection reset.
         Err(Relay::Origin(e)) => {
-            proxy.upstream_failed(origin, ep, &e);
+            // A 5xx was already the endpoint's failure: one bad answer
+            // counts once.
+            if !server_error {
+                proxy.upstream_failed(origin, ep, &e);
+            }
             proxy.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             c.note(|x| x.error = Some(format!("the answer was cut: {e}")));
             return Ok(Next::Abort);

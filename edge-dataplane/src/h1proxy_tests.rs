@@ -2237,46 +2237,23 @@ async fn response_bytes_count_the_body_bytes_sent_on_hypers_path() {
     );
 }
 
-/// An origin that answers every request with a 200 head and a body cut
-/// short (Content-Length 100, 7 bytes sent, then the close).
-async fn cutting_origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if read_head(&mut s, &mut buf).await.is_some() {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-                        .await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-async fn cut_exchange(edge: SocketAddr, raw: &[u8]) {
-    let mut c = TcpStream::connect(edge).await.expect("connect");
-    c.write_all(raw).await.expect("write");
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
-}
-
 /// An endpoint whose answers are all cut (the head comes, the body does
 /// not) is ejected like one that fails to answer, on both paths: the
 /// head's arrival is no success until the body has come whole.
 #[tokio::test]
 async fn an_endpoint_that_cuts_every_answer_is_ejected() {
-    let addr = cutting_origin().await;
+    let addr = partial_origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+        false,
+    )
+    .await;
     for request in [
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..], // hyper's path
     ] {
         let e = edge(&[("a", addr, 1.0)]).await;
         for _ in 0..EJECT_AFTER {
-            cut_exchange(e.addr, request).await;
+            leave_after(e.addr, request, Duration::from_secs(10)).await;
         }
         assert_eq!(
             e.endpoints.ejected().len(),
@@ -2298,15 +2275,29 @@ async fn an_endpoint_that_cuts_every_answer_is_ejected() {
 /// A cut answer is an upstream error on both paths.
 #[tokio::test]
 async fn a_cut_answer_is_an_upstream_error_on_both_paths() {
-    let addr = cutting_origin().await;
+    let addr = partial_origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+        false,
+    )
+    .await;
     let e = edge(&[("a", addr, 1.0)]).await;
-    cut_exchange(e.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    leave_after(
+        e.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(
         e.stats.upstream_errors.load(Ordering::Relaxed),
         1,
         "fast path"
     );
-    cut_exchange(e.addr, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await; // hyper's path
+    leave_after(
+        e.addr,
+        b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await; // hyper's path
     assert_eq!(
         e.stats.upstream_errors.load(Ordering::Relaxed),
         2,
@@ -2333,5 +2324,120 @@ async fn local_answers_count_the_same_bytes_on_both_paths() {
     assert_eq!(
         fast, hyper,
         "fast path counted {fast}, hyper's path {hyper}"
+    );
+}
+
+/// An origin that answers every request with `head_and_part` and then
+/// either closes (`hold` false) or keeps the connection open without
+/// sending more (`hold` true).
+async fn partial_origin(head_and_part: &'static [u8], hold: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_head(&mut s, &mut buf).await.is_some() {
+                    let _ = s.write_all(head_and_part).await;
+                    if hold {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `raw` and reads until the edge closes, or gives up after `wait`
+/// and leaves.
+async fn leave_after(edge: SocketAddr, raw: &[u8], wait: Duration) {
+    let mut c = TcpStream::connect(edge).await.expect("connect");
+    c.write_all(raw).await.expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(wait, c.read_to_end(&mut got)).await;
+}
+
+/// An endpoint that sends a head and then stalls every body is ejected on
+/// both paths: its body pauses past the upstream timeout (a failure), and
+/// a client leaving is not the endpoint's success.
+#[tokio::test]
+async fn an_endpoint_stalling_every_body_is_ejected_on_both_paths() {
+    let addr = partial_origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+        true,
+    )
+    .await;
+    for (path, request) in [
+        ("fast", &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+        ("hyper", &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..]),
+    ] {
+        let e = edge_with(&[("a", addr, 1.0)], |p| {
+            p.upstream_timeout = Duration::from_millis(300);
+        })
+        .await;
+        for _ in 0..EJECT_AFTER {
+            leave_after(e.addr, request, Duration::from_secs(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            e.endpoints.ejected().len(),
+            1,
+            "{path} path: {EJECT_AFTER} bodies stalled in a row, endpoint still in service"
+        );
+    }
+}
+
+/// A 5xx whose body is then cut is one bad answer: one failure toward
+/// EJECT_AFTER, not two.
+#[tokio::test]
+async fn a_cut_5xx_counts_once() {
+    let addr = partial_origin(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\npartial",
+        false,
+    )
+    .await;
+    for (path, request) in [
+        ("fast", &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+        ("hyper", &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..]),
+    ] {
+        let e = edge(&[("a", addr, 1.0)]).await;
+        for _ in 0..EJECT_AFTER / 2 + 1 {
+            leave_after(e.addr, request, Duration::from_secs(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            e.endpoints.ejected().len(),
+            0,
+            "{path} path: {} bad answers ejected an endpoint that needs {EJECT_AFTER}",
+            EJECT_AFTER / 2 + 1
+        );
+    }
+}
+
+/// The edge's own answer to a HEAD has no body (a keep-alive client would
+/// read it as the next response).
+#[tokio::test]
+async fn a_local_answer_to_a_head_has_no_body() {
+    let (_held, dead) = refused_port();
+    let e = edge(&[("a", dead, 1.0)]).await;
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut pending = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut pending, true).await;
+    assert_eq!(status, 502);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut b = [0u8; 256];
+    let extra = match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
+        Ok(Ok(n)) => n,
+        _ => 0,
+    };
+    pending.extend_from_slice(&b[..extra]);
+    assert!(
+        pending.is_empty(),
+        "bytes after a HEAD's answer: {:?}",
+        String::from_utf8_lossy(&pending)
     );
 }

@@ -27,7 +27,9 @@ use tracing::{debug, info, warn};
 use crate::access::{AccessLog, Exchange};
 use crate::h1proxy::Pool;
 use crate::subscriber::Applied;
-use crate::upstream::{mono_ms, EndpointState, Endpoints, Failed, Origin, Pick, Upstream};
+use crate::upstream::{
+    mono_ms, mono_ms_at, EndpointState, Endpoints, Failed, Origin, Pick, Upstream,
+};
 
 /// The config in service, swapped atomically; requests in flight keep the
 /// version they started with.
@@ -428,11 +430,20 @@ impl Proxy {
         }
         let mut resp = resp;
         let outcome = resp.extensions_mut().remove::<Outcome>();
+        // An origin's body may pause at most `upstream_timeout` between
+        // frames (the fast path's limit on each read of it).
+        let idle = outcome.as_ref().map(|_| {
+            (
+                self.upstream_timeout,
+                Box::pin(tokio::time::sleep(self.upstream_timeout)),
+            )
+        });
         resp.map(|inner| Logged {
             inner,
             exchange,
             stats: self.stats.clone(),
             outcome,
+            idle,
             ended: false,
         })
     }
@@ -552,6 +563,7 @@ impl Proxy {
                         origin: origin.stats.clone(),
                         id: origin.header.clone(),
                         success: !server_error,
+                        sent: started,
                     });
                     // A length sent with a transfer coding is not the
                     // length (RFC 9112 §6.3): the body is sent as decoded.
@@ -791,22 +803,25 @@ pub struct Logged {
     /// Where the body bytes sent are counted.
     stats: Arc<Stats>,
     /// What the answer says of its origin endpoint, told once the body
-    /// has ended (or been dropped) or failed.
+    /// has ended or failed.
     outcome: Option<Outcome>,
+    /// How long the origin's body may pause, and the timer.
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     /// The body ended (hyper may drop it without reading on).
     ended: bool,
 }
 
 impl Body for Logged {
     type Data = Bytes;
-    type Error = <ProxyBody as Body>::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut r: Poll<Option<Result<Frame<Bytes>, Self::Error>>> =
+            Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
@@ -814,12 +829,28 @@ impl Body for Logged {
                         .response_bytes
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
+                if let Some((limit, timer)) = &mut this.idle {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *limit);
+                }
             }
-            // The origin cut its answer: a failure of the endpoint, and a
-            // request without a (whole) answer.
-            Poll::Ready(Some(Err(e))) => {
-                if let Some(o) = this.outcome.take() {
-                    this.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            Poll::Pending => {
+                if let Some((limit, timer)) = &mut this.idle {
+                    if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                        let e = format!("the origin's body paused for over {limit:?}");
+                        r = Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Poll::Ready(Some(Err(e))) = &r {
+            // The origin cut its answer: a request without a (whole)
+            // answer, and a failure of the endpoint (unless the answer,
+            // a 5xx, already was one).
+            this.idle = None;
+            if let Some(o) = this.outcome.take() {
+                this.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                if o.success {
                     o.origin.failures.fetch_add(1, Ordering::Relaxed);
                     if o.endpoint.failure(mono_ms()) {
                         this.stats.ejections.fetch_add(1, Ordering::Relaxed);
@@ -827,7 +858,6 @@ impl Body for Logged {
                     }
                 }
             }
-            _ => {}
         }
         if let Some(x) = &mut this.exchange {
             match &r {
@@ -859,17 +889,21 @@ struct Outcome {
     endpoint: Arc<EndpointState>,
     origin: Arc<crate::upstream::OriginStats>,
     id: HeaderValue,
-    /// A success unless the body fails (false for a 5xx, already counted).
+    /// A success once the body has come whole (false for a 5xx, already
+    /// counted as a failure).
     success: bool,
+    /// When the request went to the endpoint.
+    sent: Instant,
 }
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        // A body not cut by its origin (ended, or left by the client, or
-        // never read, as a HEAD's) was a success of the endpoint.
+        // A body that came whole (or had nothing to come, as a HEAD's)
+        // was a success of the endpoint; one the client left before its
+        // end says nothing of it.
         if let Some(o) = self.outcome.take() {
-            if o.success {
-                o.endpoint.success();
+            if o.success && (self.ended || self.inner.is_end_stream()) {
+                o.endpoint.success(mono_ms_at(o.sent));
             }
         }
         if let Some(mut x) = self.exchange.take() {

@@ -46,9 +46,14 @@ const AT: u64 = (1 << 48) - 1;
 
 /// Milliseconds of a monotonic clock, from 1 (0 means "not ejected").
 pub fn mono_ms() -> u64 {
+    mono_ms_at(std::time::Instant::now())
+}
+
+/// [`mono_ms`] at `t`.
+pub fn mono_ms_at(t: std::time::Instant) -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let start = *START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_millis())
+    u64::try_from(t.saturating_duration_since(start).as_millis())
         .unwrap_or(AT - 1)
         .min(AT - 1)
         + 1
@@ -67,11 +72,18 @@ impl EndpointState {
         self.ejection.load(Ordering::Relaxed) & AT != 0
     }
 
-    /// Records a success: resets the failure run and the ejections in a
-    /// row; an ejected endpoint is re-admitted, on probation.
-    pub fn success(&self) {
-        if self.ejection.load(Ordering::Relaxed) & AT != 0 {
-            self.readmit();
+    /// Records the success of a request sent at `sent_ms` ([`mono_ms`]):
+    /// resets the
+    /// failure run and the ejections in a row. An ejected endpoint is
+    /// re-admitted, on probation, by the answer to a request sent after
+    /// its ejection (by panic routing); answers to requests sent before
+    /// (under way when it was ejected) change nothing.
+    pub fn success(&self, sent_ms: u64) {
+        let at = self.ejection.load(Ordering::Relaxed) & AT;
+        if at != 0 {
+            if sent_ms >= at {
+                self.readmit();
+            }
             return;
         }
         if self.failures.load(Ordering::Relaxed) != 0 {
@@ -129,11 +141,19 @@ impl EndpointState {
             });
     }
 
-    /// Re-admits the endpoint (after a successful probe, or an answer), on
-    /// probation: one more failure ejects it again, for longer.
+    /// Re-admits the endpoint, if it is still ejected (after a successful
+    /// probe, or an answer), on probation: one more failure ejects it
+    /// again, for longer. One re-admitted meanwhile is left as it is.
     pub fn readmit(&self) {
-        self.failures.store(EJECT_AFTER - 1, Ordering::Relaxed);
-        self.ejection.fetch_and(!AT, Ordering::Relaxed);
+        if self
+            .ejection
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                (e & AT != 0).then_some(e & !AT)
+            })
+            .is_ok()
+        {
+            self.failures.store(EJECT_AFTER - 1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -377,6 +397,19 @@ impl Upstream {
                     panic: false,
                 });
             }
+        }
+        // Three races lost in a row: any good endpoint, in order.
+        if let Some((origin, endpoint)) = self
+            .origins
+            .iter()
+            .filter(|o| healthy(o))
+            .find_map(|o| o.pick_where(good).map(|e| (o, e)))
+        {
+            return Some(Pick {
+                origin,
+                endpoint,
+                panic: false,
+            });
         }
         if let Some(f) = after {
             if let Some(o) = self.origins.iter().find(|o| o.id == f.origin) {
@@ -629,17 +662,18 @@ mod tests {
         assert!(e.failure(20_000));
         assert!(!e.due(39_999, base));
         assert!(e.due(40_000, base));
-        // An answer while ejected re-admits it, on probation: the next
-        // failure ejects it again, for three times as long.
-        e.success();
+        // An answer to a request sent while ejected (by panic routing)
+        // re-admits it, on probation: the next failure ejects it again,
+        // for three times as long.
+        e.success(40_500);
         assert!(!e.is_ejected());
         assert!(e.failure(41_000));
         assert!(!e.due(70_999, base));
         assert!(e.due(71_000, base));
         // A success while in service ends the run: the next ejection is a
         // first one again and takes a whole run of failures.
-        e.success();
-        e.success();
+        e.success(42_000);
+        e.success(42_000);
         for _ in 0..EJECT_AFTER - 1 {
             assert!(!e.failure(50_000));
         }
@@ -809,7 +843,7 @@ mod endpoint_health {
                         x.failure(1);
                     }
                     x.readmit();
-                    x.success();
+                    x.success(2);
                 }
             })
         };
@@ -852,5 +886,86 @@ mod endpoint_health {
         stop.store(true, Ordering::Relaxed);
         t.join().expect("join");
         assert_eq!(due, 0, "{due} times an ejection just made was due at once");
+    }
+
+    /// Answers to requests sent before the ejection (downloads under way
+    /// when it came) change nothing; one sent after it (by panic
+    /// routing) re-admits it on probation.
+    #[test]
+    fn answers_under_way_at_an_ejection_do_not_readmit_it() {
+        let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"));
+        for _ in 0..EJECT_AFTER - 1 {
+            assert!(!e.failure(1_000));
+        }
+        assert!(e.failure(1_000));
+        e.success(500);
+        e.success(999);
+        assert!(e.is_ejected());
+        e.success(1_500);
+        assert!(!e.is_ejected());
+        assert!(
+            e.failure(2_000),
+            "on probation, the next failure ejects it again"
+        );
+    }
+
+    /// The probe task checks `due`, then awaits a connect (up to 500 ms).
+    /// Meanwhile an answer re-admits the endpoint and another ends its
+    /// probation: the probe's late re-admission leaves it as it is.
+    #[test]
+    fn a_late_probe_does_not_put_a_clean_endpoint_on_probation() {
+        let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"));
+        for _ in 0..EJECT_AFTER {
+            e.failure(1_000);
+        }
+        assert!(e.due(1_000 + 10_000, BASE_EJECTION));
+        // (probe connect under way)
+        e.success(1_500); // answer: re-admitted on probation
+        e.success(1_600); // answer: probation over, clean record
+        e.readmit(); // the probe's result arrives
+        assert!(
+            !e.failure(20_000),
+            "one failure ejected an endpoint that was in service with a clean record"
+        );
+    }
+
+    /// Origin a's only endpoint flaps; origin b's is healthy throughout:
+    /// `choose` never finds nothing (a 503).
+    #[test]
+    fn choose_never_misses_while_another_origin_is_healthy() {
+        let b = UpstreamBuilder {
+            endpoints: Arc::new(Endpoints::default()),
+            allowed: Vec::new(),
+        };
+        let up = Arc::new(
+            b.build(
+                1,
+                &cfg(&[("a", &["10.0.0.1:80"], 0.99), ("b", &["10.0.0.2:80"], 0.01)]),
+            )
+            .expect("valid"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let flapper = {
+            let (up, stop) = (up.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let x = &up.origins[0].endpoints[0];
+                while !stop.load(Ordering::Relaxed) {
+                    x.readmit();
+                    x.failure(1); // on probation: ejects at once
+                }
+            })
+        };
+        let mut none = 0;
+        for _ in 0..2_000_000 {
+            if up.choose(None).is_none() {
+                none += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flapper.join().expect("join");
+        assert_eq!(
+            none, 0,
+            "{none} picks found nothing though b was healthy throughout"
+        );
     }
 }
