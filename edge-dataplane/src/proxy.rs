@@ -444,6 +444,7 @@ impl Proxy {
             stats: self.stats.clone(),
             outcome,
             idle,
+            waiting: false,
             ended: false,
         })
     }
@@ -807,6 +808,8 @@ pub struct Logged {
     outcome: Option<Outcome>,
     /// How long the origin's body may pause, and the timer.
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// The body has been found waiting on the origin since its last frame.
+    waiting: bool,
     /// The body ended (hyper may drop it without reading on).
     ended: bool,
 }
@@ -829,12 +832,18 @@ impl Body for Logged {
                         .response_bytes
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
-                if let Some((limit, timer)) = &mut this.idle {
-                    timer.as_mut().reset(tokio::time::Instant::now() + *limit);
-                }
+                this.waiting = false;
             }
             Poll::Pending => {
                 if let Some((limit, timer)) = &mut this.idle {
+                    // The pause is timed from when the body was first
+                    // found waiting on the origin, not from its last
+                    // frame: hyper may not poll it while the client is
+                    // slow to read.
+                    if !this.waiting {
+                        this.waiting = true;
+                        timer.as_mut().reset(tokio::time::Instant::now() + *limit);
+                    }
                     if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
                         let e = format!("the origin's body paused for over {limit:?}");
                         r = Poll::Ready(Some(Err(e.into())));
