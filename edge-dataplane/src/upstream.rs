@@ -828,37 +828,40 @@ mod endpoint_health {
     /// healthy one (a miss would be a 503 "no origin available").
     #[test]
     fn choose_always_finds_the_healthy_endpoint_while_another_flaps() {
-        let b = builder();
-        let up = Arc::new(
-            b.build(1, &cfg(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]))
-                .expect("valid"),
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let flapper = {
-            let (up, stop) = (up.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let x = &up.origins[0].endpoints[0];
-                while !stop.load(Ordering::Relaxed) {
-                    for _ in 0..EJECT_AFTER {
-                        x.failure(1);
-                    }
-                    x.readmit();
-                    x.success(2);
-                }
-            })
-        };
-        let mut none = 0;
-        for _ in 0..2_000_000 {
-            if up.choose(None).is_none() {
-                none += 1;
+        let config = cfg(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]);
+        let none = misses_while_flapping(&config, |x| {
+            for _ in 0..EJECT_AFTER {
+                x.failure(1);
             }
-        }
-        stop.store(true, Ordering::Relaxed);
-        flapper.join().expect("join");
+            x.readmit();
+            x.success(2);
+        });
         assert_eq!(
             none, 0,
             "{none} picks found nothing though 10.0.0.2 was healthy throughout"
         );
+    }
+
+    /// How often of 2 million, `choose` finds nothing while another thread
+    /// calls `flap` on the first endpoint of the first origin in a loop.
+    fn misses_while_flapping(
+        config: &pb::NodeConfig,
+        flap: impl Fn(&EndpointState) + Send + 'static,
+    ) -> usize {
+        let up = Arc::new(builder().build(1, config).expect("valid"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flapper = {
+            let (up, stop) = (up.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    flap(&up.origins[0].endpoints[0]);
+                }
+            })
+        };
+        let none = (0..2_000_000).filter(|_| up.choose(None).is_none()).count();
+        stop.store(true, Ordering::Relaxed);
+        flapper.join().expect("join");
+        none
     }
 
     /// An ejection and its time change together: an observer on another
@@ -933,36 +936,11 @@ mod endpoint_health {
     /// `choose` never finds nothing (a 503).
     #[test]
     fn choose_never_misses_while_another_origin_is_healthy() {
-        let b = UpstreamBuilder {
-            endpoints: Arc::new(Endpoints::default()),
-            allowed: Vec::new(),
-        };
-        let up = Arc::new(
-            b.build(
-                1,
-                &cfg(&[("a", &["10.0.0.1:80"], 0.99), ("b", &["10.0.0.2:80"], 0.01)]),
-            )
-            .expect("valid"),
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let flapper = {
-            let (up, stop) = (up.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let x = &up.origins[0].endpoints[0];
-                while !stop.load(Ordering::Relaxed) {
-                    x.readmit();
-                    x.failure(1); // on probation: ejects at once
-                }
-            })
-        };
-        let mut none = 0;
-        for _ in 0..2_000_000 {
-            if up.choose(None).is_none() {
-                none += 1;
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-        flapper.join().expect("join");
+        let config = cfg(&[("a", &["10.0.0.1:80"], 0.99), ("b", &["10.0.0.2:80"], 0.01)]);
+        let none = misses_while_flapping(&config, |x| {
+            x.readmit();
+            x.failure(1); // on probation: ejects at once
+        });
         assert_eq!(
             none, 0,
             "{none} picks found nothing though b was healthy throughout"
