@@ -167,7 +167,21 @@ impl EtcdServer {
     /// nothing, like a hung or partitioned server. [`EtcdServer::thaw`]
     /// resumes it.
     pub fn freeze(&self) -> Result<(), String> {
-        self.signal("STOP")
+        self.signal("STOP")?;
+        // The stop lands asynchronously: wait until every thread of etcd
+        // is stopped, so that no request sent after this returns is
+        // answered.
+        let pid = self.pid().ok_or("etcd does not run")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_stopped(pid) {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "etcd (pid {pid}) did not stop within 10 s of SIGSTOP"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// Resumes a frozen etcd (SIGCONT).
@@ -414,4 +428,27 @@ fn healthy(port: u16) -> bool {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response.contains(r#""health":"true""#)
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in
+/// `/proc/PID/task/*/stat`). False when that cannot be read.
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return false;
+        };
+        // The state follows the command name, which is in parentheses.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        if !matches!(state, Some("T" | "t")) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
