@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::h1::ChunkedEnd;
 use crate::proxy::{serve, Proxy, Stats};
 use crate::subscriber::{Applied, Build};
-use crate::upstream::{Endpoints, UpstreamBuilder, BASE_EJECTION, EJECT_AFTER};
+use crate::upstream::{test_config, Endpoints, UpstreamBuilder, BASE_EJECTION, EJECT_AFTER};
 
 /// A request as an origin saw it.
 #[derive(Debug, Clone)]
@@ -160,24 +160,11 @@ struct Edge {
 }
 
 async fn edge_with(origins: &[(&str, SocketAddr, f64)], tune: impl FnOnce(&mut Proxy)) -> Edge {
-    let config = pb::NodeConfig {
-        origins: origins
-            .iter()
-            .map(|(id, addr, _)| pb::OriginTarget {
-                id: (*id).into(),
-                endpoints: vec![addr.to_string()],
-            })
-            .collect(),
-        upstream: origins
-            .iter()
-            .map(|(id, _, w)| pb::OriginWeight {
-                origin: (*id).into(),
-                weight: *w,
-            })
-            .collect(),
-        ..pb::NodeConfig::default()
-    };
-    let config = (!origins.is_empty()).then_some(config);
+    let spec: Vec<(&str, &[SocketAddr], f64)> = origins
+        .iter()
+        .map(|(id, addr, w)| (*id, std::slice::from_ref(addr), *w))
+        .collect();
+    let config = (!origins.is_empty()).then(|| test_config(&spec));
     serve_config(config, Endpoints::default(), tune).await
 }
 
@@ -2089,17 +2076,7 @@ async fn a_get_refused_by_one_endpoint_is_retried_on_the_origins_other_endpoint(
     let (_held, dead) = refused_port();
     let alive = Origin::start(|_| ok("alive")).await;
     let e = edge_cfg(
-        pb::NodeConfig {
-            origins: vec![pb::OriginTarget {
-                id: "only".into(),
-                endpoints: vec![dead.to_string(), alive.addr.to_string()],
-            }],
-            upstream: vec![pb::OriginWeight {
-                origin: "only".into(),
-                weight: 1.0,
-            }],
-            ..pb::NodeConfig::default()
-        },
+        test_config(&[("only", &[dead, alive.addr], 1.0)]),
         BASE_EJECTION,
     )
     .await;
@@ -2127,17 +2104,7 @@ async fn an_endpoint_ejected_for_5xx_stays_out_for_its_ejection_then_is_on_proba
     let failing =
         Origin::start(|_| b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
     let e = edge_cfg(
-        pb::NodeConfig {
-            origins: vec![pb::OriginTarget {
-                id: "a".into(),
-                endpoints: vec![failing.addr.to_string()],
-            }],
-            upstream: vec![pb::OriginWeight {
-                origin: "a".into(),
-                weight: 1.0,
-            }],
-            ..pb::NodeConfig::default()
-        },
+        test_config(&[("a", &[failing.addr], 1.0)]),
         Duration::from_millis(1500),
     )
     .await;

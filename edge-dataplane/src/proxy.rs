@@ -39,6 +39,15 @@ type ClientBody = Either<Incoming, Empty<Bytes>>;
 /// What the proxy answers with: the origin's body, or its own short text.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// Records a failure of `ep`, an endpoint of origin `origin`, for passive
+/// health; an ejection it causes is counted and said.
+fn endpoint_failed(stats: &Stats, origin: &str, ep: &EndpointState, why: &str) {
+    if ep.failure(mono_ms()) {
+        stats.ejections.fetch_add(1, Ordering::Relaxed);
+        warn!(origin, endpoint = %ep.addr, why, "endpoint ejected");
+    }
+}
+
 /// Counters shared by the proxy, the reporter and the metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -365,10 +374,7 @@ impl Proxy {
     /// Records a request that got no response from `ep` (passive health).
     pub fn upstream_failed(&self, origin: &Origin, ep: &EndpointState, error: &str) {
         origin.stats.failures.fetch_add(1, Ordering::Relaxed);
-        if ep.failure(mono_ms()) {
-            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
-            warn!(origin = %origin.id, endpoint = %ep.addr, error, "endpoint ejected");
-        }
+        endpoint_failed(&self.stats, &origin.id, ep, error);
         debug!(origin = %origin.id, endpoint = %ep.addr, error, "upstream request failed");
     }
 
@@ -381,10 +387,7 @@ impl Proxy {
 
     /// Records a 5xx answer from `ep` (passive health).
     pub fn endpoint_5xx(&self, origin: &Origin, ep: &EndpointState) {
-        if ep.failure(mono_ms()) {
-            self.stats.ejections.fetch_add(1, Ordering::Relaxed);
-            warn!(origin = %origin.id, endpoint = %ep.addr, "endpoint ejected after a run of 5xx");
-        }
+        endpoint_failed(&self.stats, &origin.id, ep, "a run of 5xx");
     }
 
     /// Handles one request of a client connection.
@@ -861,10 +864,8 @@ impl Body for Logged {
                 this.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 if o.success {
                     o.origin.failures.fetch_add(1, Ordering::Relaxed);
-                    if o.endpoint.failure(mono_ms()) {
-                        this.stats.ejections.fetch_add(1, Ordering::Relaxed);
-                        warn!(origin = ?o.id, endpoint = %o.endpoint.addr, error = %e, "endpoint ejected");
-                    }
+                    let id = o.id.to_str().unwrap_or("?");
+                    endpoint_failed(&this.stats, id, &o.endpoint, &e.to_string());
                 }
             }
         }

@@ -79,7 +79,8 @@ impl EndpointState {
     /// its ejection (by panic routing); answers to requests sent before
     /// (under way when it was ejected) change nothing.
     pub fn success(&self, sent_ms: u64) {
-        let at = self.ejection.load(Ordering::Relaxed) & AT;
+        let ejection = self.ejection.load(Ordering::Relaxed);
+        let at = ejection & AT;
         if at != 0 {
             if sent_ms >= at {
                 self.readmit();
@@ -89,7 +90,7 @@ impl EndpointState {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        if self.ejection.load(Ordering::Relaxed) != 0 {
+        if ejection != 0 {
             // Not ejected (else the time bits would be set): only the
             // count of ejections in a row is left to clear, unless an
             // ejection lands meanwhile.
@@ -533,6 +534,29 @@ impl Build for UpstreamBuilder {
     }
 }
 
+/// A config of origins (id, endpoints, weight), each named in the
+/// upstream with its weight (for tests).
+#[cfg(test)]
+pub(crate) fn test_config<E: ToString>(origins: &[(&str, &[E], f64)]) -> pb::NodeConfig {
+    pb::NodeConfig {
+        origins: origins
+            .iter()
+            .map(|(id, endpoints, _)| pb::OriginTarget {
+                id: (*id).into(),
+                endpoints: endpoints.iter().map(ToString::to_string).collect(),
+            })
+            .collect(),
+        upstream: origins
+            .iter()
+            .map(|(id, _, weight)| pb::OriginWeight {
+                origin: (*id).into(),
+                weight: *weight,
+            })
+            .collect(),
+        ..pb::NodeConfig::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,20 +723,6 @@ mod endpoint_health {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
-    fn one_origin(endpoints: &[&str]) -> pb::NodeConfig {
-        pb::NodeConfig {
-            origins: vec![pb::OriginTarget {
-                id: "a".into(),
-                endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
-            }],
-            upstream: vec![pb::OriginWeight {
-                origin: "a".into(),
-                weight: 1.0,
-            }],
-            ..pb::NodeConfig::default()
-        }
-    }
-
     fn builder() -> UpstreamBuilder {
         UpstreamBuilder {
             endpoints: Arc::new(Endpoints::default()),
@@ -728,7 +738,7 @@ mod endpoint_health {
         let up = b
             .build(
                 1,
-                &one_origin(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]),
+                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], 1.0)]),
             )
             .expect("valid");
         let o = &up.origins[0];
@@ -755,43 +765,31 @@ mod endpoint_health {
     fn an_endpoint_no_longer_configured_is_not_reported_ejected() {
         let b = builder();
         let v1 = b
-            .build(1, &one_origin(&["10.0.0.1:80", "10.0.0.2:80"]))
+            .build(
+                1,
+                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+            )
             .expect("valid");
         for _ in 0..EJECT_AFTER {
             v1.origins[0].endpoints[0].failure(1);
         }
         drop(v1);
         // v2 no longer has 10.0.0.1.
-        let _v2 = b.build(2, &one_origin(&["10.0.0.2:80"])).expect("valid");
+        let _v2 = b
+            .build(2, &test_config(&[("a", &["10.0.0.2:80"], 1.0)]))
+            .expect("valid");
         let ejected: Vec<_> = b.endpoints.ejected().iter().map(|e| e.addr).collect();
         assert!(
             ejected.is_empty(),
             "no endpoint of the config in service is ejected, yet ejected() = {ejected:?}"
         );
         let v3 = b
-            .build(3, &one_origin(&["10.0.0.1:80", "10.0.0.2:80"]))
+            .build(
+                3,
+                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+            )
             .expect("valid");
         assert!(!v3.origins[0].endpoints[0].is_ejected());
-    }
-
-    fn cfg(origins: &[(&str, &[&str], f64)]) -> pb::NodeConfig {
-        pb::NodeConfig {
-            origins: origins
-                .iter()
-                .map(|(id, eps, _)| pb::OriginTarget {
-                    id: (*id).into(),
-                    endpoints: eps.iter().map(|e| (*e).to_owned()).collect(),
-                })
-                .collect(),
-            upstream: origins
-                .iter()
-                .map(|(id, _, w)| pb::OriginWeight {
-                    origin: (*id).into(),
-                    weight: *w,
-                })
-                .collect(),
-            ..pb::NodeConfig::default()
-        }
     }
 
     /// Two origin ids naming the same address (one LB VIP under two ids,
@@ -803,7 +801,7 @@ mod endpoint_health {
         let up = b
             .build(
                 1,
-                &cfg(&[
+                &test_config(&[
                     ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
                     ("b", &["10.0.0.1:80"], 0.5),
                 ]),
@@ -828,7 +826,7 @@ mod endpoint_health {
     /// healthy one (a miss would be a 503 "no origin available").
     #[test]
     fn choose_always_finds_the_healthy_endpoint_while_another_flaps() {
-        let config = cfg(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]);
+        let config = test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]);
         let none = misses_while_flapping(&config, |x| {
             for _ in 0..EJECT_AFTER {
                 x.failure(1);
@@ -936,7 +934,7 @@ mod endpoint_health {
     /// `choose` never finds nothing (a 503).
     #[test]
     fn choose_never_misses_while_another_origin_is_healthy() {
-        let config = cfg(&[("a", &["10.0.0.1:80"], 0.99), ("b", &["10.0.0.2:80"], 0.01)]);
+        let config = test_config(&[("a", &["10.0.0.1:80"], 0.99), ("b", &["10.0.0.2:80"], 0.01)]);
         let none = misses_while_flapping(&config, |x| {
             x.readmit();
             x.failure(1); // on probation: ejects at once

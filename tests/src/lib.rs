@@ -143,10 +143,19 @@ impl Process {
         Ok(())
     }
 
+    /// Sends the process signal `name` (`TERM`, `USR1`...).
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args([format!("-{name}"), pid])
+            .status()?;
+        ensure!(status.success(), "kill -{name} failed: {status}");
+        Ok(())
+    }
+
     /// Asks the process to stop (SIGTERM) and waits for it.
     pub fn stop(mut self) -> Result<std::process::ExitStatus> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.signal("TERM")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -478,10 +478,7 @@ fn a_second_stop_signal_does_not_wait_for_the_grace() -> Result<()> {
         .build()?;
     let mut ws = rt.block_on(open_websocket(e1.process.addr))?;
     rt.block_on(ask(&mut ws, "hello"))?;
-    let pid = e1.process.pid().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()?;
+    e1.process.signal("TERM")?;
     std::thread::sleep(Duration::from_millis(300));
     // Process::stop sends the second SIGTERM and waits at most 10 s.
     let status = e1.process.stop()?;
@@ -533,9 +530,7 @@ fn the_access_log_has_a_line_per_exchange_and_follows_a_rotation() -> Result<()>
     // A rotation: the file is moved away, SIGUSR1 opens the name again.
     let moved = dir.path().join("access.log.1");
     std::fs::rename(&path, &moved)?;
-    std::process::Command::new("kill")
-        .args(["-USR1", &e1.process.pid().to_string()])
-        .status()?;
+    e1.process.signal("USR1")?;
     eventually(Duration::from_secs(10), "the log to be reopened", || {
         e1.process
             .log()
@@ -632,9 +627,7 @@ fn sigusr1_leaves_an_edge_without_an_access_log_serving() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_origins, _cp, e1) = one_edge(dir.path(), &[])?;
     // What `systemctl reload` sends.
-    std::process::Command::new("kill")
-        .args(["-USR1", &e1.process.pid().to_string()])
-        .status()?;
+    e1.process.signal("USR1")?;
     eventually(Duration::from_secs(10), "the signal to be seen", || {
         e1.process
             .log()
