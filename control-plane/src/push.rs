@@ -22,6 +22,12 @@ pub struct Snapshot<R> {
     pub version: u64,
     /// Resources by name; names sort by kind prefix (`edge/…`, `route/…`).
     pub resources: BTreeMap<String, R>,
+    /// A digest of the resources, opaque here: equal digests mean equal
+    /// snapshots. A subscriber echoes the digest of the version it holds,
+    /// so that a server whose snapshot of that version differs (another
+    /// history: a store restored from a backup) sends it everything rather
+    /// than a delta on a base it does not hold.
+    pub digest: String,
 }
 
 impl<R> Snapshot<R> {
@@ -29,6 +35,7 @@ impl<R> Snapshot<R> {
         Self {
             version: 0,
             resources: BTreeMap::new(),
+            digest: String::new(),
         }
     }
 
@@ -144,6 +151,38 @@ impl<R: Send + Sync + 'static> Publisher<R> {
             .find(|s| s.version == version)
             .cloned()
     }
+
+    /// What this server knows of a subscriber's claim to hold `version`
+    /// with `digest`.
+    pub fn check(&self, version: u64, digest: &str) -> Held<R> {
+        if version == 0 {
+            return Held::Nothing;
+        }
+        match self.kept(version) {
+            Some(s) if s.digest == digest => Held::Same(s),
+            Some(_) => Held::Other,
+            None if version > self.current().version => Held::Ahead,
+            None => Held::Unknown,
+        }
+    }
+}
+
+/// A subscriber's claim to a version, checked against the kept snapshots.
+#[derive(Debug)]
+pub enum Held<R> {
+    /// It holds nothing.
+    Nothing,
+    /// It holds this kept snapshot (same version, same digest): deltas
+    /// from it are safe.
+    Same(Arc<Snapshot<R>>),
+    /// This server's snapshot of that version is another one: what the
+    /// subscriber holds is unknown, and only a full snapshot is safe.
+    Other,
+    /// A version newer than this server's.
+    Ahead,
+    /// An older version no longer kept: its content cannot be checked, but
+    /// anything sent is newer and whole.
+    Unknown,
 }
 
 /// What a subscriber says it is.
@@ -427,9 +466,12 @@ mod tests {
     use super::*;
 
     fn snap(version: u64, items: &[(&str, u32)]) -> Snapshot<u32> {
+        let resources: BTreeMap<String, u32> =
+            items.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
         Snapshot {
             version,
-            resources: items.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            digest: format!("{resources:?}"),
+            resources,
         }
     }
 
@@ -459,6 +501,24 @@ mod tests {
         assert!(p.kept(1).is_none());
         assert!(p.kept(2).is_some());
         assert_eq!(p.published_at_ms(), 30);
+    }
+
+    #[test]
+    fn a_claim_is_taken_only_with_the_digest_of_the_version_kept() {
+        let p = Publisher::new(2);
+        let v1 = snap(1, &[("edge/a", 1)]);
+        let digest = v1.digest.clone();
+        p.publish(v1, 10);
+        p.publish(snap(2, &[("edge/a", 2)]), 20);
+        assert!(matches!(p.check(1, &digest), Held::Same(s) if s.version == 1));
+        // Version 1 of another history (or a subscriber that kept no digest).
+        assert!(matches!(p.check(1, "other"), Held::Other));
+        assert!(matches!(p.check(1, ""), Held::Other));
+        assert!(matches!(p.check(0, ""), Held::Nothing));
+        assert!(matches!(p.check(3, &digest), Held::Ahead));
+        p.publish(snap(3, &[]), 30);
+        p.publish(snap(4, &[]), 40);
+        assert!(matches!(p.check(1, &digest), Held::Unknown));
     }
 
     #[test]

@@ -262,7 +262,7 @@ fn main() {
         if let Err(e) = sextant_edge::subscriber::store(
             std::path::Path::new(dir),
             (node, sextant_proto::v1::NodeKind::Dns),
-            1,
+            (1, ""),
             &config(n),
             now,
         ) {

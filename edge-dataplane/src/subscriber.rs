@@ -90,6 +90,10 @@ pub struct Persisted {
     pub node_id: String,
     #[prost(enumeration = "pb::NodeKind", tag = "5")]
     pub kind: i32,
+    /// The server's digest of the version (empty in files written before
+    /// it was kept), echoed in the hello.
+    #[prost(string, tag = "6")]
+    pub digest: String,
 }
 
 impl Persisted {
@@ -132,11 +136,12 @@ pub fn load(dir: &Path) -> Result<Option<Persisted>, PersistError> {
         .map_err(|source| PersistError::Decode { path, source })
 }
 
-/// Writes `node`'s config atomically (temporary file, fsync, rename).
+/// Writes `node`'s config (`version`, with the server's digest of it)
+/// atomically (temporary file, fsync, rename).
 pub fn store(
     dir: &Path,
     node: (&str, pb::NodeKind),
-    version: u64,
+    (version, digest): (u64, &str),
     config: &pb::NodeConfig,
     at_ms: i64,
 ) -> Result<(), PersistError> {
@@ -153,6 +158,7 @@ pub fn store(
                 accepted_at_ms: at_ms,
                 node_id: node.0.to_owned(),
                 kind: node.1 as i32,
+                digest: digest.to_owned(),
             }
             .encode_to_vec(),
         )?;
@@ -167,6 +173,14 @@ pub fn store(
         path: path.clone(),
         source,
     })
+}
+
+/// The version a node holds, the server's digest of it, and its config.
+#[derive(Debug, Clone)]
+struct Held {
+    version: u64,
+    digest: String,
+    state: State,
 }
 
 /// The config held, kept as maps so that deltas apply by id.
@@ -266,7 +280,7 @@ pub async fn run<B: Build>(
     out: watch::Sender<Option<Arc<Applied<B::Output>>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut held: Option<(u64, State)> = None;
+    let mut held: Option<Held> = None;
     match load(&opts.data_dir) {
         Ok(Some(p)) => {
             let version = p.version;
@@ -285,7 +299,11 @@ pub async fn run<B: Build>(
                             accepted_at_ms: p.accepted_at_ms,
                             from_disk: true,
                         })));
-                        held = Some((version, State::from_config(&config)));
+                        held = Some(Held {
+                            version,
+                            digest: p.digest.clone(),
+                            state: State::from_config(&config),
+                        });
                     }
                     Err(e) => {
                         warn!(version, error = %e, "persisted config is not usable; ignoring it");
@@ -382,7 +400,7 @@ async fn follow<B: Build>(
     url: &str,
     builder: &Arc<B>,
     out: &watch::Sender<Option<Arc<Applied<B::Output>>>>,
-    held: &mut Option<(u64, State)>,
+    held: &mut Option<Held>,
 ) -> Result<(), SessionError> {
     let connect_err = |reason: String| SessionError::Connect {
         url: url.to_owned(),
@@ -397,7 +415,8 @@ async fn follow<B: Build>(
         .await
         .map_err(|e| connect_err(e.to_string()))?;
     let (tx, rx) = mpsc::channel(8);
-    let version_held = held.as_ref().map_or(0, |(v, _)| *v);
+    let version_held = held.as_ref().map_or(0, |h| h.version);
+    let digest_held = held.as_ref().map(|h| h.digest.clone()).unwrap_or_default();
     let hello = pb::SubscribeRequest {
         message: Some(pb::subscribe_request::Message::Hello(pb::Hello {
             node_id: opts.node_id.clone(),
@@ -405,6 +424,7 @@ async fn follow<B: Build>(
             site: opts.site.clone(),
             version_held,
             software: format!("sextant {}", env!("CARGO_PKG_VERSION")),
+            digest_held,
         })),
     };
     tx.send(hello)
@@ -462,9 +482,15 @@ async fn follow<B: Build>(
                 c.config_bytes = Default::default();
             }
         }
-        let (version, nonce, full, base) = {
+        let (version, nonce, full, base, digest) = {
             let c = &chunks[0];
-            (c.version, c.nonce.clone(), c.full, c.base_version)
+            (
+                c.version,
+                c.nonce.clone(),
+                c.full,
+                c.base_version,
+                c.digest.clone(),
+            )
         };
         let reply = |accepted: Result<(), String>| pb::SubscribeRequest {
             message: Some(match accepted {
@@ -481,11 +507,11 @@ async fn follow<B: Build>(
         };
         let mut state = match (full, held.as_ref()) {
             (true, _) => State::default(),
-            (false, Some((v, s))) if *v == base => s.clone(),
+            (false, Some(h)) if h.version == base => h.state.clone(),
             (false, h) => {
                 let reason = format!(
                     "delta on version {base}, but this node holds {}",
-                    h.map_or(0, |(v, _)| *v)
+                    h.map_or(0, |h| h.version)
                 );
                 let _ = tx.send(reply(Err(reason.clone()))).await;
                 // Forget what we hold so the next session starts from a snapshot.
@@ -502,11 +528,11 @@ async fn follow<B: Build>(
         let work = {
             let (builder, dir, node) =
                 (builder.clone(), opts.data_dir.clone(), opts.node_id.clone());
-            let kind = opts.kind;
+            let (kind, digest) = (opts.kind, digest.clone());
             tokio::task::spawn_blocking(move || {
                 let value = builder.build(version, &config)?;
                 let at = now_ms();
-                let stored = store(&dir, (&node, kind), version, &config, at);
+                let stored = store(&dir, (&node, kind), (version, &digest), &config, at);
                 Ok::<_, String>((value, at, stored))
             })
         };
@@ -537,7 +563,11 @@ async fn follow<B: Build>(
                         accepted_at_ms: at,
                         from_disk: false,
                     })));
-                    *held = Some((version, state));
+                    *held = Some(Held {
+                        version,
+                        digest,
+                        state,
+                    });
                     info!(version, full, "config applied");
                     Ok(())
                 }
@@ -610,9 +640,12 @@ mod tests {
             }],
             ..pb::NodeConfig::default()
         };
-        store(dir.path(), ("e1", pb::NodeKind::Proxy), 7, &c, 1234).expect("store");
+        store(dir.path(), ("e1", pb::NodeKind::Proxy), (7, "d7"), &c, 1234).expect("store");
         let p = load(dir.path()).expect("load").expect("some");
-        assert_eq!((p.version, p.accepted_at_ms), (7, 1234));
+        assert_eq!(
+            (p.version, p.accepted_at_ms, p.digest.as_str()),
+            (7, 1234, "d7")
+        );
         assert_eq!(p.config.as_ref(), Some(&c));
         // Only its own node takes it.
         assert_eq!(p.foreign("e1", pb::NodeKind::Proxy), None);

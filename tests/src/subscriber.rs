@@ -25,13 +25,26 @@ pub async fn subscribe(url: &str, first: pb::SubscribeRequest) -> Result<Stream>
     Ok((tx, stream))
 }
 
-/// A hello from `node` of `kind`, holding version `held` (0: none).
+/// A hello from `node` of `kind`, holding version `held` (0: none), of
+/// unknown digest.
 pub fn hello(node: &str, kind: pb::NodeKind, held: u64) -> pb::SubscribeRequest {
+    hello_holding(node, kind, held, "")
+}
+
+/// A hello from `node` of `kind`, holding version `held` whose update
+/// carried `digest`.
+pub fn hello_holding(
+    node: &str,
+    kind: pb::NodeKind,
+    held: u64,
+    digest: &str,
+) -> pb::SubscribeRequest {
     pb::SubscribeRequest {
         message: Some(pb::subscribe_request::Message::Hello(pb::Hello {
             node_id: node.into(),
             kind: kind.into(),
             version_held: held,
+            digest_held: digest.into(),
             ..pb::Hello::default()
         })),
     }

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use sextant_proto::v1 as pb;
 use sextant_tests::fleets::{two_edges_three_origins as fleet, SITE1, SITE2};
 use sextant_tests::origin::Origin;
-use sextant_tests::subscriber::{ack, hello, subscribe, whole};
+use sextant_tests::subscriber::{ack, hello, hello_holding, subscribe, whole};
 use sextant_tests::{eventually, http_get, ControlPlane, Ctl, EdgeProxy};
 
 fn version(ctl: &Ctl) -> Result<u64> {
@@ -141,12 +141,34 @@ fn a_version_claimed_ahead_of_the_control_plane_is_not_taken_as_applied() -> Res
             let st = subscriber(&ctl, "dns-x", "dns")?;
             (st["version_applied"] == current).then_some(())
         })?;
-        // A claim the control plane has reached is taken at once.
-        let (_tx, mut s) = subscribe(&url, hello("dns-y", pb::NodeKind::Dns, current)).await?;
+        // A claim the control plane has reached is taken at once, with
+        // the digest of its version...
+        ensure!(!u.digest.is_empty(), "an update without a digest: {u:?}");
+        let held = hello_holding("dns-y", pb::NodeKind::Dns, current, &u.digest);
+        let (_tx, mut s) = subscribe(&url, held).await?;
         let st = subscriber(&ctl, "dns-y", "dns").context("dns-y in status")?;
         ensure!(st["version_applied"] == current, "{st}");
         let r = tokio::time::timeout(Duration::from_secs(3), s.message()).await;
         ensure!(r.is_err(), "a node at the current version was sent {r:?}");
+        // ... and not with another (another history's version of that
+        // number, or a node that kept no digest): that node gets the
+        // current config whole, at once.
+        for (node, digest) in [("dns-z", "0123456789abcdef0123456789abcdef"), ("dns-w", "")] {
+            let (_tx, mut s) = subscribe(
+                &url,
+                hello_holding(node, pb::NodeKind::Dns, current, digest),
+            )
+            .await?;
+            let st = subscriber(&ctl, node, "dns").context("in status")?;
+            ensure!(st["version_applied"] == 0, "{st}");
+            let u2 = tokio::time::timeout(Duration::from_secs(3), whole(&mut s))
+                .await
+                .context("nothing sent to a node holding other content")??;
+            ensure!(
+                u2.full && u2.version == current && u2.digest == u.digest,
+                "{u2:?}"
+            );
+        }
         Ok(())
     })
 }
@@ -186,4 +208,104 @@ fn a_version_this_node_could_not_persist_is_applied_once_it_can() -> Result<()> 
     std::fs::remove_dir(&tmp)?;
     applies(&e1, v2, "e1 to apply the version once it can persist it")?;
     Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A store restored from a backup numbers its versions on from the
+/// backup's. Once it has published as far with other changes, an edge
+/// that held the old history's version of the same number must get this
+/// history's content, whole: not nothing (the same number), and not a
+/// delta on a config it does not hold. Whether it reconnects then
+/// (`connected_throughout` false: its hello is checked) or was connected
+/// all along, claiming a version the server had not reached.
+fn restored_history(connected_throughout: bool) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, f) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let (store, backup) = (dir.path().join("cp"), dir.path().join("backup"));
+    let cp = ControlPlane::start(&store, Some(&f))?;
+    version(&cp.ctl())?;
+    cp.process.stop()?;
+    copy_dir(&store, &backup)?;
+    // The old history: o2 drained.
+    let cp = ControlPlane::start(&store, None)?;
+    let ctl = cp.ctl();
+    let data = dir.path().join("e1");
+    let e1 = EdgeProxy::start(&cp.url(), "e1", SITE1, &data)?;
+    ctl.run(["drain", "region/r2/origin/o2", "--reason", "old history"])?
+        .ok()?;
+    let held = version(&ctl)?;
+    applies(&e1, held, "e1 to apply the old history's drain")?;
+    let counts = sextant_tests::split(e1.process.addr, 200)?;
+    ensure!(!counts.contains_key("o2"), "o2 drained: {counts:?}");
+    e1.process.stop()?;
+    cp.process.stop()?;
+    // The restore (a grace long enough not to matter), and another history
+    // up to the edge's version: o1 drained, o3 partly.
+    std::fs::remove_dir_all(&store)?;
+    copy_dir(&backup, &store)?;
+    let cp = ControlPlane::start_with(&store, None, &["--ahead-grace-seconds", "300"])?;
+    let ctl = cp.ctl();
+    ensure!(version(&ctl)? < held, "the backup is not older");
+    let mut e1 = None;
+    if connected_throughout {
+        e1 = Some(EdgeProxy::start(&cp.url(), "e1", SITE1, &data)?);
+    }
+    ctl.run(["drain", "region/r1/origin/o1", "--reason", "new history"])?
+        .ok()?;
+    for step in 1.. {
+        if version(&ctl)? >= held {
+            break;
+        }
+        let fraction = format!("0.{step}");
+        ctl.run([
+            "drain",
+            "region/r3/origin/o3",
+            "--fraction",
+            &fraction,
+            "--reason",
+            "move on",
+        ])?
+        .ok()?;
+    }
+    // The same number: a delta would not even be sent.
+    ensure!(version(&ctl)? == held, "passed the edge's version {held}");
+    let e1 = match e1 {
+        Some(e) => e,
+        None => EdgeProxy::start(&cp.url(), "e1", SITE1, &data)?,
+    };
+    eventually(
+        Duration::from_secs(10),
+        "e1 to serve this history's config",
+        || {
+            let counts = sextant_tests::split(e1.process.addr, 100).ok()?;
+            (!counts.contains_key("o1") && counts.contains_key("o2")).then_some(())
+        },
+    )?;
+    applies(&e1, version(&ctl)?, "e1 to hold the current version")?;
+    let s = subscriber(&ctl, "e1", "proxy").context("e1 in status")?;
+    ensure!(s["last_nack_version"] == 0, "{s}");
+    Ok(())
+}
+
+#[test]
+fn an_edge_holding_a_version_of_another_history_gets_this_ones() -> Result<()> {
+    restored_history(false)
+}
+
+#[test]
+fn an_edge_ahead_of_a_restored_store_gets_its_history_when_it_gets_there() -> Result<()> {
+    restored_history(true)
 }

@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::auth::{self, NodeKind, Principal};
 use crate::control_loop::{Clock, Snapshot};
-use crate::push::{self, Identity, ProtocolError, Publisher, Registry};
+use crate::push::{self, Held, Identity, ProtocolError, Publisher, Registry};
 
 /// One resource of the data-plane configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,13 +71,50 @@ pub struct Inconsistent {
     pub reason: String,
 }
 
-/// Builds the resources of a loop snapshot and checks them.
+/// Builds the resources of a loop snapshot, checks them and takes their
+/// digest.
 pub fn resources(snap: &Snapshot) -> Result<push::Snapshot<Resource>, Inconsistent> {
+    let mut out = checked_resources(snap)?;
+    out.digest = digest(&out.resources);
+    Ok(out)
+}
+
+/// A digest of resources, from their names and encodings (SHA-256, first
+/// 128 bits in hex). The encodings are deterministic: the messages hold no
+/// maps, and every list is in the order the resources are built in.
+fn digest(resources: &std::collections::BTreeMap<String, Resource>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (name, r) in resources {
+        let buf = match r {
+            Resource::Service(m) => m.encode_to_vec(),
+            Resource::Edge(m) => m.encode_to_vec(),
+            Resource::Group(m) => m.encode_to_vec(),
+            Resource::Route(m) => m.encode_to_vec(),
+            Resource::Origin(m) => m.encode_to_vec(),
+            Resource::Upstream(ws) => ws
+                .iter()
+                .flat_map(|w| w.encode_length_delimited_to_vec())
+                .collect(),
+            Resource::AsnPrefixes(m) => m.encode_to_vec(),
+        };
+        ctx.update(&(name.len() as u64).to_le_bytes());
+        ctx.update(name.as_bytes());
+        ctx.update(&(buf.len() as u64).to_le_bytes());
+        ctx.update(&buf);
+    }
+    ctx.finish().as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn checked_resources(snap: &Snapshot) -> Result<push::Snapshot<Resource>, Inconsistent> {
     let version = snap.version();
     let bad = |reason: String| Inconsistent { version, reason };
     let mut out = push::Snapshot {
         version,
         resources: Default::default(),
+        digest: String::new(),
     };
     let (fleet, table) = match (&snap.fleet, &snap.table) {
         (Some(f), Some(t)) => (f, t),
@@ -386,6 +423,7 @@ fn build_updates(
 ) -> Vec<pb::ConfigUpdate> {
     let header = pb::ConfigUpdate {
         version: snap.version,
+        digest: snap.digest.clone(),
         ..pb::ConfigUpdate::default()
     };
     match base {
@@ -610,11 +648,16 @@ impl Distribution {
             software: hello.software.clone(),
         };
         // A version newer than this server's is not taken as held until
-        // the server reaches it (see `serve`).
+        // the server reaches it, nor one whose content differs from this
+        // server's (see `serve`).
         let current = self.publisher.current().version;
-        let claimed = (hello.version_held <= current).then_some(hello.version_held);
+        let claim = self.publisher.check(hello.version_held, &hello.digest_held);
+        let claimed = match &claim {
+            Held::Same(_) | Held::Unknown => hello.version_held,
+            Held::Nothing | Held::Other | Held::Ahead => 0,
+        };
         let key = id.key();
-        let session = match self.registry.connect(&id, claimed.unwrap_or(0), self.now()) {
+        let session = match self.registry.connect(&id, claimed, self.now()) {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx
@@ -636,6 +679,7 @@ impl Distribution {
                         key: &key,
                         id: session,
                         current,
+                        claim,
                     },
                 )
                 .await;
@@ -664,18 +708,27 @@ impl Distribution {
             key: node,
             id: session,
             current,
+            claim,
         } = session;
         let mut published = self.publisher.subscribe();
-        // The snapshot the subscriber holds (for deltas), and what is in flight.
-        let mut held = if hello.version_held > 0 {
-            self.publisher.kept(hello.version_held)
-        } else {
-            None
+        // The snapshot the subscriber holds (for deltas), the version it is
+        // known to hold, and what is in flight.
+        let (mut held, mut last_sent) = match claim {
+            Held::Same(s) => (Some(s), hello.version_held),
+            Held::Unknown | Held::Ahead => (None, hello.version_held),
+            Held::Nothing => (None, 0),
+            Held::Other => {
+                warn!(
+                    version_held = hello.version_held,
+                    digest_held = %hello.digest_held,
+                    "subscriber holds other content under this version number (another history, or an older node): sending the current snapshot whole"
+                );
+                (None, 0)
+            }
         };
-        let mut last_sent = hello.version_held;
         // A subscriber that holds a version newer than this server's is
         // sent nothing older for `ahead_grace` (see there).
-        let mut ahead = (hello.version_held > current).then(|| {
+        let mut ahead = (last_sent > current).then(|| {
             warn!(
                 version_held = hello.version_held,
                 current, "subscriber holds a version newer than this server's"
@@ -695,9 +748,23 @@ impl Distribution {
             let snap = published.borrow_and_update().clone();
             if let Some((claimed, until)) = ahead {
                 if snap.version >= claimed {
-                    self.registry
-                        .holds(node, session, claimed)
-                        .map_err(protocol)?;
+                    match self.publisher.check(claimed, &hello.digest_held) {
+                        Held::Same(s) => {
+                            self.registry
+                                .holds(node, session, claimed)
+                                .map_err(protocol)?;
+                            held = Some(s);
+                        }
+                        _ => {
+                            warn!(
+                                version_held = claimed,
+                                current = snap.version,
+                                "this server's snapshot of the subscriber's version is another one: sending the current snapshot whole"
+                            );
+                            held = None;
+                            last_sent = 0;
+                        }
+                    }
                     ahead = None;
                 } else if tokio::time::Instant::now() >= until {
                     // Only a store whose history is behind the claim (one
@@ -809,6 +876,8 @@ struct Session<'a> {
     key: &'a str,
     id: u64,
     current: u64,
+    /// The subscriber's claim, checked.
+    claim: Held<Resource>,
 }
 
 /// The gRPC face of [`Distribution`].
@@ -834,5 +903,64 @@ impl DistributionService for DistributionApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn resources(weights: &[(&str, f64)], origin: (&str, &str)) -> BTreeMap<String, Resource> {
+        let mut r = BTreeMap::new();
+        r.insert(
+            format!("origin/{}", origin.0),
+            Resource::Origin(pb::OriginTarget {
+                id: origin.0.into(),
+                endpoints: vec![origin.1.into()],
+            }),
+        );
+        r.insert(
+            "upstream/e1".into(),
+            Resource::Upstream(
+                weights
+                    .iter()
+                    .map(|(o, w)| pb::OriginWeight {
+                        origin: (*o).into(),
+                        weight: *w,
+                    })
+                    .collect(),
+            ),
+        );
+        r
+    }
+
+    #[test]
+    fn the_digest_follows_the_content_only() {
+        let a = resources(&[("o1", 0.25), ("o2", 0.75)], ("o1", "127.0.0.1:80"));
+        let d = digest(&a);
+        assert_eq!(d.len(), 32);
+        // Built again, separately: the same.
+        assert_eq!(digest(&a.clone()), d);
+        assert_eq!(
+            digest(&resources(
+                &[("o1", 0.25), ("o2", 0.75)],
+                ("o1", "127.0.0.1:80")
+            )),
+            d
+        );
+        // Any change of a weight, an order, an endpoint or a name: another.
+        let others = [
+            resources(&[("o1", 0.5), ("o2", 0.5)], ("o1", "127.0.0.1:80")),
+            resources(&[("o2", 0.75), ("o1", 0.25)], ("o1", "127.0.0.1:80")),
+            resources(&[("o1", 0.25), ("o2", 0.75)], ("o1", "127.0.0.1:81")),
+            resources(&[("o1", 0.25), ("o2", 0.75)], ("o3", "127.0.0.1:80")),
+            resources(&[("o1", 0.25)], ("o1", "127.0.0.1:80")),
+        ];
+        for o in &others {
+            assert_ne!(digest(o), d, "{o:?}");
+        }
+        assert_ne!(digest(&BTreeMap::new()), d);
     }
 }
