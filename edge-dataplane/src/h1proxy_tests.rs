@@ -2408,3 +2408,79 @@ async fn a_local_answer_to_a_head_has_no_body() {
         String::from_utf8_lossy(&pending)
     );
 }
+
+/// An origin that answers every request with `len` bytes of body at once
+/// (what the socket buffers do not take waits for the reader).
+async fn big_origin(len: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(n) = read_head(&mut s, &mut buf).await {
+                    buf.drain(..n);
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                    if s.write_all(head.as_bytes()).await.is_err()
+                        || s.write_all(&vec![b'x'; len]).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client slow to read is not the origin's fault: the body waits only
+/// because the client has not taken what came before. It neither times
+/// out (the upstream timeout is for an origin that pauses) nor counts
+/// against the endpoint, on both paths.
+#[tokio::test]
+async fn a_client_slow_to_read_is_not_blamed_on_the_origin() {
+    // Far more than the loopback socket buffers hold, so that the body is
+    // still coming from the origin when the client reads on.
+    const LEN: usize = 32 << 20;
+    let addr = big_origin(LEN).await;
+    for (path, request) in [
+        (
+            "fast",
+            &b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        ),
+        ("hyper", &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..]),
+    ] {
+        let e = edge_with(&[("a", addr, 1.0)], |p| {
+            p.upstream_timeout = Duration::from_millis(200);
+        })
+        .await;
+        let mut c = TcpStream::connect(e.addr).await.expect("connect");
+        c.write_all(request).await.expect("write");
+        let mut got = vec![0u8; 64 * 1024];
+        let n = c.read(&mut got).await.expect("read");
+        got.truncate(n);
+        // The client stops reading for several upstream timeouts.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got))
+            .await
+            .expect("the rest in time")
+            .expect("read");
+        let head = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        assert!(got.starts_with(b"HTTP/1.1 200") || got.starts_with(b"HTTP/1.0 200"));
+        assert_eq!(got.len() - head, LEN, "{path} path: the body was cut");
+        // A success (not a failure) was recorded: EJECT_AFTER - 1 more
+        // failures do not eject the endpoint.
+        let st = e.endpoints.get(addr);
+        for _ in 1..EJECT_AFTER {
+            st.failure(crate::upstream::mono_ms());
+        }
+        assert!(
+            !st.is_ejected(),
+            "{path} path: the slow client counted against the origin"
+        );
+    }
+}
