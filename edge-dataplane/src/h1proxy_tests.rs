@@ -75,6 +75,23 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
     }
 }
 
+/// A test origin on loopback that runs `serve` on every connection it
+/// accepts.
+async fn spawn_origin<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
 async fn serve_origin(
     mut s: TcpStream,
     conn: usize,
@@ -743,25 +760,14 @@ async fn a_length_named_by_connection_cannot_smuggle_a_request() {
 #[tokio::test]
 async fn an_origin_answering_before_it_read_the_body_is_heard() {
     // Refuses every upload at once and closes without reading it.
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
-                        _ => return,
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
-                    .await;
-            });
+    let addr = spawn_origin(|mut s| async move {
+        if read_head(&mut s, &mut Vec::new()).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
+                .await;
         }
-    });
+    })
+    .await;
     let e = edge(&[("a", addr, 1.0)]).await;
     let body = vec![b'z'; 60_000];
     let mut raw = format!(
@@ -998,36 +1004,22 @@ async fn heads_are_parsed_when_they_can_be_judged_not_only_at_a_line_feed() {
 async fn a_body_an_origin_sends_late_after_a_head_answer_answers_nobody() {
     // The origin wrongly sends a "body" 5 ms after its answer to HEAD, and
     // that body looks like a response.
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut b = [0u8; 4096];
-                        match s.read(&mut b).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let head: Vec<u8> = buf.drain(..end + 4).collect();
-                    let fake = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPWNED!";
-                    if head.starts_with(b"HEAD") {
-                        let h =
-                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", fake.len());
-                        let _ = s.write_all(h.as_bytes()).await;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        let _ = s.write_all(fake).await;
-                    } else if s.write_all(&ok("real")).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let addr = spawn_origin(|mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(end) = read_head(&mut s, &mut buf).await {
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let fake = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPWNED!";
+            if head.starts_with(b"HEAD") {
+                let h = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", fake.len());
+                let _ = s.write_all(h.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = s.write_all(fake).await;
+            } else if s.write_all(&ok("real")).await.is_err() {
+                return;
+            }
         }
-    });
+    })
+    .await;
     let e = edge(&[("a", addr, 1.0)]).await;
     let mut c = TcpStream::connect(e.addr).await.expect("connect");
     c.write_all(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1044,18 +1036,15 @@ async fn a_body_an_origin_sends_late_after_a_head_answer_answers_nobody() {
 async fn an_answer_the_origin_cuts_reaches_the_client_as_a_reset() {
     // No length: the body ends when the origin closes; a reset instead
     // must not look like the end of the body.
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let mut b = [0u8; 4096];
-            let _ = s.read(&mut b).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial").await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-            drop(s);
-        }
-    });
+    let addr = spawn_origin(|mut s| async move {
+        let mut b = [0u8; 4096];
+        let _ = s.read(&mut b).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\npartial").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await;
     let e = edge(&[("a", addr, 1.0)]).await;
     let mut c = TcpStream::connect(e.addr).await.expect("connect");
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1083,31 +1072,28 @@ async fn switching_origin(
     greeting: &'static [u8],
     after: After,
 ) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
     let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = heads.clone();
     let after = Arc::new(after);
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let (seen, after) = (seen.clone(), after.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let Some(end) = read_head(&mut s, &mut buf).await else {
-                    return;
-                };
-                seen.lock()
-                    .expect("lock")
-                    .push(String::from_utf8_lossy(&buf[..end]).into_owned());
-                if s.write_all(&[SWITCH.as_bytes(), greeting].concat())
-                    .await
-                    .is_ok()
-                {
-                    after(s, buf.split_off(end)).await;
-                }
-            });
+    let addr = spawn_origin(move |mut s| {
+        let (seen, after) = (seen.clone(), after.clone());
+        async move {
+            let mut buf = Vec::new();
+            let Some(end) = read_head(&mut s, &mut buf).await else {
+                return;
+            };
+            seen.lock()
+                .expect("lock")
+                .push(String::from_utf8_lossy(&buf[..end]).into_owned());
+            if s.write_all(&[SWITCH.as_bytes(), greeting].concat())
+                .await
+                .is_ok()
+            {
+                after(s, buf.split_off(end)).await;
+            }
         }
-    });
+    })
+    .await;
     (addr, heads)
 }
 
@@ -2298,22 +2284,15 @@ async fn local_answers_count_the_same_bytes_on_both_paths() {
 /// either closes (`hold` false) or keeps the connection open without
 /// sending more (`hold` true).
 async fn partial_origin(head_and_part: &'static [u8], hold: bool) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if read_head(&mut s, &mut buf).await.is_some() {
-                    let _ = s.write_all(head_and_part).await;
-                    if hold {
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                }
-            });
+    spawn_origin(move |mut s| async move {
+        if read_head(&mut s, &mut Vec::new()).await.is_some() {
+            let _ = s.write_all(head_and_part).await;
+            if hold {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Sends `raw` and reads until the edge closes, or gives up after `wait`
@@ -2412,25 +2391,19 @@ async fn a_local_answer_to_a_head_has_no_body() {
 /// An origin that answers every request with `len` bytes of body at once
 /// (what the socket buffers do not take waits for the reader).
 async fn big_origin(len: usize) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(n) = read_head(&mut s, &mut buf).await {
-                    buf.drain(..n);
-                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
-                    if s.write_all(head.as_bytes()).await.is_err()
-                        || s.write_all(&vec![b'x'; len]).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+    spawn_origin(move |mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(n) = read_head(&mut s, &mut buf).await {
+            buf.drain(..n);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err()
+                || s.write_all(&vec![b'x'; len]).await.is_err()
+            {
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// A client slow to read is not the origin's fault: the body waits only
