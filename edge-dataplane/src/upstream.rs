@@ -339,6 +339,18 @@ impl Origin {
     fn usable(&self) -> bool {
         self.endpoints.iter().any(|e| !e.is_ejected())
     }
+
+    /// Its weight times the share of its endpoints that `ok` takes: what
+    /// those endpoints can carry, if the weight is the origin's capacity
+    /// spread evenly over its endpoints.
+    fn weight_of(&self, ok: impl Fn(&EndpointState) -> bool) -> f64 {
+        let n = self.endpoints.len();
+        if n == 0 || self.weight <= 0.0 {
+            return 0.0;
+        }
+        let k = self.endpoints.iter().filter(|e| ok(e)).count();
+        self.weight * k as f64 / n as f64
+    }
 }
 
 /// Where one attempt at a request goes.
@@ -370,8 +382,12 @@ impl Upstream {
     }
 
     /// Where an attempt goes. By weight among origins with a healthy
-    /// endpoint; a retry (`after` a failure) goes to another origin when
-    /// there is one, else to another healthy endpoint of the same. When
+    /// endpoint, each origin's weight scaled by the share of its endpoints
+    /// in service: what ejected endpoints would have carried is spread
+    /// over every endpoint left, of all origins, in proportion to their
+    /// weights, rather than piled on their origin's few survivors. A retry
+    /// (`after` a failure) goes to another origin when there is one, else
+    /// to another healthy endpoint of the same. When
     /// no endpoint is healthy at all, ejection is ignored (panic routing,
     /// as Envoy's panic threshold): an outage of passive health's making
     /// is worse than sending requests to endpoints that may have
@@ -383,12 +399,11 @@ impl Upstream {
         // another origin's name.
         let not_failed = |e: &EndpointState| after.is_none_or(|f| f.endpoint != e.addr);
         let good = |e: &EndpointState| !e.is_ejected() && not_failed(e);
-        let healthy =
-            |o: &Origin| o.weight > 0.0 && other(o) && o.endpoints.iter().any(|e| good(e));
+        let in_service = |o: &Origin| if other(o) { o.weight_of(good) } else { 0.0 };
         // A few tries: another worker may eject the endpoint picked
         // between the origin's pick and its endpoint's.
         for _ in 0..3 {
-            let Some(o) = self.by_weight(healthy) else {
+            let Some(o) = self.by_weight(in_service) else {
                 break;
             };
             if let Some(endpoint) = o.pick_where(good) {
@@ -403,7 +418,7 @@ impl Upstream {
         if let Some((origin, endpoint)) = self
             .origins
             .iter()
-            .filter(|o| healthy(o))
+            .filter(|o| in_service(o) > 0.0)
             .find_map(|o| o.pick_where(good).map(|e| (o, e)))
         {
             return Some(Pick {
@@ -427,9 +442,10 @@ impl Upstream {
             // Healthy endpoints are left, only not for this retry.
             return None;
         }
+        let weight = |o: &Origin| o.weight.max(0.0);
         let o = self
-            .by_weight(|o| o.weight > 0.0 && other(o))
-            .or_else(|| self.by_weight(|o| o.weight > 0.0))?;
+            .by_weight(|o| if other(o) { weight(o) } else { 0.0 })
+            .or_else(|| self.by_weight(weight))?;
         let endpoint = o.pick_where(not_failed)?;
         Some(Pick {
             origin: o,
@@ -438,25 +454,24 @@ impl Upstream {
         })
     }
 
-    /// An origin by weight among those `ok` takes (renormalised).
-    fn by_weight(&self, ok: impl Fn(&Origin) -> bool) -> Option<&Origin> {
-        let total: f64 = self
-            .origins
-            .iter()
-            .filter(|o| ok(o))
-            .map(|o| o.weight)
-            .sum();
-        if total <= 0.0 {
+    /// An origin drawn by `weight` (renormalised; none when all are 0).
+    fn by_weight(&self, weight: impl Fn(&Origin) -> f64) -> Option<&Origin> {
+        let total: f64 = self.origins.iter().map(&weight).sum();
+        if total.is_nan() || total <= 0.0 {
             return None;
         }
         let mut x = fastrand::f64() * total;
         let mut last = None;
-        for o in self.origins.iter().filter(|o| ok(o)) {
+        for o in &self.origins {
+            let w = weight(o);
+            if w <= 0.0 {
+                continue;
+            }
             last = Some(o);
-            if x < o.weight {
+            if x < w {
                 return Some(o);
             }
-            x -= o.weight;
+            x -= w;
         }
         last
     }
@@ -756,6 +771,60 @@ mod endpoint_health {
             (b2 as i64 - b3 as i64).abs() < 300,
             "the two healthy endpoints should share evenly: .2 got {b2}, .3 got {b3}"
         );
+    }
+
+    /// An origin that lost some endpoints keeps the share those left can
+    /// carry; the rest goes to every endpoint left, of all origins, by
+    /// weight: each takes the same extra load, rather than a's one
+    /// survivor taking double.
+    #[test]
+    fn ejected_endpoints_share_goes_to_every_endpoint_left_by_weight() {
+        let b = builder();
+        let up = b
+            .build(
+                1,
+                &test_config(&[
+                    ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
+                    ("b", &["10.0.0.3:80"], 0.5),
+                ]),
+            )
+            .expect("valid");
+        let n = 30_000;
+        let share_of_a = || {
+            (0..n)
+                .filter(|_| up.choose(None).expect("healthy").origin.id == "a")
+                .count() as f64
+                / n as f64
+        };
+        let a = share_of_a();
+        assert!((a - 0.5).abs() < 0.02, "all in service: a took {a}");
+        for _ in 0..EJECT_AFTER {
+            up.origins[0].endpoints[0].failure(1);
+        }
+        // a carries 0.5 × 1/2 of b's 0.5: a third of the traffic.
+        let a = share_of_a();
+        assert!(
+            (a - 1.0 / 3.0).abs() < 0.02,
+            "a with one endpoint of two took {a}"
+        );
+        // A retry after b failed still goes to a's survivor.
+        let failed = Failed {
+            origin: "b",
+            endpoint: "10.0.0.3:80".parse().expect("addr"),
+        };
+        let p = up.choose(Some(failed)).expect("a's survivor");
+        assert_eq!(p.endpoint.addr, "10.0.0.2:80".parse().expect("addr"));
+        // With one origin, its survivors take everything.
+        let one = b
+            .build(
+                2,
+                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+            )
+            .expect("valid");
+        let survivor: SocketAddr = "10.0.0.2:80".parse().expect("addr");
+        assert!((0..100).all(|_| one
+            .choose(None)
+            .is_some_and(|p| !p.panic && p.endpoint.addr == survivor)));
     }
 
     /// An endpoint no config in use names any more is not reported
