@@ -158,10 +158,15 @@ impl<R: Send + Sync + 'static> Publisher<R> {
         if version == 0 {
             return Held::Nothing;
         }
+        // The current version first: every version up to it that is
+        // still kept is then found below (one published meanwhile is
+        // taken as ahead, and checked again once reached).
+        if version > self.current().version {
+            return Held::Ahead;
+        }
         match self.kept(version) {
             Some(s) if s.digest == digest => Held::Same(s),
             Some(_) => Held::Other,
-            None if version > self.current().version => Held::Ahead,
             None => Held::Unknown,
         }
     }

@@ -309,3 +309,97 @@ fn an_edge_holding_a_version_of_another_history_gets_this_ones() -> Result<()> {
 fn an_edge_ahead_of_a_restored_store_gets_its_history_when_it_gets_there() -> Result<()> {
     restored_history(true)
 }
+
+/// A restart publishes the version the store holds, with the very content
+/// (and digest) the node got before it: the node is sent nothing again.
+/// (The leader publishes the table it computed; a restart, or a
+/// follower, the table read back from the store.)
+#[test]
+fn a_restarted_control_plane_keeps_the_digest_of_its_version() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, f) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let store = dir.path().join("cp");
+    let cp = ControlPlane::start(&store, Some(&f))?;
+    let ctl = cp.ctl();
+    // Weights such as 0.23076923076923078, which a lossy float parser
+    // reads back one bit off.
+    ctl.run([
+        "drain",
+        "region/r3/origin/o3",
+        "--fraction",
+        "0.1",
+        "--reason",
+        "x",
+    ])?
+    .ok()?;
+    let v = version(&ctl)?;
+    let rt = runtime()?;
+    let digest = rt.block_on(async {
+        let (tx, mut s) = subscribe(&cp.url(), hello("e1", pb::NodeKind::Proxy, 0)).await?;
+        let u = whole(&mut s).await?;
+        ensure!(u.version == v, "{u:?}");
+        tx.send(ack(&u)).await?;
+        Ok(u.digest)
+    })?;
+    cp.process.stop()?;
+    let cp = ControlPlane::start(&store, None)?;
+    ensure!(version(&cp.ctl())? == v, "the restart made a new version");
+    rt.block_on(async {
+        let held = hello_holding("e1", pb::NodeKind::Proxy, v, &digest);
+        let (_tx, mut s) = subscribe(&cp.url(), held).await?;
+        let r = tokio::time::timeout(Duration::from_secs(3), s.message()).await;
+        ensure!(
+            r.is_err(),
+            "a node holding version {v} with its digest {digest} was sent {r:?}"
+        );
+        Ok(())
+    })
+}
+
+/// A restored store that redoes the change a node holds reaches the same
+/// content under the same number: the node, whose claim was ahead of the
+/// store, is taken as holding it once the store gets there, and is sent
+/// nothing again.
+#[test]
+fn a_restored_store_redoing_the_same_change_sends_nothing_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, f) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
+    let (store, backup) = (dir.path().join("cp"), dir.path().join("backup"));
+    let cp = ControlPlane::start(&store, Some(&f))?;
+    version(&cp.ctl())?;
+    cp.process.stop()?;
+    copy_dir(&store, &backup)?;
+    let drain_o2 = |ctl: &Ctl| -> Result<u64> {
+        ctl.run(["drain", "region/r2/origin/o2", "--reason", "x"])?
+            .ok()?;
+        version(ctl)
+    };
+    let cp = ControlPlane::start(&store, None)?;
+    let held = drain_o2(&cp.ctl())?;
+    let rt = runtime()?;
+    let digest = rt.block_on(async {
+        let (_tx, mut s) = subscribe(&cp.url(), hello("e1", pb::NodeKind::Proxy, 0)).await?;
+        let u = whole(&mut s).await?;
+        ensure!(u.version == held, "{u:?}");
+        Ok(u.digest)
+    })?;
+    cp.process.stop()?;
+    std::fs::remove_dir_all(&store)?;
+    copy_dir(&backup, &store)?;
+    let cp = ControlPlane::start_with(&store, None, &["--ahead-grace-seconds", "300"])?;
+    let ctl = cp.ctl();
+    rt.block_on(async {
+        let claim = hello_holding("e1", pb::NodeKind::Proxy, held, &digest);
+        let (_tx, mut s) = subscribe(&cp.url(), claim).await?;
+        let st = subscriber(&ctl, "e1", "proxy").context("e1 in status")?;
+        ensure!(st["version_applied"] == 0, "a claim ahead taken: {st}");
+        ensure!(drain_o2(&ctl)? == held, "the same change, another version");
+        eventually(Duration::from_secs(5), "the claim taken", || {
+            let st = subscriber(&ctl, "e1", "proxy")?;
+            (st["version_applied"] == held).then_some(())
+        })?;
+        let r = tokio::time::timeout(Duration::from_secs(2), s.message()).await;
+        ensure!(r.is_err(), "the same content sent again: {r:?}");
+        Ok(())
+    })
+}

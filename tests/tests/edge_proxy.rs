@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use sextant_proto::v1 as pb;
 use sextant_tests::origin::Origin;
-use sextant_tests::subscriber::{ack, hello, subscribe, whole};
+use sextant_tests::subscriber::{ack, hello, hello_holding, subscribe, whole};
 use sextant_tests::{eventually, split, ControlPlane, Ctl, EdgeProxy};
 
 use sextant_tests::fleets::{two_edges_three_origins as fleet, SITE1, SITE2};
@@ -265,6 +265,17 @@ async fn hostile_subscribers_are_cut_off_and_harm_no_one() -> Result<()> {
     );
     let (_tx, mut s) = subscribe(&url, pb::SubscribeRequest { message: None }).await?;
     ensure!(s.message().await.is_err(), "empty first message accepted");
+    // A digest far longer than any this server makes (it would be logged).
+    let long = "f".repeat(100_000);
+    let (_tx, mut s) = subscribe(&url, hello_holding("dns-2", pb::NodeKind::Dns, 1, &long)).await?;
+    let err = s.message().await.err().context("a huge digest accepted")?;
+    ensure!(
+        err.code() == tonic::Code::InvalidArgument
+            && err
+                .message()
+                .contains("digest_held is 100000 bytes (at most 64)"),
+        "{err:?}"
+    );
 
     // The good subscriber still gets the next version.
     let ctl = cp.ctl();

@@ -60,6 +60,8 @@ pub const MAX_RESOURCE_BYTES: usize = 3 * 1024 * 1024;
 pub const ASN_PART_PREFIXES: usize = 50_000;
 /// Versions kept for deltas.
 pub const KEEP_VERSIONS: usize = 16;
+/// The longest `Hello.digest_held` taken (this server's are 32 bytes).
+const MAX_DIGEST_BYTES: usize = 64;
 /// How long a subscriber has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -647,11 +649,19 @@ impl Distribution {
             site: hello.site.clone(),
             software: hello.software.clone(),
         };
+        if hello.digest_held.len() > MAX_DIGEST_BYTES {
+            let e = format!(
+                "hello: digest_held is {} bytes (at most {MAX_DIGEST_BYTES})",
+                hello.digest_held.len()
+            );
+            let _ = tx.send(Err(Status::invalid_argument(e))).await;
+            return;
+        }
         // A version newer than this server's is not taken as held until
         // the server reaches it, nor one whose content differs from this
         // server's (see `serve`).
-        let current = self.publisher.current().version;
         let claim = self.publisher.check(hello.version_held, &hello.digest_held);
+        let current = self.publisher.current().version;
         let claimed = match &claim {
             Held::Same(_) | Held::Unknown => hello.version_held,
             Held::Nothing | Held::Other | Held::Ahead => 0,
@@ -713,6 +723,7 @@ impl Distribution {
         let mut published = self.publisher.subscribe();
         // The snapshot the subscriber holds (for deltas), the version it is
         // known to hold, and what is in flight.
+        let claimed_ahead = matches!(claim, Held::Ahead);
         let (mut held, mut last_sent) = match claim {
             Held::Same(s) => (Some(s), hello.version_held),
             Held::Unknown | Held::Ahead => (None, hello.version_held),
@@ -728,7 +739,7 @@ impl Distribution {
         };
         // A subscriber that holds a version newer than this server's is
         // sent nothing older for `ahead_grace` (see there).
-        let mut ahead = (last_sent > current).then(|| {
+        let mut ahead = claimed_ahead.then(|| {
             warn!(
                 version_held = hello.version_held,
                 current, "subscriber holds a version newer than this server's"
@@ -755,12 +766,20 @@ impl Distribution {
                                 .map_err(protocol)?;
                             held = Some(s);
                         }
-                        _ => {
-                            warn!(
-                                version_held = claimed,
-                                current = snap.version,
-                                "this server's snapshot of the subscriber's version is another one: sending the current snapshot whole"
-                            );
+                        other => {
+                            if matches!(other, Held::Other) {
+                                warn!(
+                                    version_held = claimed,
+                                    current = snap.version,
+                                    "this server's snapshot of the subscriber's version is another one: sending the current snapshot whole"
+                                );
+                            } else {
+                                info!(
+                                    version_held = claimed,
+                                    current = snap.version,
+                                    "the subscriber's version was passed here without being kept: sending the current snapshot whole"
+                                );
+                            }
                             held = None;
                             last_sent = 0;
                         }
@@ -962,5 +981,93 @@ mod tests {
             assert_ne!(digest(o), d, "{o:?}");
         }
         assert_ne!(digest(&BTreeMap::new()), d);
+    }
+}
+
+#[cfg(test)]
+mod digest_across_replicas {
+    use std::sync::Arc;
+
+    use sextant_core::routing::{RoutingMeta, RoutingTable};
+    use sextant_core::solver::{solve, SolveInput};
+    use sextant_core::{ConfigVersion, DrainSet, Fleet, FleetSpec};
+
+    use crate::control_loop::Snapshot;
+    use crate::state;
+
+    /// The leader publishes the table it computed (in memory); a follower,
+    /// or the leader after a restart, publishes the table it read back from
+    /// the store (JSON). Same committed version, same content: the digest
+    /// must be the same, or every node failing over gets a full snapshot.
+    #[tokio::test]
+    async fn a_follower_computes_the_leaders_digest() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/fleet.toml"
+        ))
+        .expect("example fleet");
+        let spec = FleetSpec::from_toml(&text).expect("fleet");
+        let fleet = Arc::new(Fleet::from_spec(spec.clone()).expect("valid"));
+        // Edges report what they can serve now (fewer hosts in rotation).
+        let mut signals = sextant_core::signals::Signals::default();
+        for e in fleet.edges.values() {
+            signals.edges.insert(
+                e.id.clone(),
+                sextant_core::signals::EdgeSignal {
+                    measured_capacity_rps: Some(e.capacity_rps * 0.413),
+                    ..Default::default()
+                },
+            );
+        }
+        let routing = solve(SolveInput {
+            fleet: &fleet,
+            signals: &signals,
+            drains: &DrainSet::default(),
+            previous: None,
+            now_ms: 0,
+        });
+        let table = RoutingTable {
+            meta: RoutingMeta {
+                version: ConfigVersion(1),
+                computed_at_ms: 0,
+                fleet_generation: 1,
+                cause: String::new(),
+                churn: 0.0,
+            },
+            routing,
+        };
+        // The leader's snapshot: the fleet and the table it computed.
+        let leader = state::State {
+            fleet: Some(fleet),
+            fleet_generation: 1,
+            table: Some(Arc::new(table.clone())),
+            version: ConfigVersion(1),
+            ..state::State::default()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn sextant_store::Store> =
+            Arc::new(sextant_store::embedded::EmbeddedStore::open(dir.path()).expect("open"));
+        let commit = state::Commit {
+            fleet: Some((spec, 1)),
+            table: Some(table),
+            ..state::Commit::default()
+        };
+        state::commit(store.as_ref(), &state::State::default(), &commit)
+            .await
+            .expect("commit");
+        let follower = state::load(store.as_ref()).await.expect("load");
+        let a = super::resources(&Snapshot::from_state(&leader)).expect("leader");
+        let b = super::resources(&Snapshot::from_state(&follower)).expect("follower");
+        assert_eq!(a.version, b.version);
+        let differing: Vec<&String> = a
+            .resources
+            .iter()
+            .filter(|(k, v)| b.resources.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            a.digest, b.digest,
+            "same committed version, other digest; resources that differ: {differing:?}"
+        );
     }
 }
