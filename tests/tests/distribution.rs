@@ -224,6 +224,27 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// A store seeded with origins o1–o3 and their fleet, and a backup of it
+/// (copied with the control plane stopped): (origins, store, backup).
+/// Keep the origins alive as long as the store is used.
+fn backed_up_store(
+    dir: &std::path::Path,
+) -> Result<(Vec<Origin>, std::path::PathBuf, std::path::PathBuf)> {
+    let (origins, f) = sextant_tests::fleets::origins_and_fleet(dir)?;
+    let (store, backup) = (dir.join("cp"), dir.join("backup"));
+    let cp = ControlPlane::start(&store, Some(&f))?;
+    version(&cp.ctl())?;
+    cp.process.stop()?;
+    copy_dir(&store, &backup)?;
+    Ok((origins, store, backup))
+}
+
+/// Puts `backup` back in place of `store` (the control plane stopped).
+fn restore(store: &std::path::Path, backup: &std::path::Path) -> Result<()> {
+    std::fs::remove_dir_all(store)?;
+    copy_dir(backup, store)
+}
+
 /// A store restored from a backup numbers its versions on from the
 /// backup's. Once it has published as far with other changes, an edge
 /// that held the old history's version of the same number must get this
@@ -233,12 +254,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
 /// all along, claiming a version the server had not reached.
 fn restored_history(connected_throughout: bool) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (_origins, f) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
-    let (store, backup) = (dir.path().join("cp"), dir.path().join("backup"));
-    let cp = ControlPlane::start(&store, Some(&f))?;
-    version(&cp.ctl())?;
-    cp.process.stop()?;
-    copy_dir(&store, &backup)?;
+    let (_origins, store, backup) = backed_up_store(dir.path())?;
     // The old history: o2 drained.
     let cp = ControlPlane::start(&store, None)?;
     let ctl = cp.ctl();
@@ -254,8 +270,7 @@ fn restored_history(connected_throughout: bool) -> Result<()> {
     cp.process.stop()?;
     // The restore (a grace long enough not to matter), and another history
     // up to the edge's version: o1 drained, o3 partly.
-    std::fs::remove_dir_all(&store)?;
-    copy_dir(&backup, &store)?;
+    restore(&store, &backup)?;
     let cp = ControlPlane::start_with(&store, None, &["--ahead-grace-seconds", "300"])?;
     let ctl = cp.ctl();
     ensure!(version(&ctl)? < held, "the backup is not older");
@@ -363,12 +378,7 @@ fn a_restarted_control_plane_keeps_the_digest_of_its_version() -> Result<()> {
 #[test]
 fn a_restored_store_redoing_the_same_change_sends_nothing_again() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (_origins, f) = sextant_tests::fleets::origins_and_fleet(dir.path())?;
-    let (store, backup) = (dir.path().join("cp"), dir.path().join("backup"));
-    let cp = ControlPlane::start(&store, Some(&f))?;
-    version(&cp.ctl())?;
-    cp.process.stop()?;
-    copy_dir(&store, &backup)?;
+    let (_origins, store, backup) = backed_up_store(dir.path())?;
     let drain_o2 = |ctl: &Ctl| -> Result<u64> {
         ctl.run(["drain", "region/r2/origin/o2", "--reason", "x"])?
             .ok()?;
@@ -384,8 +394,7 @@ fn a_restored_store_redoing_the_same_change_sends_nothing_again() -> Result<()> 
         Ok(u.digest)
     })?;
     cp.process.stop()?;
-    std::fs::remove_dir_all(&store)?;
-    copy_dir(&backup, &store)?;
+    restore(&store, &backup)?;
     let cp = ControlPlane::start_with(&store, None, &["--ahead-grace-seconds", "300"])?;
     let ctl = cp.ctl();
     rt.block_on(async {
