@@ -36,6 +36,8 @@ pub struct Metrics {
     subscribers: Family<Labels, Gauge>,
     subscribers_stale: Gauge,
     config_rejected: Gauge,
+    updates_sent: Family<Labels, Counter>,
+    other_content: Counter,
     verdict_changes: Family<Labels, Counter>,
     failover_actions: Family<Labels, Counter>,
     failover_held: Gauge,
@@ -60,6 +62,8 @@ impl Metrics {
             subscribers: Family::default(),
             subscribers_stale: Gauge::default(),
             config_rejected: Gauge::default(),
+            updates_sent: Family::default(),
+            other_content: Counter::default(),
             verdict_changes: Family::default(),
             failover_actions: Family::default(),
             failover_held: Gauge::default(),
@@ -127,6 +131,16 @@ impl Metrics {
             m.subscribers_stale.clone(),
         );
         r.register(
+            "config_updates_sent",
+            "Config updates sent to subscribers, by kind (full or delta)",
+            m.updates_sent.clone(),
+        );
+        r.register(
+            "config_other_content",
+            "Subscribers that named a version held here with other content (another history) and got the current config whole",
+            m.other_content.clone(),
+        );
+        r.register(
             "config_rejected",
             "1 when the latest routing version failed its consistency check and is not served",
             m.config_rejected.clone(),
@@ -181,6 +195,17 @@ impl Metrics {
         self.subscribers_stale
             .set(subs.iter().filter(|s| s.stale).count() as i64);
         self.config_rejected.set(i64::from(d.alarm().is_some()));
+        let c = &d.counts;
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        for (kind, n) in [("full", &c.full), ("delta", &c.delta)] {
+            catch_up(
+                &self
+                    .updates_sent
+                    .get_or_create(&vec![("kind".to_owned(), kind.to_owned())]),
+                load(n),
+            );
+        }
+        catch_up(&self.other_content, load(&c.other_content));
     }
 
     /// Updates the gauges from a snapshot.
@@ -219,11 +244,10 @@ impl Metrics {
             ),
         ] {
             for ((label, value), n) in counts {
-                let c = fam.get_or_create(&vec![(label.to_owned(), value.to_owned())]);
-                let seen = c.get();
-                if n > seen {
-                    c.inc_by(n - seen);
-                }
+                catch_up(
+                    &fam.get_or_create(&vec![(label.to_owned(), value.to_owned())]),
+                    n,
+                );
             }
         }
         self.failover_held.set(f.held.len() as i64);
@@ -254,6 +278,14 @@ impl Metrics {
                     .set(load.utilization);
             }
         }
+    }
+}
+
+/// Brings `counter` up to `n`, a count kept elsewhere.
+fn catch_up(counter: &Counter, n: u64) {
+    let seen = counter.get();
+    if n > seen {
+        counter.inc_by(n - seen);
     }
 }
 

@@ -115,10 +115,11 @@ fn a_version_claimed_ahead_of_the_control_plane_is_not_taken_as_applied() -> Res
     let cp = ControlPlane::start_with(
         dir.path(),
         Some(&sextant_tests::example_fleet()),
-        &["--ahead-grace-seconds", "2"],
+        &["--ahead-grace-seconds", "2", "--metrics", "127.0.0.1:0"],
     )?;
     let ctl = cp.ctl();
     let current = version(&ctl)?;
+    let metrics = cp.logged_addr("metrics")?;
     let url = cp.url();
     let rt = runtime()?;
     rt.block_on(async {
@@ -170,6 +171,15 @@ fn a_version_claimed_ahead_of_the_control_plane_is_not_taken_as_applied() -> Res
             );
         }
         Ok(())
+    })?;
+    // Three sent whole (dns-x after the grace, dns-z, dns-w), two of them
+    // to nodes that held other content.
+    eventually(Duration::from_secs(5), "the counts in the metrics", || {
+        let (_, body) = http_get(metrics, "/metrics").ok()?;
+        (body.contains("sextant_config_other_content_total 2\n")
+            && body.contains("sextant_config_updates_sent_total{kind=\"full\"} 3\n")
+            && body.contains("sextant_config_updates_sent_total{kind=\"delta\"} 0\n"))
+        .then_some(())
     })
 }
 

@@ -471,6 +471,25 @@ pub struct Distribution {
     /// as the store's).
     store: Option<Arc<dyn sextant_store::Store>>,
     cache: Mutex<UpdateCache>,
+    /// What was sent, for the metrics.
+    pub counts: SentCounts,
+}
+
+/// Updates sent, and claims found to hold other content.
+#[derive(Debug, Default)]
+pub struct SentCounts {
+    pub full: std::sync::atomic::AtomicU64,
+    pub delta: std::sync::atomic::AtomicU64,
+    /// Subscribers that named a version this server holds with another
+    /// digest (another history: a store restored from a backup), and got
+    /// the current config whole.
+    pub other_content: std::sync::atomic::AtomicU64,
+}
+
+impl SentCounts {
+    fn add(n: &std::sync::atomic::AtomicU64) {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Distribution {
@@ -495,6 +514,7 @@ impl Distribution {
             ahead_grace,
             store,
             cache: Mutex::new(UpdateCache::default()),
+            counts: SentCounts::default(),
         })
     }
 
@@ -729,6 +749,7 @@ impl Distribution {
             Held::Unknown | Held::Ahead => (None, hello.version_held),
             Held::Nothing => (None, 0),
             Held::Other => {
+                SentCounts::add(&self.counts.other_content);
                 warn!(
                     version_held = hello.version_held,
                     digest_held = %hello.digest_held,
@@ -768,6 +789,7 @@ impl Distribution {
                         }
                         other => {
                             if matches!(other, Held::Other) {
+                                SentCounts::add(&self.counts.other_content);
                                 warn!(
                                     version_held = claimed,
                                     current = snap.version,
@@ -836,6 +858,11 @@ impl Distribution {
                         return Ok(());
                     }
                 }
+                SentCounts::add(if held.is_none() {
+                    &self.counts.full
+                } else {
+                    &self.counts.delta
+                });
                 last_sent = snap.version;
                 in_flight = Some((snap, nonce));
             }
