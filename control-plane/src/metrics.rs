@@ -132,12 +132,12 @@ impl Metrics {
         );
         r.register(
             "config_updates_sent",
-            "Config updates sent to subscribers, by kind (full or delta)",
+            "Config versions sent to subscribers (each in one or more messages), whole or as a delta",
             m.updates_sent.clone(),
         );
         r.register(
-            "config_other_content",
-            "Subscribers that named a version held here with other content (another history) and got the current config whole",
+            "config_other_content_claims",
+            "Subscribers that named a version held here with another digest (another history, such as a store restored from a backup) and got the current config whole",
             m.other_content.clone(),
         );
         r.register(
@@ -197,11 +197,11 @@ impl Metrics {
         self.config_rejected.set(i64::from(d.alarm().is_some()));
         let c = &d.counts;
         let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
-        for (kind, n) in [("full", &c.full), ("delta", &c.delta)] {
+        for (update, n) in [("full", &c.full), ("delta", &c.delta)] {
             catch_up(
                 &self
                     .updates_sent
-                    .get_or_create(&vec![("kind".to_owned(), kind.to_owned())]),
+                    .get_or_create(&vec![("update".to_owned(), update.to_owned())]),
                 load(n),
             );
         }

@@ -2427,6 +2427,12 @@ async fn a_client_slow_to_read_is_not_blamed_on_the_origin() {
             p.upstream_timeout = Duration::from_millis(200);
         })
         .await;
+        // One failure short of an ejection: a failure ejects it, a success
+        // clears the run.
+        let st = e.endpoints.get(addr);
+        for _ in 1..EJECT_AFTER {
+            st.failure(crate::upstream::mono_ms());
+        }
         let mut c = TcpStream::connect(e.addr).await.expect("connect");
         c.write_all(request).await.expect("write");
         let mut got = vec![0u8; 64 * 1024];
@@ -2445,15 +2451,16 @@ async fn a_client_slow_to_read_is_not_blamed_on_the_origin() {
             + 4;
         assert!(got.starts_with(b"HTTP/1.1 200") || got.starts_with(b"HTTP/1.0 200"));
         assert_eq!(got.len() - head, LEN, "{path} path: the body was cut");
-        // A success (not a failure) was recorded: EJECT_AFTER - 1 more
-        // failures do not eject the endpoint.
-        let st = e.endpoints.get(addr);
-        for _ in 1..EJECT_AFTER {
-            st.failure(crate::upstream::mono_ms());
-        }
         assert!(
             !st.is_ejected(),
             "{path} path: the slow client counted against the origin"
+        );
+        // And a success was recorded (the run is cleared): one more
+        // failure does not eject it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !st.failure(crate::upstream::mono_ms()),
+            "{path} path: the whole answer was not counted a success"
         );
     }
 }

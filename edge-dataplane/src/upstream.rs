@@ -348,8 +348,12 @@ impl Origin {
         if n == 0 || self.weight <= 0.0 {
             return 0.0;
         }
-        let k = self.endpoints.iter().filter(|e| ok(e)).count();
-        self.weight * k as f64 / n as f64
+        match self.endpoints.iter().filter(|e| ok(e)).count() {
+            0 => 0.0,
+            // However small the weight, an origin with an endpoint left
+            // stays positive (a product may underflow to 0).
+            k => (self.weight * k as f64 / n as f64).max(f64::MIN_POSITIVE),
+        }
     }
 }
 
@@ -442,7 +446,8 @@ impl Upstream {
             // Healthy endpoints are left, only not for this retry.
             return None;
         }
-        let weight = |o: &Origin| o.weight.max(0.0);
+        // Only origins with an address other than the one that failed.
+        let weight = |o: &Origin| o.weight_of(not_failed);
         let o = self
             .by_weight(|o| if other(o) { weight(o) } else { 0.0 })
             .or_else(|| self.by_weight(weight))?;
@@ -455,15 +460,29 @@ impl Upstream {
     }
 
     /// An origin drawn by `weight` (renormalised; none when all are 0).
+    /// Each origin's weight is taken once.
     fn by_weight(&self, weight: impl Fn(&Origin) -> f64) -> Option<&Origin> {
-        let total: f64 = self.origins.iter().map(&weight).sum();
+        const ON_STACK: usize = 16;
+        let n = self.origins.len();
+        let mut stack = [0.0; ON_STACK];
+        let mut heap = Vec::new();
+        let ws: &mut [f64] = if n <= ON_STACK {
+            &mut stack[..n]
+        } else {
+            heap.resize(n, 0.0);
+            &mut heap
+        };
+        let mut total = 0.0;
+        for (w, o) in ws.iter_mut().zip(&self.origins) {
+            *w = weight(o);
+            total += *w;
+        }
         if total.is_nan() || total <= 0.0 {
             return None;
         }
         let mut x = fastrand::f64() * total;
         let mut last = None;
-        for o in &self.origins {
-            let w = weight(o);
+        for (&w, o) in ws.iter().zip(&self.origins) {
             if w <= 0.0 {
                 continue;
             }
@@ -825,6 +844,62 @@ mod endpoint_health {
         assert!((0..100).all(|_| one
             .choose(None)
             .is_some_and(|p| !p.panic && p.endpoint.addr == survivor)));
+    }
+
+    /// However small its weight, an origin with an endpoint in service is
+    /// chosen when nothing else is (its scaled weight must not underflow
+    /// to nothing while `healthy()` says an endpoint is left).
+    #[test]
+    fn a_tiny_weight_origin_with_a_healthy_endpoint_is_still_chosen() {
+        let b = builder();
+        let up = b
+            .build(
+                1,
+                &test_config(&[
+                    ("a", &["10.0.0.1:80"], 1.0),
+                    ("b", &["10.0.0.2:80", "10.0.0.3:80"], 5e-324),
+                ]),
+            )
+            .expect("valid");
+        for _ in 0..EJECT_AFTER {
+            up.origins[0].endpoints[0].failure(1);
+            up.origins[1].endpoints[0].failure(1);
+        }
+        assert!(up.healthy(), "b's 10.0.0.3 is in service");
+        let p = up.choose(None).expect("b's endpoint left");
+        assert_eq!((p.origin.id.as_str(), p.panic), ("b", false));
+    }
+
+    /// A retry under panic routing goes to an address other than the one
+    /// that failed while one is left, even when the other origin's only
+    /// address is the failed one.
+    #[test]
+    fn a_panic_retry_finds_the_other_address_left() {
+        let b = builder();
+        let up = b
+            .build(
+                1,
+                &test_config(&[
+                    ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
+                    ("b", &["10.0.0.1:80"], 0.5),
+                ]),
+            )
+            .expect("valid");
+        for e in &up.origins[0].endpoints {
+            for _ in 0..EJECT_AFTER {
+                e.failure(1);
+            }
+        }
+        assert!(!up.healthy());
+        let failed = Failed {
+            origin: "a",
+            endpoint: "10.0.0.1:80".parse().expect("addr"),
+        };
+        for _ in 0..100 {
+            let p = up.choose(Some(failed)).expect("10.0.0.2 is left");
+            assert!(p.panic);
+            assert_eq!(p.endpoint.addr, "10.0.0.2:80".parse().expect("addr"));
+        }
     }
 
     /// An endpoint no config in use names any more is not reported

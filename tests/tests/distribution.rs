@@ -172,13 +172,13 @@ fn a_version_claimed_ahead_of_the_control_plane_is_not_taken_as_applied() -> Res
         }
         Ok(())
     })?;
-    // Three sent whole (dns-x after the grace, dns-z, dns-w), two of them
-    // to nodes that held other content.
+    // Three sent whole (dns-x after the grace, dns-z, dns-w), one of them
+    // to a node that named another digest (dns-w named none).
     eventually(Duration::from_secs(5), "the counts in the metrics", || {
         let (_, body) = http_get(metrics, "/metrics").ok()?;
-        (body.contains("sextant_config_other_content_total 2\n")
-            && body.contains("sextant_config_updates_sent_total{kind=\"full\"} 3\n")
-            && body.contains("sextant_config_updates_sent_total{kind=\"delta\"} 0\n"))
+        (body.contains("sextant_config_other_content_claims_total 1\n")
+            && body.contains("sextant_config_updates_sent_total{update=\"full\"} 3\n")
+            && body.contains("sextant_config_updates_sent_total{update=\"delta\"} 0\n"))
         .then_some(())
     })
 }

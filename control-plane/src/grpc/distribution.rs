@@ -482,7 +482,8 @@ pub struct SentCounts {
     pub delta: std::sync::atomic::AtomicU64,
     /// Subscribers that named a version this server holds with another
     /// digest (another history: a store restored from a backup), and got
-    /// the current config whole.
+    /// the current config whole. One that named no digest (an older
+    /// release) is not counted: it gets the config whole as well.
     pub other_content: std::sync::atomic::AtomicU64,
 }
 
@@ -749,7 +750,9 @@ impl Distribution {
             Held::Unknown | Held::Ahead => (None, hello.version_held),
             Held::Nothing => (None, 0),
             Held::Other => {
-                SentCounts::add(&self.counts.other_content);
+                if !hello.digest_held.is_empty() {
+                    SentCounts::add(&self.counts.other_content);
+                }
                 warn!(
                     version_held = hello.version_held,
                     digest_held = %hello.digest_held,
@@ -789,7 +792,9 @@ impl Distribution {
                         }
                         other => {
                             if matches!(other, Held::Other) {
-                                SentCounts::add(&self.counts.other_content);
+                                if !hello.digest_held.is_empty() {
+                                    SentCounts::add(&self.counts.other_content);
+                                }
                                 warn!(
                                     version_held = claimed,
                                     current = snap.version,
