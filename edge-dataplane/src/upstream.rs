@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct EndpointState {
     /// under way (the low 48 bits; 0: not ejected), in one word so that
     /// they change together.
     ejection: AtomicU64,
+    /// Endpoints ejected now, shared by every state of one [`Endpoints`]:
+    /// while it is 0, a pick need not look at each endpoint's health.
+    ejected_now: Arc<AtomicUsize>,
 }
 
 const AT: u64 = (1 << 48) - 1;
@@ -60,11 +63,12 @@ pub fn mono_ms_at(t: std::time::Instant) -> u64 {
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, ejected_now: Arc<AtomicUsize>) -> Self {
         Self {
             addr,
             failures: AtomicU32::new(0),
             ejection: AtomicU64::new(0),
+            ejected_now,
         }
     }
 
@@ -110,11 +114,16 @@ impl EndpointState {
             return false;
         }
         let at = now_ms.clamp(1, AT);
-        self.ejection
+        let ejected = self
+            .ejection
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
                 (e & AT == 0).then(|| (((e >> 48) + 1).min(0xffff) << 48) | at)
             })
-            .is_ok()
+            .is_ok();
+        if ejected {
+            self.ejected_now.fetch_add(1, Ordering::Relaxed);
+        }
+        ejected
     }
 
     /// Whether the endpoint is ejected and its ejection, `base` times the
@@ -154,6 +163,7 @@ impl EndpointState {
             .is_ok()
         {
             self.failures.store(EJECT_AFTER - 1, Ordering::Relaxed);
+            self.ejected_now.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -231,11 +241,14 @@ pub struct Endpoints {
     origins: Mutex<std::collections::BTreeMap<String, Arc<OriginStats>>>,
     /// How long a first ejection lasts ([`BASE_EJECTION`]).
     pub base_ejection: Duration,
+    /// Endpoints of `by_addr` ejected now.
+    ejected_now: Arc<AtomicUsize>,
 }
 
 impl Default for Endpoints {
     fn default() -> Self {
         Self {
+            ejected_now: Arc::default(),
             by_addr: Mutex::default(),
             origins: Mutex::default(),
             base_ejection: BASE_EJECTION,
@@ -258,7 +271,7 @@ impl Endpoints {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.entry(addr)
-            .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+            .or_insert_with(|| Arc::new(EndpointState::new(addr, self.ejected_now.clone())))
             .clone()
     }
 
@@ -293,7 +306,13 @@ impl Endpoints {
             .by_addr
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.retain(|_, e| Arc::strong_count(e) > 1);
+        m.retain(|_, e| {
+            let used = Arc::strong_count(e) > 1;
+            if !used && e.is_ejected() {
+                self.ejected_now.fetch_sub(1, Ordering::Relaxed);
+            }
+            used
+        });
         m.values().filter(|e| e.is_ejected()).cloned().collect()
     }
 }
@@ -334,6 +353,16 @@ impl Origin {
             .filter(|e| ok(e))
             .nth(i)
             .or_else(|| self.endpoints.iter().find(|e| ok(e)))
+    }
+
+    /// The next endpoint, round robin over all.
+    fn next_any(&self) -> Option<&Arc<EndpointState>> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
+        self.endpoints.get(i)
     }
 
     fn usable(&self) -> bool {
@@ -377,6 +406,8 @@ pub struct Failed<'a> {
 #[derive(Debug)]
 pub struct Upstream {
     pub origins: Vec<Origin>,
+    /// Endpoints ejected now (of every config: see [`Endpoints`]).
+    ejected_now: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -398,6 +429,19 @@ impl Upstream {
     /// recovered. None only when there is no origin of positive weight
     /// (or, for a retry, nothing but the endpoint that failed).
     pub fn choose(&self, after: Option<Failed<'_>>) -> Option<Pick<'_>> {
+        // Nothing ejected anywhere (nearly always): the weights as they
+        // are, round robin within the origin, no endpoint looked at.
+        if after.is_none() && self.ejected_now.load(Ordering::Relaxed) == 0 {
+            if let Some(origin) = self.by_weight(|o| o.weight.max(0.0)) {
+                if let Some(endpoint) = origin.next_any() {
+                    return Some(Pick {
+                        origin,
+                        endpoint,
+                        panic: false,
+                    });
+                }
+            }
+        }
         let other = |o: &Origin| after.is_none_or(|f| f.origin != o.id);
         // A retry never goes back to the address that failed, even under
         // another origin's name.
@@ -564,7 +608,10 @@ impl Build for UpstreamBuilder {
         if !config.upstream.is_empty() && (sum - 1.0).abs() > 1e-6 {
             return Err(format!("upstream weights sum to {sum}, not 1"));
         }
-        Ok(Upstream { origins })
+        Ok(Upstream {
+            origins,
+            ejected_now: self.endpoints.ejected_now.clone(),
+        })
     }
 }
 
@@ -705,7 +752,7 @@ mod tests {
 
     #[test]
     fn ejections_last_longer_in_a_row_and_a_readmitted_endpoint_is_on_probation() {
-        let e = EndpointState::new("127.0.0.1:80".parse().expect("addr"));
+        let e = EndpointState::new("127.0.0.1:80".parse().expect("addr"), Arc::default());
         let base = Duration::from_secs(10);
         for _ in 0..EJECT_AFTER - 1 {
             assert!(!e.failure(1_000));
@@ -844,6 +891,52 @@ mod endpoint_health {
         assert!((0..100).all(|_| one
             .choose(None)
             .is_some_and(|p| !p.panic && p.endpoint.addr == survivor)));
+    }
+
+    /// The count of endpoints ejected now, which lets picks skip looking
+    /// at health while it is 0, follows ejections, re-admissions
+    /// (probe or answer) and endpoints dropped from every config.
+    #[test]
+    fn the_ejected_count_follows_ejections_readmissions_and_removals() {
+        let b = builder();
+        let up = b
+            .build(
+                1,
+                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+            )
+            .expect("valid");
+        let now = || b.endpoints.ejected_now.load(Ordering::Relaxed);
+        let (x, y) = (&up.origins[0].endpoints[0], &up.origins[0].endpoints[1]);
+        assert_eq!(now(), 0);
+        // Nothing ejected: both endpoints, by turns.
+        let picks: Vec<SocketAddr> = (0..4)
+            .map(|_| up.choose(None).expect("pick").endpoint.addr)
+            .collect();
+        assert_eq!(picks.iter().filter(|a| **a == x.addr).count(), 2);
+        for _ in 0..EJECT_AFTER {
+            x.failure(1);
+        }
+        assert_eq!(now(), 1);
+        assert!((0..50).all(|_| up.choose(None).expect("pick").endpoint.addr == y.addr));
+        x.failure(2);
+        x.probe_failed(3);
+        assert_eq!(now(), 1, "still the one ejection");
+        x.readmit();
+        x.readmit();
+        assert_eq!(now(), 0);
+        // Ejected, then re-admitted by an answer to a request sent after.
+        x.failure(10);
+        assert_eq!(now(), 1);
+        x.success(11);
+        assert_eq!(now(), 0);
+        // Ejected, then dropped from every config: no longer counted.
+        for _ in 0..EJECT_AFTER {
+            y.failure(20);
+        }
+        assert_eq!(now(), 1);
+        drop(up);
+        assert!(b.endpoints.ejected().is_empty());
+        assert_eq!(now(), 0);
     }
 
     /// However small its weight, an origin with an endpoint in service is
@@ -1010,7 +1103,10 @@ mod endpoint_health {
     /// thread (the probe task) never sees a fresh ejection as due.
     #[test]
     fn a_fresh_ejection_is_never_due_at_once() {
-        let e = Arc::new(EndpointState::new("10.0.0.1:80".parse().expect("addr")));
+        let e = Arc::new(EndpointState::new(
+            "10.0.0.1:80".parse().expect("addr"),
+            Arc::default(),
+        ));
         let now = 1_700_000_000_000u64;
         let stop = Arc::new(AtomicBool::new(false));
         let t = {
@@ -1038,7 +1134,7 @@ mod endpoint_health {
     /// routing) re-admits it on probation.
     #[test]
     fn answers_under_way_at_an_ejection_do_not_readmit_it() {
-        let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"));
+        let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"), Arc::default());
         for _ in 0..EJECT_AFTER - 1 {
             assert!(!e.failure(1_000));
         }
@@ -1059,7 +1155,7 @@ mod endpoint_health {
     /// probation: the probe's late re-admission leaves it as it is.
     #[test]
     fn a_late_probe_does_not_put_a_clean_endpoint_on_probation() {
-        let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"));
+        let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"), Arc::default());
         for _ in 0..EJECT_AFTER {
             e.failure(1_000);
         }
