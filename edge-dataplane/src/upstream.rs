@@ -804,6 +804,18 @@ mod endpoint_health {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
+    /// Ejects `e` with a run of failures at `now_ms`.
+    fn eject(e: &EndpointState, now_ms: u64) {
+        for _ in 0..EJECT_AFTER {
+            e.failure(now_ms);
+        }
+    }
+
+    /// The upstream `config` makes as version `version`.
+    fn build(b: &UpstreamBuilder, version: u64, config: &pb::NodeConfig) -> Upstream {
+        b.build(version, config).expect("valid")
+    }
+
     fn builder() -> UpstreamBuilder {
         UpstreamBuilder {
             endpoints: Arc::new(Endpoints::default()),
@@ -816,16 +828,13 @@ mod endpoint_health {
     #[test]
     fn round_robin_spreads_an_ejected_endpoints_share_evenly() {
         let b = builder();
-        let up = b
-            .build(
-                1,
-                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], 1.0)]),
-            )
-            .expect("valid");
+        let up = build(
+            &b,
+            1,
+            &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], 1.0)]),
+        );
         let o = &up.origins[0];
-        for _ in 0..EJECT_AFTER {
-            o.endpoints[0].failure(1);
-        }
+        eject(&o.endpoints[0], 1);
         assert!(o.endpoints[0].is_ejected());
         let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
         for _ in 0..3000 {
@@ -846,15 +855,14 @@ mod endpoint_health {
     #[test]
     fn ejected_endpoints_share_goes_to_every_endpoint_left_by_weight() {
         let b = builder();
-        let up = b
-            .build(
-                1,
-                &test_config(&[
-                    ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
-                    ("b", &["10.0.0.3:80"], 0.5),
-                ]),
-            )
-            .expect("valid");
+        let up = build(
+            &b,
+            1,
+            &test_config(&[
+                ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
+                ("b", &["10.0.0.3:80"], 0.5),
+            ]),
+        );
         let n = 30_000;
         let share_of_a = || {
             (0..n)
@@ -864,9 +872,7 @@ mod endpoint_health {
         };
         let a = share_of_a();
         assert!((a - 0.5).abs() < 0.02, "all in service: a took {a}");
-        for _ in 0..EJECT_AFTER {
-            up.origins[0].endpoints[0].failure(1);
-        }
+        eject(&up.origins[0].endpoints[0], 1);
         // a carries 0.5 × 1/2 of b's 0.5: a third of the traffic.
         let a = share_of_a();
         assert!(
@@ -881,12 +887,11 @@ mod endpoint_health {
         let p = up.choose(Some(failed)).expect("a's survivor");
         assert_eq!(p.endpoint.addr, "10.0.0.2:80".parse().expect("addr"));
         // With one origin, its survivors take everything.
-        let one = b
-            .build(
-                2,
-                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
-            )
-            .expect("valid");
+        let one = build(
+            &b,
+            2,
+            &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+        );
         let survivor: SocketAddr = "10.0.0.2:80".parse().expect("addr");
         assert!((0..100).all(|_| one
             .choose(None)
@@ -899,12 +904,11 @@ mod endpoint_health {
     #[test]
     fn the_ejected_count_follows_ejections_readmissions_and_removals() {
         let b = builder();
-        let up = b
-            .build(
-                1,
-                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
-            )
-            .expect("valid");
+        let up = build(
+            &b,
+            1,
+            &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+        );
         let now = || b.endpoints.ejected_now.load(Ordering::Relaxed);
         let (x, y) = (&up.origins[0].endpoints[0], &up.origins[0].endpoints[1]);
         assert_eq!(now(), 0);
@@ -913,9 +917,7 @@ mod endpoint_health {
             .map(|_| up.choose(None).expect("pick").endpoint.addr)
             .collect();
         assert_eq!(picks.iter().filter(|a| **a == x.addr).count(), 2);
-        for _ in 0..EJECT_AFTER {
-            x.failure(1);
-        }
+        eject(x, 1);
         assert_eq!(now(), 1);
         assert!((0..50).all(|_| up.choose(None).expect("pick").endpoint.addr == y.addr));
         x.failure(2);
@@ -930,9 +932,7 @@ mod endpoint_health {
         x.success(11);
         assert_eq!(now(), 0);
         // Ejected, then dropped from every config: no longer counted.
-        for _ in 0..EJECT_AFTER {
-            y.failure(20);
-        }
+        eject(y, 20);
         assert_eq!(now(), 1);
         drop(up);
         assert!(b.endpoints.ejected().is_empty());
@@ -945,15 +945,14 @@ mod endpoint_health {
     #[test]
     fn a_tiny_weight_origin_with_a_healthy_endpoint_is_still_chosen() {
         let b = builder();
-        let up = b
-            .build(
-                1,
-                &test_config(&[
-                    ("a", &["10.0.0.1:80"], 1.0),
-                    ("b", &["10.0.0.2:80", "10.0.0.3:80"], 5e-324),
-                ]),
-            )
-            .expect("valid");
+        let up = build(
+            &b,
+            1,
+            &test_config(&[
+                ("a", &["10.0.0.1:80"], 1.0),
+                ("b", &["10.0.0.2:80", "10.0.0.3:80"], 5e-324),
+            ]),
+        );
         for _ in 0..EJECT_AFTER {
             up.origins[0].endpoints[0].failure(1);
             up.origins[1].endpoints[0].failure(1);
@@ -969,19 +968,16 @@ mod endpoint_health {
     #[test]
     fn a_panic_retry_finds_the_other_address_left() {
         let b = builder();
-        let up = b
-            .build(
-                1,
-                &test_config(&[
-                    ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
-                    ("b", &["10.0.0.1:80"], 0.5),
-                ]),
-            )
-            .expect("valid");
+        let up = build(
+            &b,
+            1,
+            &test_config(&[
+                ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
+                ("b", &["10.0.0.1:80"], 0.5),
+            ]),
+        );
         for e in &up.origins[0].endpoints {
-            for _ in 0..EJECT_AFTER {
-                e.failure(1);
-            }
+            eject(e, 1);
         }
         assert!(!up.healthy());
         let failed = Failed {
@@ -1001,15 +997,12 @@ mod endpoint_health {
     #[test]
     fn an_endpoint_no_longer_configured_is_not_reported_ejected() {
         let b = builder();
-        let v1 = b
-            .build(
-                1,
-                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
-            )
-            .expect("valid");
-        for _ in 0..EJECT_AFTER {
-            v1.origins[0].endpoints[0].failure(1);
-        }
+        let v1 = build(
+            &b,
+            1,
+            &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+        );
+        eject(&v1.origins[0].endpoints[0], 1);
         drop(v1);
         // v2 no longer has 10.0.0.1.
         let _v2 = b
@@ -1020,12 +1013,11 @@ mod endpoint_health {
             ejected.is_empty(),
             "no endpoint of the config in service is ejected, yet ejected() = {ejected:?}"
         );
-        let v3 = b
-            .build(
-                3,
-                &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
-            )
-            .expect("valid");
+        let v3 = build(
+            &b,
+            3,
+            &test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]),
+        );
         assert!(!v3.origins[0].endpoints[0].is_ejected());
     }
 
@@ -1035,15 +1027,14 @@ mod endpoint_health {
     #[test]
     fn a_retry_never_goes_back_to_the_endpoint_that_failed() {
         let b = builder();
-        let up = b
-            .build(
-                1,
-                &test_config(&[
-                    ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
-                    ("b", &["10.0.0.1:80"], 0.5),
-                ]),
-            )
-            .expect("valid");
+        let up = build(
+            &b,
+            1,
+            &test_config(&[
+                ("a", &["10.0.0.1:80", "10.0.0.2:80"], 0.5),
+                ("b", &["10.0.0.1:80"], 0.5),
+            ]),
+        );
         let failed = Failed {
             origin: "a",
             endpoint: "10.0.0.1:80".parse().expect("addr"),
@@ -1065,9 +1056,7 @@ mod endpoint_health {
     fn choose_always_finds_the_healthy_endpoint_while_another_flaps() {
         let config = test_config(&[("a", &["10.0.0.1:80", "10.0.0.2:80"], 1.0)]);
         let none = misses_while_flapping(&config, |x| {
-            for _ in 0..EJECT_AFTER {
-                x.failure(1);
-            }
+            eject(x, 1);
             x.readmit();
             x.success(2);
         });
@@ -1156,9 +1145,7 @@ mod endpoint_health {
     #[test]
     fn a_late_probe_does_not_put_a_clean_endpoint_on_probation() {
         let e = EndpointState::new("10.0.0.1:80".parse().expect("addr"), Arc::default());
-        for _ in 0..EJECT_AFTER {
-            e.failure(1_000);
-        }
+        eject(&e, 1_000);
         assert!(e.due(1_000 + 10_000, BASE_EJECTION));
         // (probe connect under way)
         e.success(1_500); // answer: re-admitted on probation
