@@ -477,3 +477,64 @@ fn a_rib_loaded_through_a_follower_reaches_every_replica() -> Result<()> {
     }
     Ok(())
 }
+
+/// The leader publishes the routing table it computed; a follower, the
+/// table it read back from etcd. Both must digest a version alike, or
+/// every node moving between them (a failover) would be sent its config
+/// whole again.
+#[test]
+fn a_node_moving_to_another_replica_is_sent_nothing_again() -> Result<()> {
+    use sextant_proto::v1 as pb;
+    use sextant_tests::subscriber::{ack, hello, hello_holding, subscribe, whole};
+    let etcd = EtcdServer::start().map_err(|e| anyhow!(e))?;
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir()?;
+    let (_origins, fleet) = origins_and_fleet(dir.path())?;
+    let a = replica(dir.path(), &endpoint, "cp-a", Some(&fleet))?;
+    let b = replica(dir.path(), &endpoint, "cp-b", Some(&fleet))?;
+    let (ca, cb) = (a.ctl(), b.ctl());
+    let leader = eventually(Duration::from_secs(15), "a leader", || {
+        let (l, v) = leader_of(&ca).ok()?;
+        (v >= 1 && leader_of(&cb).ok()?.0 == l).then_some(l)
+    })?;
+    let (leading, following) = if leader == "cp-a" { (&a, &b) } else { (&b, &a) };
+    // Weights such as 0.23076923076923078, which a lossy float parser
+    // reads back one bit off.
+    leading
+        .ctl()
+        .run([
+            "drain",
+            "region/r3/origin/o3",
+            "--fraction",
+            "0.1",
+            "--reason",
+            "x",
+        ])?
+        .ok()?;
+    let v = leader_of(&leading.ctl())?.1;
+    eventually(
+        Duration::from_secs(10),
+        "the follower at the version",
+        || (leader_of(&following.ctl()).ok()?.1 == v).then_some(()),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        for (node, kind) in [("e1", pb::NodeKind::Proxy), ("dns-1", pb::NodeKind::Dns)] {
+            let (tx, mut s) = subscribe(&leading.url(), hello(node, kind, 0)).await?;
+            let u = whole(&mut s).await?;
+            ensure!(u.version == v, "{u:?}");
+            tx.send(ack(&u)).await?;
+            let held = hello_holding(node, kind, v, &u.digest);
+            let (_tx, mut s) = subscribe(&following.url(), held).await?;
+            let r = tokio::time::timeout(Duration::from_secs(3), s.message()).await;
+            ensure!(
+                r.is_err(),
+                "{node} holding version {v} from the leader was sent {r:?} by the follower"
+            );
+        }
+        Ok(())
+    })
+}
