@@ -54,3 +54,20 @@ pub fn origins_and_fleet(
     std::fs::write(&path, two_edges_three_origins(&refs, None))?;
     Ok((origins, path))
 }
+
+/// Drains o3 (of [`two_edges_three_origins`]) by a tenth: the split then
+/// has weights such as 0.23076923076923078, which a lossy float parser
+/// reads back one bit off (a check that replicas and restarts serve the
+/// very same weights).
+pub fn drain_o3_a_tenth(ctl: &crate::Ctl) -> anyhow::Result<()> {
+    ctl.run([
+        "drain",
+        "region/r3/origin/o3",
+        "--fraction",
+        "0.1",
+        "--reason",
+        "odd weights",
+    ])?
+    .ok()?;
+    Ok(())
+}

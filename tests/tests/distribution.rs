@@ -346,17 +346,7 @@ fn a_restarted_control_plane_keeps_the_digest_of_its_version() -> Result<()> {
     let store = dir.path().join("cp");
     let cp = ControlPlane::start(&store, Some(&f))?;
     let ctl = cp.ctl();
-    // Weights such as 0.23076923076923078, which a lossy float parser
-    // reads back one bit off.
-    ctl.run([
-        "drain",
-        "region/r3/origin/o3",
-        "--fraction",
-        "0.1",
-        "--reason",
-        "x",
-    ])?
-    .ok()?;
+    sextant_tests::fleets::drain_o3_a_tenth(&ctl)?;
     let v = version(&ctl)?;
     let rt = runtime()?;
     let digest = rt.block_on(async {

@@ -56,6 +56,19 @@ fn leader_of(ctl: &Ctl) -> Result<(String, u64)> {
     Ok((leader, s["routing_version"].as_u64().context("version")?))
 }
 
+/// Replicas cp-a and cp-b with `fleet`, once both see the same leader
+/// and a first version: (leader, follower).
+fn two_replicas(dir: &Path, etcd: &str, fleet: &Path) -> Result<(ControlPlane, ControlPlane)> {
+    let a = replica(dir, etcd, "cp-a", Some(fleet))?;
+    let b = replica(dir, etcd, "cp-b", Some(fleet))?;
+    let (ca, cb) = (a.ctl(), b.ctl());
+    let leader = eventually(Duration::from_secs(15), "a leader", || {
+        let (l, v) = leader_of(&ca).ok()?;
+        (v >= 1 && leader_of(&cb).ok()?.0 == l).then_some(l)
+    })?;
+    Ok(if leader == "cp-a" { (a, b) } else { (b, a) })
+}
+
 fn drains(ctl: &Ctl) -> Result<Vec<(String, f64)>> {
     Ok(ctl
         .json(["get", "drains"])?
@@ -440,18 +453,8 @@ fn a_rib_loaded_through_a_follower_reaches_every_replica() -> Result<()> {
     let endpoint = etcd.endpoint();
     let dir = tempfile::tempdir()?;
     let fleet = sextant_tests::example_fleet();
-    let a = replica(dir.path(), &endpoint, "cp-a", Some(&fleet))?;
-    let b = replica(dir.path(), &endpoint, "cp-b", Some(&fleet))?;
-    let (ca, cb) = (a.ctl(), b.ctl());
-    let leader = eventually(Duration::from_secs(15), "a leader", || {
-        let (l, v) = leader_of(&ca).ok()?;
-        (v >= 1 && leader_of(&cb).ok()?.0 == l).then_some(l)
-    })?;
-    let (follower, other) = if leader == "cp-a" {
-        (&cb, &ca)
-    } else {
-        (&ca, &cb)
-    };
+    let (leading, following) = two_replicas(dir.path(), &endpoint, &fleet)?;
+    let (follower, other) = (&following.ctl(), &leading.ctl());
 
     // The example fleet's group nl names AS64501, gb AS64502.
     let routes = [("198.51.100.0/24", 64501), ("203.0.113.0/24", 64502)];
@@ -490,27 +493,8 @@ fn a_node_moving_to_another_replica_is_sent_nothing_again() -> Result<()> {
     let endpoint = etcd.endpoint();
     let dir = tempfile::tempdir()?;
     let (_origins, fleet) = origins_and_fleet(dir.path())?;
-    let a = replica(dir.path(), &endpoint, "cp-a", Some(&fleet))?;
-    let b = replica(dir.path(), &endpoint, "cp-b", Some(&fleet))?;
-    let (ca, cb) = (a.ctl(), b.ctl());
-    let leader = eventually(Duration::from_secs(15), "a leader", || {
-        let (l, v) = leader_of(&ca).ok()?;
-        (v >= 1 && leader_of(&cb).ok()?.0 == l).then_some(l)
-    })?;
-    let (leading, following) = if leader == "cp-a" { (&a, &b) } else { (&b, &a) };
-    // Weights such as 0.23076923076923078, which a lossy float parser
-    // reads back one bit off.
-    leading
-        .ctl()
-        .run([
-            "drain",
-            "region/r3/origin/o3",
-            "--fraction",
-            "0.1",
-            "--reason",
-            "x",
-        ])?
-        .ok()?;
+    let (leading, following) = two_replicas(dir.path(), &endpoint, &fleet)?;
+    sextant_tests::fleets::drain_o3_a_tenth(&leading.ctl())?;
     let v = leader_of(&leading.ctl())?.1;
     eventually(
         Duration::from_secs(10),
