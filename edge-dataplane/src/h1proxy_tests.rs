@@ -2295,6 +2295,13 @@ async fn partial_origin(head_and_part: &'static [u8], hold: bool) -> SocketAddr 
     .await
 }
 
+/// A plain GET as the fast path serves it (HTTP/1.1) and as hyper does
+/// (HTTP/1.0).
+const GET_ON_BOTH_PATHS: [(&str, &[u8]); 2] = [
+    ("fast", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ("hyper", b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"),
+];
+
 /// Sends `raw` and reads until the edge closes, or gives up after `wait`
 /// and leaves.
 async fn leave_after(edge: SocketAddr, raw: &[u8], wait: Duration) {
@@ -2314,10 +2321,7 @@ async fn an_endpoint_stalling_every_body_is_ejected_on_both_paths() {
         true,
     )
     .await;
-    for (path, request) in [
-        ("fast", &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
-        ("hyper", &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..]),
-    ] {
+    for (path, request) in GET_ON_BOTH_PATHS {
         let e = edge_with(&[("a", addr, 1.0)], |p| {
             p.upstream_timeout = Duration::from_millis(300);
         })
@@ -2343,10 +2347,7 @@ async fn a_cut_5xx_counts_once() {
         false,
     )
     .await;
-    for (path, request) in [
-        ("fast", &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
-        ("hyper", &b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"[..]),
-    ] {
+    for (path, request) in GET_ON_BOTH_PATHS {
         let e = edge(&[("a", addr, 1.0)]).await;
         for _ in 0..EJECT_AFTER / 2 + 1 {
             leave_after(e.addr, request, Duration::from_secs(5)).await;

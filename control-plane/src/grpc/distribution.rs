@@ -577,6 +577,21 @@ impl Distribution {
         built
     }
 
+    /// Notes a subscriber that named a version held here with another
+    /// digest (counted only when it named one: an older node names none).
+    /// It is sent the current config whole.
+    fn other_content(&self, hello: &pb::Hello, current: u64) {
+        if !hello.digest_held.is_empty() {
+            SentCounts::add(&self.counts.other_content);
+        }
+        warn!(
+            version_held = hello.version_held,
+            digest_held = %hello.digest_held,
+            current,
+            "subscriber holds other content under this version number (another history, or an older node): sending the current snapshot whole"
+        );
+    }
+
     /// The alarm for a refused snapshot, if any.
     pub fn alarm(&self) -> Option<String> {
         self.rejected
@@ -750,14 +765,7 @@ impl Distribution {
             Held::Unknown | Held::Ahead => (None, hello.version_held),
             Held::Nothing => (None, 0),
             Held::Other => {
-                if !hello.digest_held.is_empty() {
-                    SentCounts::add(&self.counts.other_content);
-                }
-                warn!(
-                    version_held = hello.version_held,
-                    digest_held = %hello.digest_held,
-                    "subscriber holds other content under this version number (another history, or an older node): sending the current snapshot whole"
-                );
+                self.other_content(hello, current);
                 (None, 0)
             }
         };
@@ -790,23 +798,17 @@ impl Distribution {
                                 .map_err(protocol)?;
                             held = Some(s);
                         }
-                        other => {
-                            if matches!(other, Held::Other) {
-                                if !hello.digest_held.is_empty() {
-                                    SentCounts::add(&self.counts.other_content);
-                                }
-                                warn!(
-                                    version_held = claimed,
-                                    current = snap.version,
-                                    "this server's snapshot of the subscriber's version is another one: sending the current snapshot whole"
-                                );
-                            } else {
-                                info!(
-                                    version_held = claimed,
-                                    current = snap.version,
-                                    "the subscriber's version was passed here without being kept: sending the current snapshot whole"
-                                );
-                            }
+                        Held::Other => {
+                            self.other_content(hello, snap.version);
+                            held = None;
+                            last_sent = 0;
+                        }
+                        _ => {
+                            info!(
+                                version_held = claimed,
+                                current = snap.version,
+                                "the subscriber's version was passed here without being kept: sending the current snapshot whole"
+                            );
                             held = None;
                             last_sent = 0;
                         }
