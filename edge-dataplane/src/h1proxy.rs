@@ -13,13 +13,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use hyper::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use tracing::debug;
 use crate::access::Exchange;
 use crate::h1::{self, ChunkedEnd, Framing, Parsed, RequestHead};
 use crate::proxy::{about, gave_up, Proxy};
+use crate::tunnel::{splice, Ends, Gauge, Tunnel};
 use crate::upstream::{mono_ms_at, EndpointState, Failed, Origin};
 
 /// How long a kept-alive client connection may sit between requests.
@@ -833,70 +834,19 @@ fn reset(up: &TcpStream, why: &str) -> Next {
     Next::Abort
 }
 
-/// A gauge raised while this lives.
-struct Gauge<'a>(&'a AtomicI64);
-
-impl<'a> Gauge<'a> {
-    fn up(g: &'a AtomicI64) -> Self {
-        g.fetch_add(1, Ordering::Relaxed);
-        Self(g)
-    }
-}
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// How a tunnel ended.
-#[derive(Debug)]
-enum Tunnel {
-    /// Both directions ended (each side closed its sending half).
-    Done,
-    /// Nothing moved either way for the idle time, nothing waiting.
-    Idle,
-    /// A write made no progress for the idle time.
-    Stalled,
-    Failed(io::Error),
-}
-
-/// When bytes last moved through a tunnel, and how many writes are under
-/// way.
-struct Activity {
-    start: tokio::time::Instant,
-    last_ms: AtomicU64,
-    writing: AtomicUsize,
-}
-
-impl Activity {
-    fn moved(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> tokio::time::Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
 /// How the tunnel ended. The bytes it sends the client are noted in the
 /// exchange as they go, so that one cut (say, by the stop's grace) is
 /// logged with them.
 async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
-    let idle = proxy.websocket_idle;
-    let stats = &proxy.stats;
-    stats
+    proxy
+        .stats
         .response_bytes
         .fetch_add(c.ubuf.len() as u64, Ordering::Relaxed);
     let early = c.ubuf.len() as u64;
     c.note(|x| x.bytes = early);
     c.response.extend_from_slice(c.ubuf.bytes());
-    let activity = Activity {
-        start: tokio::time::Instant::now(),
-        last_ms: AtomicU64::new(0),
-        writing: AtomicUsize::new(0),
-    };
+    // What the client sent past its handshake (usually nothing).
+    let to_origin = c.cbuf.bytes().to_vec();
     let Conn {
         client,
         cbuf,
@@ -908,97 +858,24 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
     let to_client = logged.as_deref_mut().map(|x| &mut x.bytes);
     let (mut client_rx, mut client_tx) = client.split();
     let (mut origin_rx, mut origin_tx) = up.split();
-    let both = async {
-        pass(&mut client_tx, response, &activity).await?;
-        pass(&mut origin_tx, cbuf.bytes(), &activity).await?;
-        tokio::try_join!(
-            pump(
-                &mut client_rx,
-                &mut origin_tx,
-                &mut cbuf.data,
-                &activity,
-                None,
-                None
-            ),
-            pump(
-                &mut origin_rx,
-                &mut client_tx,
-                &mut ubuf.data,
-                &activity,
-                Some(&stats.response_bytes),
-                to_client
-            ),
-        )
-    };
-    tokio::pin!(both);
-    let ended = loop {
-        tokio::select! {
-            r = &mut both => break match r {
-                Ok(_) => Tunnel::Done,
-                Err(e) => Tunnel::Failed(e),
-            },
-            () = tokio::time::sleep_until(activity.last() + idle) => {
-                if activity.last() + idle <= tokio::time::Instant::now() {
-                    break if activity.writing.load(Ordering::Relaxed) > 0 {
-                        Tunnel::Stalled
-                    } else {
-                        Tunnel::Idle
-                    };
-                }
-            }
-        }
-    };
-    ended
-}
-
-/// Copies one direction of a tunnel until its reader ends, then passes the
-/// end on (a half close). The bytes read are added to `counted` (the
-/// edge's total) and `noted` (the exchange's, for the access log).
-async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    rx: &mut R,
-    tx: &mut W,
-    buf: &mut [u8],
-    activity: &Activity,
-    counted: Option<&AtomicU64>,
-    mut noted: Option<&mut u64>,
-) -> io::Result<()> {
-    loop {
-        let n = rx.read(buf).await?;
-        activity.moved();
-        if n == 0 {
-            return tx.shutdown().await;
-        }
-        if let Some(c) = counted {
-            c.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        if let Some(b) = noted.as_deref_mut() {
-            *b += n as u64;
-        }
-        pass(tx, &buf[..n], activity).await?;
-    }
-}
-
-/// Writes all of `bytes`, noting each bit of progress.
-async fn pass<W: AsyncWrite + Unpin>(
-    tx: &mut W,
-    mut bytes: &[u8],
-    activity: &Activity,
-) -> io::Result<()> {
-    activity.writing.fetch_add(1, Ordering::Relaxed);
-    let r = async {
-        while !bytes.is_empty() {
-            let n = tx.write(bytes).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            bytes = &bytes[n..];
-            activity.moved();
-        }
-        Ok(())
-    }
-    .await;
-    activity.writing.fetch_sub(1, Ordering::Relaxed);
-    r
+    splice(
+        proxy.websocket_idle,
+        Ends {
+            rx: &mut client_rx,
+            tx: &mut client_tx,
+            buf: &mut cbuf.data,
+            first: response.as_slice(),
+        },
+        Ends {
+            rx: &mut origin_rx,
+            tx: &mut origin_tx,
+            buf: &mut ubuf.data,
+            first: &to_origin,
+        },
+        &proxy.stats.response_bytes,
+        to_client,
+    )
+    .await
 }
 
 /// Why a response body could not be relayed whole.

@@ -24,4 +24,5 @@ pub mod process;
 pub mod proxy;
 pub mod reporter;
 pub mod subscriber;
+mod tunnel;
 pub mod upstream;

@@ -1,0 +1,175 @@
+//! Byte tunnels between a client and an origin (WebSockets, on both the
+//! HTTP/1.1 fast path and HTTP/2's extended CONNECT): each direction is
+//! copied on its own, so one side not reading never holds up the other,
+//! until both have ended, a side fails, or nothing has moved either way for
+//! the idle time.
+
+use std::io;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A gauge raised while this lives.
+pub(crate) struct Gauge<'a>(&'a AtomicI64);
+
+impl<'a> Gauge<'a> {
+    pub(crate) fn up(g: &'a AtomicI64) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+pub(crate) enum Tunnel {
+    /// Both directions ended (each side closed its sending half).
+    Done,
+    /// Nothing moved either way for the idle time, nothing waiting.
+    Idle,
+    /// A write made no progress for the idle time.
+    Stalled,
+    Failed(io::Error),
+}
+
+/// One end of a tunnel: its two halves, the buffer its reads go to, and
+/// the bytes to write to it before anything else (already read from the
+/// other end).
+pub(crate) struct Ends<'a, R, W> {
+    pub rx: &'a mut R,
+    pub tx: &'a mut W,
+    pub buf: &'a mut [u8],
+    pub first: &'a [u8],
+}
+
+/// When bytes last moved through a tunnel, and how many writes are under
+/// way.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+    writing: AtomicUsize,
+}
+
+impl Activity {
+    fn moved(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Tunnels `client` and `origin` until both directions have ended, one
+/// fails, or nothing has moved either way for `idle` (a write under way
+/// that long is a stall). The bytes sent to the client are added to
+/// `counted` (the edge's total) and `noted` (the exchange's) as they go.
+pub(crate) async fn splice<CR, CW, OR, OW>(
+    idle: Duration,
+    client: Ends<'_, CR, CW>,
+    origin: Ends<'_, OR, OW>,
+    counted: &AtomicU64,
+    noted: Option<&mut u64>,
+) -> Tunnel
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    OR: AsyncRead + Unpin,
+    OW: AsyncWrite + Unpin,
+{
+    let activity = Activity {
+        start: tokio::time::Instant::now(),
+        last_ms: AtomicU64::new(0),
+        writing: AtomicUsize::new(0),
+    };
+    let both = async {
+        pass(client.tx, client.first, &activity).await?;
+        pass(origin.tx, origin.first, &activity).await?;
+        tokio::try_join!(
+            pump(client.rx, origin.tx, client.buf, &activity, None, None),
+            pump(
+                origin.rx,
+                client.tx,
+                origin.buf,
+                &activity,
+                Some(counted),
+                noted
+            ),
+        )
+    };
+    tokio::pin!(both);
+    loop {
+        tokio::select! {
+            r = &mut both => break match r {
+                Ok(_) => Tunnel::Done,
+                Err(e) => Tunnel::Failed(e),
+            },
+            () = tokio::time::sleep_until(activity.last() + idle) => {
+                if activity.last() + idle <= tokio::time::Instant::now() {
+                    break if activity.writing.load(Ordering::Relaxed) > 0 {
+                        Tunnel::Stalled
+                    } else {
+                        Tunnel::Idle
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Copies one direction of a tunnel until its reader ends, then passes the
+/// end on (a half close). The bytes read are added to `counted` and
+/// `noted`.
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rx: &mut R,
+    tx: &mut W,
+    buf: &mut [u8],
+    activity: &Activity,
+    counted: Option<&AtomicU64>,
+    mut noted: Option<&mut u64>,
+) -> io::Result<()> {
+    loop {
+        let n = rx.read(buf).await?;
+        activity.moved();
+        if n == 0 {
+            return tx.shutdown().await;
+        }
+        if let Some(c) = counted {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(b) = noted.as_deref_mut() {
+            *b += n as u64;
+        }
+        pass(tx, &buf[..n], activity).await?;
+    }
+}
+
+/// Writes all of `bytes`, noting each bit of progress.
+async fn pass<W: AsyncWrite + Unpin>(
+    tx: &mut W,
+    mut bytes: &[u8],
+    activity: &Activity,
+) -> io::Result<()> {
+    activity.writing.fetch_add(1, Ordering::Relaxed);
+    let r = async {
+        while !bytes.is_empty() {
+            let n = tx.write(bytes).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n..];
+            activity.moved();
+        }
+        Ok(())
+    }
+    .await;
+    activity.writing.fetch_sub(1, Ordering::Relaxed);
+    r
+}
