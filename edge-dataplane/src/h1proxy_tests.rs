@@ -1082,10 +1082,10 @@ async fn switching_origin(
             let Some(end) = read_head(&mut s, &mut buf).await else {
                 return;
             };
-            seen.lock()
-                .expect("lock")
-                .push(String::from_utf8_lossy(&buf[..end]).into_owned());
-            if s.write_all(&[SWITCH.as_bytes(), greeting].concat())
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let switch = switch_for(&head);
+            seen.lock().expect("lock").push(head);
+            if s.write_all(&[switch.as_bytes(), greeting].concat())
                 .await
                 .is_ok()
             {
@@ -1100,6 +1100,24 @@ async fn switching_origin(
 /// The answer to [`HANDSHAKE`].
 const SWITCH: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
                       Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+/// A 101 to the WebSocket handshake whose head is `head`, with the accept
+/// key of its `Sec-WebSocket-Key` ([`SWITCH`] for [`HANDSHAKE`]).
+fn switch_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| value.trim())
+        })
+        .unwrap_or("");
+    let accept = crate::h1::websocket_accept(key.as_bytes());
+    SWITCH.replace(
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+        std::str::from_utf8(&accept).expect("base64"),
+    )
+}
 
 /// A [`switching_origin`] that says `hello`, echoes what it reads in upper
 /// case, and once the client has finished sending, says `bye` and closes.
@@ -2464,4 +2482,261 @@ async fn a_client_slow_to_read_is_not_blamed_on_the_origin() {
             "{path} path: the whole answer was not counted a success"
         );
     }
+}
+
+/// An HTTP/2 connection (prior knowledge) to the edge at `addr`.
+async fn h2(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// An extended CONNECT (RFC 8441) for `protocol` at `/chat`.
+fn extended_connect(
+    protocol: &'static str,
+) -> hyper::Request<http_body_util::Empty<hyper::body::Bytes>> {
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("http://www.example.com/chat")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "chat")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static(protocol));
+    req
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_is_tunnelled_to_an_http1_origin() {
+    let (addr, heads) = websocket_origin().await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(
+        h.get("x-sextant-origin").map(|v| v.as_bytes()),
+        Some(&b"a"[..])
+    );
+    assert!(
+        h.get("sec-websocket-accept").is_none() && h.get("upgrade").is_none(),
+        "{h:?}"
+    );
+    let up = hyper::upgrade::on(resp).await.expect("upgraded");
+    let mut ws = hyper_util::rt::TokioIo::new(up);
+    assert_eq!(read_n(&mut ws, 5).await, b"hello");
+    ws.write_all(b"abc").await.expect("write");
+    assert_eq!(read_n(&mut ws, 3).await, b"ABC");
+    assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
+    // The client ends its side (END_STREAM): the origin sees the end, says
+    // bye and closes, and the stream ends.
+    ws.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), ws.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends")
+        .expect("cleanly");
+    assert_eq!(rest, b"bye");
+    eventually_zero(&e.stats.websockets_open).await;
+    assert_eq!(e.stats.websockets.load(Ordering::Relaxed), 1);
+    // The origin got an HTTP/1.1 handshake with a key of the edge's and
+    // the client's end-to-end fields.
+    let head = heads.lock().expect("lock")[0].to_ascii_lowercase();
+    for want in [
+        "get /chat http/1.1\r\n",
+        "host: www.example.com\r\n",
+        "connection: upgrade\r\n",
+        "upgrade: websocket\r\n",
+        "sec-websocket-version: 13\r\n",
+        "sec-websocket-protocol: chat\r\n",
+        "sec-websocket-key: ",
+    ] {
+        assert!(head.contains(want), "{want:?} in {head}");
+    }
+}
+
+/// Reads exactly `n` bytes from `s` (within 10 s).
+async fn read_n(s: &mut (impl AsyncReadExt + Unpin), n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+        .await
+        .expect("in time")
+        .expect("read");
+    b
+}
+
+#[tokio::test]
+async fn an_http2_websocket_the_origin_does_not_switch_for_gets_its_answer_or_a_502() {
+    // A 101 with another handshake's accept key, a 200 (which would open
+    // the tunnel were it passed on), and a 403 (passed on).
+    let wrong = spawn_origin(|mut s| async move {
+        let _ = read_head(&mut s, &mut Vec::new()).await;
+        let _ = s.write_all(SWITCH.as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    })
+    .await;
+    let ok_origin = Origin::start(|_| ok("no websocket here")).await;
+    let forbidden =
+        Origin::start(|_| b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno".to_vec()).await;
+    for (addr, status, body) in [
+        (
+            wrong,
+            502,
+            "switched protocols without this handshake's websocket accept key",
+        ),
+        (
+            ok_origin.addr,
+            502,
+            "answered a websocket handshake with 200 OK",
+        ),
+        (forbidden.addr, 403, "no"),
+    ] {
+        let e = edge(&[("a", addr, 1.0)]).await;
+        let resp = h2(e.addr)
+            .await
+            .send_request(extended_connect("websocket"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), status, "{addr}");
+        let got = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains(body), "{got:?} for {body:?}");
+        assert_eq!(e.stats.websockets.load(Ordering::Relaxed), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_connect_for_another_protocol_is_not_served() {
+    let origin = Origin::start(|_| ok("x")).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(extended_connect("webtransport"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 501);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"webtransport\""),
+        "{body:?}"
+    );
+    assert!(origin.seen().is_empty());
+}
+
+#[tokio::test]
+async fn an_http2_websocket_whose_client_connection_breaks_resets_the_origin() {
+    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(move |mut s, _| {
+            let to_test = to_test.clone();
+            Box::pin(async move {
+                let mut b = [0u8; 64];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => continue,
+                        end => {
+                            let _ = to_test.send(end.map_err(|e| e.kind()));
+                            return;
+                        }
+                    }
+                }
+            })
+        }),
+    )
+    .await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    // The client reaches the edge through a relay whose connection to the
+    // edge can be reset.
+    let (relay, cut) = cuttable_relay(e.addr).await;
+    let mut send = h2(relay).await;
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    ws.write_all(b"some").await.expect("write");
+    ws.flush().await.expect("flush");
+    for _ in 0..100 {
+        if e.stats.websockets_open.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
+    let _ = cut.send(());
+    assert_eq!(
+        recv(&mut heard).await,
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    eventually_zero(&e.stats.websockets_open).await;
+    drop(ws);
+}
+
+#[tokio::test]
+async fn a_silent_http2_websocket_is_closed_after_its_idle_time() {
+    let (addr, _) = websocket_origin().await;
+    let e = edge_with(&[("a", addr, 1.0)], |p| {
+        p.websocket_idle = Duration::from_millis(300);
+    })
+    .await;
+    let mut send = h2(e.addr).await;
+    let started = std::time::Instant::now();
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    let mut ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    assert_eq!(read_n(&mut ws, 5).await, b"hello");
+    // Nothing more moves: the stream ends cleanly after the idle time.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), ws.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends")
+        .expect("cleanly");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    eventually_zero(&e.stats.websockets_open).await;
+}
+
+/// A relay on loopback to `to`, for one connection; when `cut` is sent,
+/// its connection to `to` is reset.
+async fn cuttable_relay(to: SocketAddr) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (cut, cut_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let Ok((mut client, _)) = l.accept().await else {
+            return;
+        };
+        let Ok(mut up) = TcpStream::connect(to).await else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut up) => {}
+            _ = cut_rx => {
+                let _ = socket2::SockRef::from(&up).set_linger(Some(Duration::ZERO));
+            }
+        }
+    });
+    (addr, cut)
 }

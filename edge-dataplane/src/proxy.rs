@@ -137,7 +137,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn refuse(parts: &hyper::http::request::Parts) -> Option<(StatusCode, String)> {
     let bad = |what: String| Some((StatusCode::BAD_REQUEST, what));
     if parts.method == Method::CONNECT {
-        return Some((StatusCode::NOT_IMPLEMENTED, "CONNECT is not served".into()));
+        // RFC 8441: HTTP/2's extended CONNECT carries a WebSocket.
+        return match parts.extensions.get::<hyper::ext::Protocol>() {
+            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => None,
+            Some(p) => Some((
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "CONNECT for {:?} is not served (only websocket)",
+                    p.as_str()
+                ),
+            )),
+            None => Some((StatusCode::NOT_IMPLEMENTED, "CONNECT is not served".into())),
+        };
     }
     if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
         return bad(format!(
@@ -521,6 +532,10 @@ impl Proxy {
                 .headers
                 .insert(hyper::header::HOST, HeaderValue::from_static(""));
         }
+        if parts.method == Method::CONNECT {
+            // (`refuse` let through only a WebSocket's extended CONNECT.)
+            return self.websocket(parts, &cfg.value).await;
+        }
         parts.version = hyper::Version::HTTP_11;
         let body: ClientBody = if bodyless {
             Either::Right(Empty::new())
@@ -555,33 +570,7 @@ impl Proxy {
                     origin
                         .stats
                         .answered(resp.status().as_u16(), started.elapsed());
-                    let server_error = resp.status().is_server_error();
-                    if server_error {
-                        self.endpoint_5xx(origin, ep);
-                    }
-                    let (mut rparts, rbody) = resp.into_parts();
-                    // The answer's success is the endpoint's once its body
-                    // has gone without an error (see `Logged`).
-                    rparts.extensions.insert(Outcome {
-                        endpoint: ep.clone(),
-                        origin: origin.stats.clone(),
-                        id: origin.header.clone(),
-                        success: !server_error,
-                        sent: started,
-                    });
-                    // A length sent with a transfer coding is not the
-                    // length (RFC 9112 §6.3): the body is sent as decoded.
-                    if rparts
-                        .headers
-                        .contains_key(hyper::header::TRANSFER_ENCODING)
-                    {
-                        rparts.headers.remove(hyper::header::CONTENT_LENGTH);
-                    }
-                    strip_hop_by_hop(&mut rparts.headers);
-                    rparts
-                        .headers
-                        .insert("x-sextant-origin", origin.header.clone());
-                    return Response::from_parts(rparts, Either::Left(rbody));
+                    return self.pass_on(resp, origin, ep, started);
                 }
                 Ok(Err((e, back))) => {
                     self.upstream_failed(origin, ep, &e.to_string());
@@ -610,6 +599,269 @@ impl Proxy {
         }
         let (status, said) = gave_up(first_failure, "no healthy origin endpoint");
         text(status, said)
+    }
+}
+
+impl Proxy {
+    /// An origin's answer, on its way to the client. Its success is the
+    /// endpoint's once its body has gone without an error (see `Logged`);
+    /// a 5xx is the endpoint's failure now.
+    fn pass_on(
+        &self,
+        resp: Response<Incoming>,
+        origin: &Origin,
+        ep: &Arc<EndpointState>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let server_error = resp.status().is_server_error();
+        if server_error {
+            self.endpoint_5xx(origin, ep);
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        rparts.extensions.insert(Outcome {
+            endpoint: ep.clone(),
+            origin: origin.stats.clone(),
+            id: origin.header.clone(),
+            success: !server_error,
+            sent: started,
+        });
+        // A length sent with a transfer coding is not the length (RFC 9112
+        // §6.3): the body is sent as decoded.
+        if rparts
+            .headers
+            .contains_key(hyper::header::TRANSFER_ENCODING)
+        {
+            rparts.headers.remove(hyper::header::CONTENT_LENGTH);
+        }
+        strip_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .insert("x-sextant-origin", origin.header.clone());
+        Response::from_parts(rparts, Either::Left(rbody))
+    }
+
+    /// A WebSocket over an HTTP/2 stream (RFC 8441: an extended CONNECT,
+    /// `:protocol` websocket; `parts` ready to forward, hop-by-hop fields
+    /// gone). It goes to an origin picked by the weights as an HTTP/1.1
+    /// handshake (RFC 6455) with a key of the edge's, on a connection of
+    /// its own (retried once elsewhere when that connection cannot be
+    /// made). On a 101 with that key's accept, the client gets a 200 and
+    /// the stream and the connection are tunnelled, with the HTTP/1.1
+    /// path's idle limit. An origin that declines is answered through as
+    /// usual; a 2xx that is no switch is a 502, as a 2xx would open the
+    /// tunnel.
+    async fn websocket(
+        &self,
+        mut parts: hyper::http::request::Parts,
+        upstream: &Upstream,
+    ) -> Response<ProxyBody> {
+        let Some(client) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "this stream cannot carry a websocket",
+            );
+        };
+        let key = websocket_key();
+        let accept = crate::h1::websocket_accept(key.as_bytes());
+        let mut headers = std::mem::take(&mut parts.headers);
+        headers.remove(hyper::header::CONTENT_LENGTH);
+        headers.remove(hyper::header::TRANSFER_ENCODING);
+        headers.insert(
+            hyper::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        headers.insert("sec-websocket-key", key);
+        let mut tried: Option<Failed<'_>> = None;
+        let mut first_failure: Option<String> = None;
+        loop {
+            let Some(pick) = upstream.choose(tried) else {
+                let (status, said) = gave_up(first_failure, "no origin available");
+                return text(status, said);
+            };
+            let (origin, ep) = (pick.origin, pick.endpoint);
+            self.note_pick(&pick);
+            let mut req = Request::new(Empty::<Bytes>::new());
+            *req.uri_mut() = parts.uri.clone();
+            *req.headers_mut() = headers.clone();
+            let started = Instant::now();
+            let sent = tokio::time::timeout(self.upstream_timeout, async {
+                let stream = dial(ep.addr, self.connect_timeout).await?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(UpstreamError::Handshake)?;
+                let addr = ep.addr;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(%addr, error = %e, "websocket origin connection ended");
+                    }
+                });
+                sender
+                    .send_request(req)
+                    .await
+                    .map_err(UpstreamError::Request)
+            })
+            .await;
+            let e = match sent {
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    origin.stats.answered(status.as_u16(), started.elapsed());
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        return self.switched(resp, client, origin, ep, started, &accept);
+                    }
+                    if status.is_success() {
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            about(
+                                origin,
+                                format_args!("answered a websocket handshake with {status}"),
+                            ),
+                        );
+                    }
+                    return self.pass_on(resp, origin, ep, started);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    self.upstream_failed(origin, ep, "timed out");
+                    return text(StatusCode::GATEWAY_TIMEOUT, about(origin, "timed out"));
+                }
+            };
+            self.upstream_failed(origin, ep, &e.to_string());
+            let said = about(origin, format_args!("failed: {e}"));
+            let unsent = matches!(e, UpstreamError::Connect(_) | UpstreamError::ConnectTimeout);
+            if !unsent || tried.is_some() {
+                return text(StatusCode::BAD_GATEWAY, said);
+            }
+            first_failure = Some(said);
+            tried = Some(Failed {
+                origin: &origin.id,
+                endpoint: ep.addr,
+            });
+        }
+    }
+
+    /// The origin's 101 to a WebSocket handshake: with the accept key of
+    /// `accept`, the client's stream gets a 200 and, once both sides are
+    /// upgraded, the tunnel; without it, a 502 (the origin did not read
+    /// this handshake) and a failure of the endpoint.
+    fn switched(
+        &self,
+        resp: Response<Incoming>,
+        client: hyper::upgrade::OnUpgrade,
+        origin: &Origin,
+        ep: &Arc<EndpointState>,
+        started: Instant,
+        accept: &crate::h1::WebSocketAccept,
+    ) -> Response<ProxyBody> {
+        let fine = resp
+            .headers()
+            .get(hyper::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+            && resp
+                .headers()
+                .get("sec-websocket-accept")
+                .is_some_and(|v| v.as_bytes() == accept);
+        if !fine {
+            let e = "switched protocols without this handshake's websocket accept key";
+            self.upstream_failed(origin, ep, e);
+            return text(StatusCode::BAD_GATEWAY, about(origin, e));
+        }
+        ep.success(mono_ms_at(started));
+        let (mut rparts, _) = resp.into_parts();
+        let upstream = rparts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        strip_hop_by_hop(&mut rparts.headers);
+        for h in ["sec-websocket-accept", "content-length"] {
+            rparts.headers.remove(h);
+        }
+        rparts
+            .headers
+            .insert("x-sextant-origin", origin.header.clone());
+        rparts.status = StatusCode::OK;
+        let (stats, idle, addr) = (self.stats.clone(), self.websocket_idle, ep.addr);
+        tokio::spawn(async move {
+            let Some(upstream) = upstream else { return };
+            let (client, upstream) = tokio::join!(client, upstream);
+            match (client, upstream) {
+                (Ok(client), Ok(upstream)) => {
+                    h2_tunnel(&stats, idle, client, upstream).await;
+                }
+                (c, u) => {
+                    debug!(%addr, client = ?c.err(), origin = ?u.err(), "websocket not opened")
+                }
+            }
+        });
+        Response::from_parts(rparts, Either::Right(Full::new(Bytes::new())))
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64.
+fn websocket_key() -> HeaderValue {
+    use base64::Engine as _;
+    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Carries a WebSocket between a client's HTTP/2 stream and an origin's
+/// connection (see [`crate::tunnel::splice`]). A failure, or a write
+/// stalled past the idle time, resets the origin connection; the stream
+/// then ends (hyper cannot reset an upgraded stream; a WebSocket client
+/// sees its end without a close frame, an abnormal closure). An idle
+/// tunnel is closed cleanly.
+async fn h2_tunnel(
+    stats: &Stats,
+    idle: Duration,
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+) {
+    use crate::tunnel::{splice, Ends, Gauge, Tunnel};
+    stats.websockets.fetch_add(1, Ordering::Relaxed);
+    let _open = Gauge::up(&stats.websockets_open);
+    // The origin's socket itself (to reset it), and what hyper read past
+    // the 101.
+    let (upstream, early) = match upstream.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(p) => (p.io.into_inner(), p.read_buf),
+        Err(_) => {
+            debug!("websocket origin connection of an unknown kind");
+            return;
+        }
+    };
+    stats
+        .response_bytes
+        .fetch_add(early.len() as u64, Ordering::Relaxed);
+    let (mut client_rx, mut client_tx) = tokio::io::split(TokioIo::new(client));
+    let mut upstream = upstream;
+    let (mut origin_rx, mut origin_tx) = upstream.split();
+    let (mut cbuf, mut obuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let ended = splice(
+        idle,
+        Ends {
+            rx: &mut client_rx,
+            tx: &mut client_tx,
+            buf: &mut cbuf,
+            first: &early,
+        },
+        Ends {
+            rx: &mut origin_rx,
+            tx: &mut origin_tx,
+            buf: &mut obuf,
+            first: &[],
+        },
+        &stats.response_bytes,
+        None,
+    )
+    .await;
+    match ended {
+        Tunnel::Done => {}
+        Tunnel::Idle => debug!("websocket idle: closed"),
+        Tunnel::Stalled | Tunnel::Failed(_) => {
+            debug!(?ended, "websocket broken: reset");
+            let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+        }
     }
 }
 
@@ -763,7 +1015,9 @@ where
         let conns = conns.clone();
         async move { Ok::<_, Infallible>(proxy.handle(&conns, req).await) }
     });
-    let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // WebSockets over HTTP/2 (RFC 8441).
+    conn.http2().enable_connect_protocol();
     let conn = conn.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {

@@ -328,8 +328,61 @@ async fn open_websocket(edge: std::net::SocketAddr) -> Result<Ws> {
     Ok(ws)
 }
 
+/// A WebSocket over HTTP/2 (RFC 8441): a stream of an HTTP/2 connection.
+type H2Ws = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// An HTTP/2 connection (prior knowledge) to the edge at `edge`.
+async fn h2_connection(
+    edge: std::net::SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>> {
+    let tcp = tokio::net::TcpStream::connect(edge).await?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// A WebSocket to `www.example.com` on a new stream of `h2` (an extended
+/// CONNECT); returns it and the origin the edge named.
+async fn open_h2_websocket(
+    h2: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>,
+) -> Result<(H2Ws, String)> {
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("http://www.example.com/chat")
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = h2.send_request(req).await?;
+    ensure!(resp.status() == 200, "status {}", resp.status());
+    let origin = resp
+        .headers()
+        .get("x-sextant-origin")
+        .context("x-sextant-origin")?
+        .to_str()?
+        .to_owned();
+    let up = hyper::upgrade::on(resp).await?;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(up),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    Ok((ws, origin))
+}
+
 /// Sends `text` and returns the answer, split into (origin, echoed text).
-async fn ask(ws: &mut Ws, text: &str) -> Result<(String, String)> {
+async fn ask<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    text: &str,
+) -> Result<(String, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     ws.send(Message::text(text)).await?;
@@ -343,7 +396,10 @@ async fn ask(ws: &mut Ws, text: &str) -> Result<(String, String)> {
 }
 
 /// Closes `ws` with the close handshake, to the end of the stream.
-async fn close(mut ws: Ws) -> Result<()> {
+async fn close<S>(mut ws: tokio_tungstenite::WebSocketStream<S>) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use futures::StreamExt;
     ws.close(None).await?;
     while tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -406,6 +462,57 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
     rt.block_on(close(ws))?;
     open_now(0.0)?;
     ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(61.0));
+    Ok(())
+}
+
+#[test]
+fn websockets_over_http2_share_a_connection_and_reach_the_origins() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_origins, _cp, e1) = one_edge(dir.path(), &[])?;
+    let edge = e1.process.addr;
+    // The connection's task runs between the blocks below too (the end of
+    // each stream goes out after its WebSocket is dropped).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // 40 WebSockets, each a stream of one HTTP/2 connection, open at once;
+    // by the weights (1/4, 1/2, 1/4) every origin gets some (all but
+    // certain), and each tunnel carries its own echo from the origin the
+    // edge named.
+    let (open, by_origin) = rt.block_on(async {
+        let mut h2 = h2_connection(edge).await?;
+        let mut open = Vec::new();
+        let mut by_origin = BTreeMap::<String, usize>::new();
+        for _ in 0..40 {
+            let (ws, origin) = open_h2_websocket(&mut h2).await?;
+            *by_origin.entry(origin.clone()).or_default() += 1;
+            open.push((ws, origin));
+        }
+        for (i, (ws, origin)) in open.iter_mut().enumerate() {
+            let (from, echoed) = ask(ws, &format!("hi {i}")).await?;
+            ensure!(
+                (from.as_str(), echoed) == (origin.as_str(), format!("hi {i}")),
+                "{from}: stream {i} to {origin}"
+            );
+        }
+        Ok::<_, anyhow::Error>((open, by_origin))
+    })?;
+    ensure!(
+        by_origin.keys().eq(["o1", "o2", "o3"].iter()),
+        "{by_origin:?}"
+    );
+    ensure!(e1.metric("sextant_edge_websockets_open ")? == Some(40.0));
+    rt.block_on(async {
+        for (ws, _) in open {
+            close(ws).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    eventually(Duration::from_secs(5), "every tunnel closed", || {
+        (e1.metric("sextant_edge_websockets_open ").ok()? == Some(0.0)).then_some(())
+    })?;
+    ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(40.0));
     Ok(())
 }
 
