@@ -2740,3 +2740,42 @@ async fn cuttable_relay(to: SocketAddr) -> (SocketAddr, tokio::sync::oneshot::Se
     });
     (addr, cut)
 }
+
+#[tokio::test]
+async fn an_http2_websocket_is_logged_when_its_tunnel_ends() {
+    use crate::access::{AccessLog, Sink};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = Arc::new(AccessLog::open(Sink::File(path.clone())).expect("open"));
+    let (ws, _) = websocket_origin().await;
+    let e = edge_with(&[("w", ws, 1.0)], |p| {
+        p.access_log = Some(log.clone());
+        p.websocket_idle = Duration::from_millis(200);
+    })
+    .await;
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut t = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    assert_eq!(read_n(&mut t, 5).await, b"hello");
+    t.write_all(b"abc").await.expect("write");
+    assert_eq!(read_n(&mut t, 3).await, b"ABC");
+    // Not logged while the tunnel is open.
+    log.flush();
+    assert_eq!(log.lines(), 0);
+    let got = logged(&log, &path, 1).await;
+    let w = &got[0];
+    assert_eq!(
+        (&w["method"], &w["target"], &w["version"]),
+        (&"CONNECT".into(), &"/chat".into(), &"HTTP/2".into())
+    );
+    assert_eq!((&w["status"], &w["origin"]), (&200.into(), &"w".into()));
+    assert_eq!(w["error"], "websocket idle: closed");
+    // "hello" and "ABC" went through the tunnel to the client.
+    assert_eq!(w["bytes"], 8);
+    assert!(w["duration_ms"].as_f64().is_some_and(|d| d >= 200.0), "{w}");
+    assert_eq!(log.lines(), 1);
+}

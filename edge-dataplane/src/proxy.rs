@@ -443,6 +443,10 @@ impl Proxy {
             self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
         }
         let mut resp = resp;
+        // A tunnel's exchange is logged when the tunnel ends.
+        if let Some(slot) = resp.extensions_mut().remove::<TunnelLog>() {
+            *slot.lock() = exchange.take();
+        }
         let outcome = resp.extensions_mut().remove::<Outcome>();
         // An origin's body may pause at most `upstream_timeout` between
         // frames (the fast path's limit on each read of it).
@@ -781,20 +785,43 @@ impl Proxy {
             .headers
             .insert("x-sextant-origin", origin.header.clone());
         rparts.status = StatusCode::OK;
+        let log = TunnelLog::default();
+        rparts.extensions.insert(log.clone());
         let (stats, idle, addr) = (self.stats.clone(), self.websocket_idle, ep.addr);
         tokio::spawn(async move {
             let Some(upstream) = upstream else { return };
+            // The client's side is ready once the 200 has gone, by when
+            // `handle` has left the exchange in `log`.
             let (client, upstream) = tokio::join!(client, upstream);
-            match (client, upstream) {
+            let mut exchange = log.lock().take();
+            let why = match (client, upstream) {
                 (Ok(client), Ok(upstream)) => {
-                    h2_tunnel(&stats, idle, client, upstream).await;
+                    let noted = exchange.as_deref_mut().map(|x| &mut x.bytes);
+                    h2_tunnel(&stats, idle, client, upstream, noted).await
                 }
                 (c, u) => {
-                    debug!(%addr, client = ?c.err(), origin = ?u.err(), "websocket not opened")
+                    debug!(%addr, client = ?c.err(), origin = ?u.err(), "websocket not opened");
+                    Some("websocket not opened".to_owned())
                 }
+            };
+            if let Some(x) = exchange {
+                x.finish(why.as_deref());
             }
         });
         Response::from_parts(rparts, Either::Right(Full::new(Bytes::new())))
+    }
+}
+
+/// Where `handle` leaves a tunnel's exchange, for the tunnel to log when
+/// it ends.
+#[derive(Debug, Clone, Default)]
+struct TunnelLog(Arc<Mutex<Option<Box<Exchange>>>>);
+
+impl TunnelLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<Exchange>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -817,7 +844,8 @@ async fn h2_tunnel(
     idle: Duration,
     client: hyper::upgrade::Upgraded,
     upstream: hyper::upgrade::Upgraded,
-) {
+    mut noted: Option<&mut u64>,
+) -> Option<String> {
     use crate::tunnel::{splice, Ends, Gauge, Tunnel};
     stats.websockets.fetch_add(1, Ordering::Relaxed);
     let _open = Gauge::up(&stats.websockets_open);
@@ -827,12 +855,15 @@ async fn h2_tunnel(
         Ok(p) => (p.io.into_inner(), p.read_buf),
         Err(_) => {
             debug!("websocket origin connection of an unknown kind");
-            return;
+            return Some("websocket not opened".to_owned());
         }
     };
     stats
         .response_bytes
         .fetch_add(early.len() as u64, Ordering::Relaxed);
+    if let Some(b) = noted.as_deref_mut() {
+        *b += early.len() as u64;
+    }
     let (mut client_rx, mut client_tx) = tokio::io::split(TokioIo::new(client));
     let mut upstream = upstream;
     let (mut origin_rx, mut origin_tx) = upstream.split();
@@ -852,17 +883,21 @@ async fn h2_tunnel(
             first: &[],
         },
         &stats.response_bytes,
-        None,
+        noted,
     )
     .await;
-    match ended {
-        Tunnel::Done => {}
-        Tunnel::Idle => debug!("websocket idle: closed"),
-        Tunnel::Stalled | Tunnel::Failed(_) => {
-            debug!(?ended, "websocket broken: reset");
-            let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+    let why = match ended {
+        Tunnel::Done => return None,
+        Tunnel::Idle => {
+            debug!("websocket idle: closed");
+            return Some("websocket idle: closed".to_owned());
         }
-    }
+        Tunnel::Stalled => "websocket write stalled".to_owned(),
+        Tunnel::Failed(e) => format!("websocket broken: {e}"),
+    };
+    debug!("{why}: reset");
+    let _ = socket2::SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+    Some(why)
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until
