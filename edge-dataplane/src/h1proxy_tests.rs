@@ -2779,3 +2779,444 @@ async fn an_http2_websocket_is_logged_when_its_tunnel_ends() {
     assert!(w["duration_ms"].as_f64().is_some_and(|d| d >= 200.0), "{w}");
     assert_eq!(log.lines(), 1);
 }
+
+/// An extended CONNECT for a websocket at `uri`.
+fn connect_at(uri: &str) -> hyper::Request<http_body_util::Empty<hyper::body::Bytes>> {
+    let mut req = extended_connect("websocket");
+    *req.uri_mut() = uri.parse().expect("uri");
+    req
+}
+
+#[tokio::test]
+async fn an_extended_connect_gets_the_authority_checks_a_get_gets() {
+    let (addr, heads) = websocket_origin().await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    for uri in [
+        "http://www.example.com,evil.example/chat",
+        "http://user@www.example.com/chat",
+    ] {
+        let mut send = h2(e.addr).await;
+        let get = hyper::Request::builder()
+            .uri(uri)
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let get = send.send_request(get).await.expect("response").status();
+        let connect = send
+            .send_request(connect_at(uri))
+            .await
+            .expect("response")
+            .status();
+        let seen = heads.lock().expect("lock").clone();
+        assert_eq!(
+            (get.as_u16(), connect.as_u16()),
+            (400, 400),
+            "{uri}: GET {get}, extended CONNECT {connect}; the origin got {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_http2_websocket_client_that_cancels_its_stream_ends_its_tunnel_soon() {
+    // The origin reports how its connection ended, then keeps it open
+    // (as a quiet origin that waits for the client would).
+    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(move |mut s, _| {
+            let to_test = to_test.clone();
+            Box::pin(async move {
+                let mut b = [0u8; 64];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => continue,
+                        end => {
+                            let _ = to_test.send(end.map(|_| ()).map_err(|e| e.kind()));
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            return;
+                        }
+                    }
+                }
+            })
+        }),
+    )
+    .await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let tcp = TcpStream::connect(e.addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    for _ in 0..100 {
+        if client.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client = client.ready().await.expect("ready");
+    }
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("http://www.example.com/chat")
+        .header("sec-websocket-version", "13")
+        .body(())
+        .expect("request");
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, mut stream) = client.send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200);
+    stream
+        .send_data(hyper::body::Bytes::from_static(b"some"), false)
+        .expect("data");
+    for _ in 0..100 {
+        if e.stats.websockets_open.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
+    // What a browser does to a WebSocket it drops: RST_STREAM(CANCEL),
+    // which hyper reads as the stream's end. The origin sees its end, and
+    // the tunnel, the origin silent, ends once HALF_CLOSED_IDLE has passed
+    // (not the 300 s idle time).
+    let cancelled = std::time::Instant::now();
+    stream.send_reset(h2::Reason::CANCEL);
+    assert_eq!(recv(&mut heard).await, Ok(()));
+    while e.stats.websockets_open.load(Ordering::Relaxed) > 0 {
+        assert!(
+            cancelled.elapsed() < crate::tunnel::HALF_CLOSED_IDLE + Duration::from_secs(3),
+            "still open {:?} after the cancel",
+            cancelled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cancelled.elapsed() >= crate::tunnel::HALF_CLOSED_IDLE);
+}
+
+#[tokio::test]
+async fn a_stopping_worker_opens_no_new_http2_websocket() {
+    let (addr, heads) = websocket_origin().await;
+    let e = edge_with(&[("a", addr, 1.0)], |p| {
+        p.shutdown_grace = Duration::from_secs(2);
+    })
+    .await;
+    let mut send = h2(e.addr).await;
+    // The connection is up (a CONNECT answered by the edge itself).
+    let warm = send
+        .send_request(extended_connect("webtransport"))
+        .await
+        .expect("response");
+    assert_eq!(warm.status(), 501);
+    // The handshake reaches the edge as it stops (as in
+    // a_stopping_worker_opens_no_new_websocket).
+    let resp = send.send_request(extended_connect("websocket"));
+    e.stop.send(true).expect("worker listening");
+    let resp = resp.await.expect("response");
+    let status = resp.status();
+    let opened = e.stats.websockets.load(Ordering::Relaxed);
+    assert_eq!(
+        (status.as_u16(), opened),
+        (503, 0),
+        "the origin got {} handshake(s)",
+        heads.lock().expect("lock").len()
+    );
+}
+
+#[tokio::test]
+async fn http2_websocket_answers_the_edge_refuses_count_as_on_the_other_paths() {
+    // An origin answering a 101 with another handshake's accept key.
+    let wrong = spawn_origin(|mut s| async move {
+        let _ = read_head(&mut s, &mut Vec::new()).await;
+        let _ = s.write_all(SWITCH.as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    })
+    .await;
+    let e = edge(&[("a", wrong, 1.0)]).await;
+    let o = e.endpoints.origin_stats("a");
+    let counts = || {
+        (
+            o.responses[1].load(Ordering::Relaxed),
+            o.failures.load(Ordering::Relaxed),
+        )
+    };
+    // On HTTP/1.1 a 101 without this handshake's key is a failure only.
+    // (A key the origin's SWITCH does not answer.)
+    let h1_handshake = HANDSHAKE.replace("dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA==");
+    let (status, _, _) = once(e.addr, h1_handshake.as_bytes()).await;
+    assert_eq!(status, 502);
+    let h1 = counts();
+    let resp = h2(e.addr)
+        .await
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 502);
+    let after = counts();
+    let h2_delta = (after.0 - h1.0, after.1 - h1.1);
+    // An origin answering a handshake with a 200: a 502 to the client,
+    // counted as an upstream error, but not the endpoint's failure.
+    let ok_origin = Origin::start(|_| ok("no websocket here")).await;
+    let e2 = edge(&[("b", ok_origin.addr, 1.0)]).await;
+    for _ in 0..EJECT_AFTER {
+        let resp = h2(e2.addr)
+            .await
+            .send_request(extended_connect("websocket"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 502);
+    }
+    let ob = e2.endpoints.origin_stats("b");
+    let b = (
+        ob.responses[2].load(Ordering::Relaxed),
+        ob.failures.load(Ordering::Relaxed),
+        e2.stats.upstream_errors.load(Ordering::Relaxed),
+        e2.stats.ejections.load(Ordering::Relaxed),
+    );
+    assert!(
+        h1 == (0, 1) && h2_delta == (0, 1) && b.1 == u64::from(EJECT_AFTER),
+        "bad 101: HTTP/1.1 (1xx answers, failures) = {h1:?}, HTTP/2 adds {h2_delta:?}; \
+         200 to a handshake x{EJECT_AFTER}: (2xx answers, failures, upstream_errors, ejections) = {b:?}"
+    );
+}
+
+#[tokio::test]
+async fn one_http2_websocket_whose_origin_stops_reading_holds_up_no_other_stream() {
+    // "/stall": the origin switches, then never reads; else it echoes in
+    // upper case.
+    let addr = spawn_origin(|mut s| async move {
+        let mut buf = Vec::new();
+        let Some(end) = read_head(&mut s, &mut buf).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        if s.write_all(switch_for(&head).as_bytes()).await.is_err() {
+            return;
+        }
+        if head.starts_with("GET /stall") {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return;
+        }
+        let mut b = vec![0u8; 65536];
+        while let Ok(n) = s.read(&mut b).await {
+            if n == 0 || s.write_all(&b[..n].to_ascii_uppercase()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let mut send = h2(e.addr).await;
+    let mut open = |path: &'static str| {
+        let req = connect_at(&format!("http://www.example.com{path}"));
+        let resp = send.send_request(req);
+        async move {
+            let resp = resp.await.expect("response");
+            assert_eq!(resp.status(), 200);
+            hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"))
+        }
+    };
+    let mut stalled = open("/stall").await;
+    let mut other = open("/echo").await;
+    // The other tunnel works.
+    other.write_all(b"abc").await.expect("write");
+    assert_eq!(read_n(&mut other, 3).await, b"ABC");
+    // The client sends a lot on the stalled one (in the background; its
+    // writes block once the windows are full).
+    tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..1024 {
+            if stalled.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    other.write_all(b"def").await.expect("write");
+    let mut b = vec![0u8; 3];
+    let got = tokio::time::timeout(Duration::from_secs(5), other.read_exact(&mut b)).await;
+    assert!(
+        matches!(got, Ok(Ok(3))) && b == b"DEF",
+        "the other tunnel on the connection is held up: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_grace_cuts_an_open_http2_websocket_and_resets_its_origin() {
+    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(move |mut s, _| {
+            let to_test = to_test.clone();
+            Box::pin(async move {
+                let mut b = [0u8; 64];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => continue,
+                        end => {
+                            let _ = to_test.send(end.map(|_| ()).map_err(|e| e.kind()));
+                            return;
+                        }
+                    }
+                }
+            })
+        }),
+    )
+    .await;
+    let e = edge_with(&[("a", addr, 1.0)], |p| {
+        p.shutdown_grace = Duration::from_millis(300);
+    })
+    .await;
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    let _ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    for _ in 0..100 {
+        if e.stats.websockets_open.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    e.stop.send(true).expect("worker listening");
+    assert_eq!(
+        recv(&mut heard).await,
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    eventually_zero(&e.stats.websockets_open).await;
+    eventually_zero(&e.stats.active_connections).await;
+}
+
+#[tokio::test]
+async fn http2_websockets_retry_a_refused_connect_and_time_out_once() {
+    let (_held, dead) = refused_port();
+    let (alive, _) = websocket_origin().await;
+    let e = edge(&[("dead", dead, 0.5), ("alive", alive, 0.5)]).await;
+    for _ in 0..20 {
+        let resp = h2(e.addr)
+            .await
+            .send_request(extended_connect("websocket"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers().get("x-sextant-origin").map(|v| v.as_bytes()),
+            Some(&b"alive"[..])
+        );
+    }
+    assert_eq!(e.stats.upstream_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(e.stats.ejections.load(Ordering::Relaxed), 1);
+    let silent = spawn_origin(|mut s| async move {
+        let _ = read_head(&mut s, &mut Vec::new()).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let e = edge_with(&[("a", silent, 1.0)], |p| {
+        p.upstream_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let resp = h2(e.addr)
+        .await
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 504);
+    let o = e.endpoints.origin_stats("a");
+    assert_eq!(o.failures.load(Ordering::Relaxed), 1);
+    assert_eq!(e.stats.upstream_errors.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn an_http2_websocket_broken_by_its_origin_is_logged_as_broken() {
+    use crate::access::{AccessLog, Sink};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let log = Arc::new(AccessLog::open(Sink::File(path.clone())).expect("open"));
+    // The origin says hello, then resets the connection.
+    let (addr, _) = switching_origin(
+        b"hello",
+        Box::new(|s, _| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                drop(s);
+            })
+        }),
+    )
+    .await;
+    let e = edge_with(&[("a", addr, 1.0)], |p| p.access_log = Some(log.clone())).await;
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    let mut ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    assert_eq!(read_n(&mut ws, 5).await, b"hello");
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.read_to_end(&mut rest)).await;
+    eventually_zero(&e.stats.websockets_open).await;
+    let lines = logged(&log, &path, 1).await;
+    assert!(matches!(end, Ok(Ok(_))), "{end:?}");
+    let w = &lines[0];
+    assert_eq!((&w["status"], &w["bytes"]), (&200.into(), &5.into()), "{w}");
+    assert!(
+        w["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("websocket broken")),
+        "{w}"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_connection_carries_a_bounded_number_of_websockets() {
+    use crate::proxy::MAX_TUNNELS_PER_CONNECTION;
+    let (addr, heads) = websocket_origin().await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let mut send = h2(e.addr).await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_TUNNELS_PER_CONNECTION {
+        let resp = send
+            .send_request(extended_connect("websocket"))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        open.push(hyper::upgrade::on(resp).await.expect("upgraded"));
+    }
+    // One more on this connection is refused, before any origin is asked.
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        heads.lock().expect("lock").len(),
+        MAX_TUNNELS_PER_CONNECTION
+    );
+    // Another connection has room of its own, and so has this one once a
+    // tunnel has ended.
+    let resp = h2(e.addr)
+        .await
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut one = hyper_util::rt::TokioIo::new(open.pop().expect("a tunnel"));
+    one.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), one.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel ends")
+        .expect("cleanly");
+    let mut status = 0;
+    for _ in 0..100 {
+        let resp = send
+            .send_request(extended_connect("websocket"))
+            .await
+            .expect("response");
+        status = resp.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
+}

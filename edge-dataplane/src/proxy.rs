@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -137,18 +137,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn refuse(parts: &hyper::http::request::Parts) -> Option<(StatusCode, String)> {
     let bad = |what: String| Some((StatusCode::BAD_REQUEST, what));
     if parts.method == Method::CONNECT {
-        // RFC 8441: HTTP/2's extended CONNECT carries a WebSocket.
-        return match parts.extensions.get::<hyper::ext::Protocol>() {
-            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => None,
-            Some(p) => Some((
-                StatusCode::NOT_IMPLEMENTED,
-                format!(
-                    "CONNECT for {:?} is not served (only websocket)",
-                    p.as_str()
-                ),
-            )),
-            None => Some((StatusCode::NOT_IMPLEMENTED, "CONNECT is not served".into())),
-        };
+        // RFC 8441: HTTP/2's extended CONNECT carries a WebSocket; its
+        // target is checked as any request's below.
+        match parts.extensions.get::<hyper::ext::Protocol>() {
+            Some(p) if p.as_str().eq_ignore_ascii_case("websocket") => {
+                if parts.uri.authority().is_none() {
+                    return bad("an extended CONNECT without :authority".into());
+                }
+            }
+            Some(p) => {
+                return Some((
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!(
+                        "CONNECT for {:?} is not served (only websocket)",
+                        p.as_str()
+                    ),
+                ))
+            }
+            None => return Some((StatusCode::NOT_IMPLEMENTED, "CONNECT is not served".into())),
+        }
     }
     if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
         return bad(format!(
@@ -246,6 +253,29 @@ pub struct UpstreamConns {
     /// The client's address, and its IP as an `x-forwarded-for` value.
     peer: SocketAddr,
     peer_ip: HeaderValue,
+    /// Cancelled when the worker stops.
+    stopping: CancellationToken,
+    /// WebSocket tunnels on this client connection (HTTP/2 streams).
+    tunnels: Arc<AtomicUsize>,
+}
+
+/// WebSockets one HTTP/2 client connection may carry at once (each holds
+/// an origin connection of its own).
+pub const MAX_TUNNELS_PER_CONNECTION: usize = 32;
+/// The flow-control window of each HTTP/2 stream a client opens. Its
+/// connection's is twice what the tunnels could hold: an origin that stops
+/// reading stalls only its own tunnel's stream, never the connection's
+/// other streams.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW * MAX_TUNNELS_PER_CONNECTION as u32;
+
+/// A tunnel's place on its client connection, given back when dropped.
+struct TunnelSlot(Arc<AtomicUsize>);
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for UpstreamConns {
@@ -269,13 +299,22 @@ pub(crate) enum UpstreamError {
 
 impl UpstreamConns {
     /// The upstream connections of a new client connection from `peer`.
-    pub fn new(peer: SocketAddr) -> Self {
+    pub fn new(peer: SocketAddr, stopping: CancellationToken) -> Self {
         Self {
             idle: std::sync::Mutex::new(Vec::new()),
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            stopping,
+            tunnels: Arc::default(),
         }
+    }
+
+    /// A place for one more tunnel, if the connection has one.
+    fn tunnel_slot(&self) -> Option<TunnelSlot> {
+        let n = self.tunnels.fetch_add(1, Ordering::Relaxed);
+        let slot = TunnelSlot(self.tunnels.clone());
+        (n < MAX_TUNNELS_PER_CONNECTION).then_some(slot)
     }
 
     fn take(&self, addr: SocketAddr) -> Option<SendRequest<ClientBody>> {
@@ -538,7 +577,7 @@ impl Proxy {
         }
         if parts.method == Method::CONNECT {
             // (`refuse` let through only a WebSocket's extended CONNECT.)
-            return self.websocket(parts, &cfg.value).await;
+            return self.websocket(conns, parts, &cfg.value).await;
         }
         parts.version = hyper::Version::HTTP_11;
         let body: ClientBody = if bodyless {
@@ -656,9 +695,26 @@ impl Proxy {
     /// tunnel.
     async fn websocket(
         &self,
+        conns: &UpstreamConns,
         mut parts: hyper::http::request::Parts,
         upstream: &Upstream,
     ) -> Response<ProxyBody> {
+        // No new WebSocket on a stopping worker: the grace would only cut
+        // it.
+        if conns.stopping.is_cancelled() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping: no new websockets here",
+            );
+        }
+        let Some(slot) = conns.tunnel_slot() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format_args!(
+                    "this connection carries {MAX_TUNNELS_PER_CONNECTION} websockets already"
+                ),
+            );
+        };
         let Some(client) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -713,19 +769,21 @@ impl Proxy {
             let e = match sent {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
-                    origin.stats.answered(status.as_u16(), started.elapsed());
                     if status == StatusCode::SWITCHING_PROTOCOLS {
-                        return self.switched(resp, client, origin, ep, started, &accept);
+                        let handshake = Handshake {
+                            client,
+                            slot,
+                            accept,
+                        };
+                        return self.switched(resp, handshake, origin, ep, started);
                     }
                     if status.is_success() {
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            about(
-                                origin,
-                                format_args!("answered a websocket handshake with {status}"),
-                            ),
-                        );
+                        // Not to be passed on: a 2xx would open the tunnel.
+                        let e = format!("answered a websocket handshake with {status}");
+                        self.upstream_failed(origin, ep, &e);
+                        return text(StatusCode::BAD_GATEWAY, about(origin, e));
                     }
+                    origin.stats.answered(status.as_u16(), started.elapsed());
                     return self.pass_on(resp, origin, ep, started);
                 }
                 Ok(Err(e)) => e,
@@ -755,12 +813,16 @@ impl Proxy {
     fn switched(
         &self,
         resp: Response<Incoming>,
-        client: hyper::upgrade::OnUpgrade,
+        handshake: Handshake,
         origin: &Origin,
         ep: &Arc<EndpointState>,
         started: Instant,
-        accept: &crate::h1::WebSocketAccept,
     ) -> Response<ProxyBody> {
+        let Handshake {
+            client,
+            slot,
+            accept,
+        } = handshake;
         let fine = resp
             .headers()
             .get(hyper::header::UPGRADE)
@@ -768,12 +830,13 @@ impl Proxy {
             && resp
                 .headers()
                 .get("sec-websocket-accept")
-                .is_some_and(|v| v.as_bytes() == accept);
+                .is_some_and(|v| v.as_bytes() == accept.as_slice());
         if !fine {
             let e = "switched protocols without this handshake's websocket accept key";
             self.upstream_failed(origin, ep, e);
             return text(StatusCode::BAD_GATEWAY, about(origin, e));
         }
+        origin.stats.answered(101, started.elapsed());
         ep.success(mono_ms_at(started));
         let (mut rparts, _) = resp.into_parts();
         let upstream = rparts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -789,6 +852,7 @@ impl Proxy {
         rparts.extensions.insert(log.clone());
         let (stats, idle, addr) = (self.stats.clone(), self.websocket_idle, ep.addr);
         tokio::spawn(async move {
+            let _slot = slot;
             let Some(upstream) = upstream else { return };
             // The client's side is ready once the 200 has gone, by when
             // `handle` has left the exchange in `log`.
@@ -810,6 +874,15 @@ impl Proxy {
         });
         Response::from_parts(rparts, Either::Right(Full::new(Bytes::new())))
     }
+}
+
+/// What a WebSocket's tunnel needs once the origin has switched: the
+/// client's side, its place on the connection, and the accept key that
+/// proves the origin read this handshake.
+struct Handshake {
+    client: hyper::upgrade::OnUpgrade,
+    slot: TunnelSlot,
+    accept: crate::h1::WebSocketAccept,
 }
 
 /// Where `handle` leaves a tunnel's exchange, for the tunnel to log when
@@ -1044,7 +1117,7 @@ pub async fn serve_hyper<I>(proxy: Arc<Proxy>, io: I, peer: SocketAddr, stop: Ca
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conns = Arc::new(UpstreamConns::new(peer));
+    let conns = Arc::new(UpstreamConns::new(peer, stop.clone()));
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         let conns = conns.clone();
@@ -1052,7 +1125,10 @@ where
     });
     let mut conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // WebSockets over HTTP/2 (RFC 8441).
-    conn.http2().enable_connect_protocol();
+    conn.http2()
+        .enable_connect_protocol()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let conn = conn.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {

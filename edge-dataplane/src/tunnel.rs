@@ -2,11 +2,13 @@
 //! HTTP/1.1 fast path and HTTP/2's extended CONNECT): each direction is
 //! copied on its own, so one side not reading never holds up the other,
 //! until both have ended, a side fails, or nothing has moved either way for
-//! the idle time.
+//! the idle time ([`HALF_CLOSED_IDLE`] at most once one side has ended).
 
 use std::io;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -48,12 +50,20 @@ pub(crate) struct Ends<'a, R, W> {
     pub first: &'a [u8],
 }
 
-/// When bytes last moved through a tunnel, and how many writes are under
-/// way.
+/// How long a tunnel one side has ended may carry nothing before it is
+/// closed. A WebSocket is over once one side has ended (an HTTP/2 client's
+/// cancelled stream, too, reads as an end): the other has this long to
+/// finish, not the whole idle time.
+pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(5);
+
+/// When bytes last moved through a tunnel, how many writes are under way,
+/// and whether one direction has ended.
 struct Activity {
     start: tokio::time::Instant,
     last_ms: AtomicU64,
     writing: AtomicUsize,
+    half_closed: AtomicBool,
+    ended_one: Notify,
 }
 
 impl Activity {
@@ -65,11 +75,26 @@ impl Activity {
     fn last(&self) -> tokio::time::Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
+
+    fn end_one(&self) {
+        self.half_closed.store(true, Ordering::Relaxed);
+        self.ended_one.notify_one();
+    }
+
+    /// How long the tunnel may now carry nothing.
+    fn limit(&self, idle: Duration) -> Duration {
+        if self.half_closed.load(Ordering::Relaxed) {
+            idle.min(HALF_CLOSED_IDLE)
+        } else {
+            idle
+        }
+    }
 }
 
 /// Tunnels `client` and `origin` until both directions have ended, one
 /// fails, or nothing has moved either way for `idle` (a write under way
-/// that long is a stall). The bytes sent to the client are added to
+/// that long is a stall; [`HALF_CLOSED_IDLE`] at most once one direction
+/// has ended). The bytes sent to the client are added to
 /// `counted` (the edge's total) and `noted` (the exchange's) as they go.
 pub(crate) async fn splice<CR, CW, OR, OW>(
     idle: Duration,
@@ -88,6 +113,8 @@ where
         start: tokio::time::Instant::now(),
         last_ms: AtomicU64::new(0),
         writing: AtomicUsize::new(0),
+        half_closed: AtomicBool::new(false),
+        ended_one: Notify::new(),
     };
     let both = async {
         pass(client.tx, client.first, &activity).await?;
@@ -111,8 +138,10 @@ where
                 Ok(_) => Tunnel::Done,
                 Err(e) => Tunnel::Failed(e),
             },
-            () = tokio::time::sleep_until(activity.last() + idle) => {
-                if activity.last() + idle <= tokio::time::Instant::now() {
+            // The limit shortens when one direction ends.
+            () = activity.ended_one.notified() => {}
+            () = tokio::time::sleep_until(activity.last() + activity.limit(idle)) => {
+                if activity.last() + activity.limit(idle) <= tokio::time::Instant::now() {
                     break if activity.writing.load(Ordering::Relaxed) > 0 {
                         Tunnel::Stalled
                     } else {
@@ -139,6 +168,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let n = rx.read(buf).await?;
         activity.moved();
         if n == 0 {
+            activity.end_one();
             return tx.shutdown().await;
         }
         if let Some(c) = counted {

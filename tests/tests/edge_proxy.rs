@@ -466,7 +466,7 @@ fn websockets_reach_the_origins_and_outlive_a_config_change() -> Result<()> {
 }
 
 #[test]
-fn websockets_over_http2_share_a_connection_and_reach_the_origins() -> Result<()> {
+fn websockets_over_http2_share_connections_up_to_a_limit_and_reach_the_origins() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_origins, _cp, e1) = one_edge(dir.path(), &[])?;
     let edge = e1.process.addr;
@@ -476,18 +476,29 @@ fn websockets_over_http2_share_a_connection_and_reach_the_origins() -> Result<()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    // 40 WebSockets, each a stream of one HTTP/2 connection, open at once;
-    // by the weights (1/4, 1/2, 1/4) every origin gets some (all but
-    // certain), and each tunnel carries its own echo from the origin the
-    // edge named.
+    // 64 WebSockets, 32 (the most one connection may carry) on each of two
+    // HTTP/2 connections, open at once; by the weights (1/4, 1/2, 1/4)
+    // every origin gets some (all but certain), and each tunnel carries its
+    // own echo from the origin the edge named. A 33rd on a connection is
+    // refused.
     let (open, by_origin) = rt.block_on(async {
-        let mut h2 = h2_connection(edge).await?;
         let mut open = Vec::new();
         let mut by_origin = BTreeMap::<String, usize>::new();
-        for _ in 0..40 {
-            let (ws, origin) = open_h2_websocket(&mut h2).await?;
-            *by_origin.entry(origin.clone()).or_default() += 1;
-            open.push((ws, origin));
+        for _ in 0..2 {
+            let mut h2 = h2_connection(edge).await?;
+            for _ in 0..32 {
+                let (ws, origin) = open_h2_websocket(&mut h2).await?;
+                *by_origin.entry(origin.clone()).or_default() += 1;
+                open.push((ws, origin));
+            }
+            let refused = open_h2_websocket(&mut h2).await;
+            ensure!(
+                refused
+                    .as_ref()
+                    .is_err_and(|e| e.to_string() == "status 503 Service Unavailable"),
+                "a 33rd: {:?}",
+                refused.map(|(_, o)| o)
+            );
         }
         for (i, (ws, origin)) in open.iter_mut().enumerate() {
             let (from, echoed) = ask(ws, &format!("hi {i}")).await?;
@@ -502,7 +513,7 @@ fn websockets_over_http2_share_a_connection_and_reach_the_origins() -> Result<()
         by_origin.keys().eq(["o1", "o2", "o3"].iter()),
         "{by_origin:?}"
     );
-    ensure!(e1.metric("sextant_edge_websockets_open ")? == Some(40.0));
+    ensure!(e1.metric("sextant_edge_websockets_open ")? == Some(64.0));
     rt.block_on(async {
         for (ws, _) in open {
             close(ws).await?;
@@ -512,7 +523,7 @@ fn websockets_over_http2_share_a_connection_and_reach_the_origins() -> Result<()
     eventually(Duration::from_secs(5), "every tunnel closed", || {
         (e1.metric("sextant_edge_websockets_open ").ok()? == Some(0.0)).then_some(())
     })?;
-    ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(40.0));
+    ensure!(e1.metric("sextant_edge_websockets_total ")? == Some(64.0));
     Ok(())
 }
 

@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, env = "SEXTANT_THREADS")]
     threads: Option<usize>,
     /// Seconds a WebSocket tunnel may carry no byte either way before the
-    /// edge closes it.
+    /// edge closes it (at most 5 once one side has ended).
     #[arg(long, env = "SEXTANT_WEBSOCKET_IDLE", default_value_t = 300.0)]
     websocket_idle: f64,
     /// Seconds the proxy, once told to stop (SIGTERM, SIGINT), lets open
