@@ -813,7 +813,7 @@ async fn websocket(proxy: &Proxy, c: &mut Conn, mut up: TcpStream) -> Next {
     let ended = tunnel(proxy, c, &mut up).await;
     let why = match &ended {
         Tunnel::Done => return Next::Close,
-        Tunnel::Idle => {
+        Tunnel::Idle | Tunnel::ClientEnded => {
             debug!("websocket idle: closed");
             c.note(|x| x.error = Some("websocket idle: closed".to_owned()));
             return Next::Close;
@@ -872,6 +872,8 @@ async fn tunnel(proxy: &Proxy, c: &mut Conn, up: &mut TcpStream) -> Tunnel {
             buf: &mut ubuf.data,
             first: &to_origin,
         },
+        // A FIN is a FIN here: a half close has the whole idle time.
+        None,
         &proxy.stats.response_bytes,
         to_client,
     )

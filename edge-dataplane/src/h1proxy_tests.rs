@@ -2951,8 +2951,10 @@ async fn http2_websocket_answers_the_edge_refuses_count_as_on_the_other_paths() 
     assert_eq!(resp.status(), 502);
     let after = counts();
     let h2_delta = (after.0 - h1.0, after.1 - h1.1);
-    // An origin answering a handshake with a 200: a 502 to the client,
-    // counted as an upstream error, but not the endpoint's failure.
+    // An origin answering a handshake with a 200 (any page does): a 502 to
+    // the client, counted as an upstream error and as the origin's 2xx
+    // answer, but not as the endpoint's failure, which any client could
+    // otherwise cause.
     let ok_origin = Origin::start(|_| ok("no websocket here")).await;
     let e2 = edge(&[("b", ok_origin.addr, 1.0)]).await;
     for _ in 0..EJECT_AFTER {
@@ -2970,8 +2972,9 @@ async fn http2_websocket_answers_the_edge_refuses_count_as_on_the_other_paths() 
         e2.stats.upstream_errors.load(Ordering::Relaxed),
         e2.stats.ejections.load(Ordering::Relaxed),
     );
+    let n = u64::from(EJECT_AFTER);
     assert!(
-        h1 == (0, 1) && h2_delta == (0, 1) && b.1 == u64::from(EJECT_AFTER),
+        h1 == (0, 1) && h2_delta == (0, 1) && b == (n, 0, n, 0),
         "bad 101: HTTP/1.1 (1xx answers, failures) = {h1:?}, HTTP/2 adds {h2_delta:?}; \
          200 to a handshake x{EJECT_AFTER}: (2xx answers, failures, upstream_errors, ejections) = {b:?}"
     );
@@ -3219,4 +3222,204 @@ async fn an_http2_connection_carries_a_bounded_number_of_websockets() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status, 200);
+}
+#[tokio::test]
+async fn http2_websocket_handshakes_to_a_page_do_not_eject_its_origin() {
+    // An ordinary origin: every request (a WebSocket handshake included)
+    // gets a 200 page, as a site's "/" does.
+    let page = Origin::start(|_| ok("a page")).await;
+    let e = edge(&[("a", page.addr, 1.0)]).await;
+    // On HTTP/1.1 the same handshakes get the page: no failure.
+    for _ in 0..EJECT_AFTER {
+        let (status, _, _) = once(e.addr, HANDSHAKE.as_bytes()).await;
+        assert_eq!(status, 200);
+    }
+    let o = e.endpoints.origin_stats("a");
+    let h1 = (
+        o.failures.load(Ordering::Relaxed),
+        e.stats.ejections.load(Ordering::Relaxed),
+    );
+    // Any client, over HTTP/2, a burst of EJECT_AFTER extended CONNECTs.
+    let mut send = h2(e.addr).await;
+    let mut statuses = Vec::new();
+    for _ in 0..EJECT_AFTER {
+        let resp = send
+            .send_request(extended_connect("websocket"))
+            .await
+            .expect("response");
+        statuses.push(resp.status().as_u16());
+    }
+    let h2 = (
+        o.failures.load(Ordering::Relaxed),
+        e.stats.ejections.load(Ordering::Relaxed),
+    );
+    assert!(
+        h1 == (0, 0) && h2 == (0, 0),
+        "HTTP/2 statuses {statuses:?}; (origin failures, ejections): after HTTP/1.1 \
+         handshakes {h1:?}, after HTTP/2 ones {h2:?}: a client ejected a healthy endpoint"
+    );
+}
+
+#[tokio::test]
+async fn uploads_whose_origin_is_slow_hold_up_no_websocket_on_the_same_connection() {
+    use hyper::body::Bytes;
+    // One origin address. Its first connection (the tunnel) is served:
+    // switched, then echoed in upper case. After it, the origin accepts no
+    // more (an overloaded origin, its listen backlog full): connections
+    // hang in the SYN, and requests' bodies are not read meanwhile.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    let listener = sock.listen(0).expect("listen");
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let Some(end) = read_head(&mut s, &mut buf).await else {
+                return;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if s.write_all(switch_for(&head).as_bytes()).await.is_err() {
+                return;
+            }
+            let mut b = vec![0u8; 65536];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 || s.write_all(&b[..n].to_ascii_uppercase()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Never accept again, keep the listener.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        drop(listener);
+    });
+    let e = edge_with(&[("a", addr, 1.0)], |p| {
+        p.connect_timeout = Duration::from_secs(60);
+        p.upstream_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let tcp = TcpStream::connect(e.addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    for _ in 0..100 {
+        if client.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client = client.ready().await.expect("ready");
+    }
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("http://www.example.com/chat")
+        .header("sec-websocket-version", "13")
+        .body(())
+        .expect("request");
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, mut ws_tx) = client.send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut ws_rx = resp.into_body();
+    async fn echo(
+        tx: &mut h2::SendStream<Bytes>,
+        rx: &mut h2::RecvStream,
+        what: &'static [u8],
+    ) -> Result<Vec<u8>, String> {
+        tx.send_data(Bytes::from_static(what), false)
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        while got.len() < what.len() {
+            match tokio::time::timeout(Duration::from_secs(5), rx.data()).await {
+                Ok(Some(Ok(d))) => {
+                    let _ = rx.flow_control().release_capacity(d.len());
+                    got.extend_from_slice(&d);
+                }
+                other => return Err(format!("{other:?} after {got:?}")),
+            }
+        }
+        Ok(got)
+    }
+    assert_eq!(
+        echo(&mut ws_tx, &mut ws_rx, b"abc").await,
+        Ok(b"ABC".to_vec())
+    );
+    // As many uploads of 512 KiB as the connection has streams left, to the
+    // same origin, which cannot take them yet.
+    let chunk = Bytes::from(vec![b'x'; 512 * 1024]);
+    let mut uploads = Vec::new();
+    for _ in 1..crate::proxy::MAX_STREAMS {
+        client = client.ready().await.expect("ready");
+        let req = hyper::Request::builder()
+            .method(hyper::Method::POST)
+            .uri("http://www.example.com/upload")
+            .body(())
+            .expect("request");
+        let (resp, mut body) = client.send_request(req, false).expect("send");
+        body.send_data(chunk.clone(), false).expect("data");
+        uploads.push((resp, body));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let open = e.stats.websockets_open.load(Ordering::Relaxed);
+    let got = echo(&mut ws_tx, &mut ws_rx, b"def").await;
+    assert_eq!(
+        got,
+        Ok(b"DEF".to_vec()),
+        "the websocket ({open} open) is held up by uploads on its connection"
+    );
+}
+
+#[tokio::test]
+async fn one_http2_connection_holds_at_most_its_streams_in_origin_connections() {
+    let origin = Origin::start(|_| b"HANG".to_vec()).await;
+    let e = edge(&[("a", origin.addr, 1.0)]).await;
+    let send = h2(e.addr).await;
+    for _ in 0..100 {
+        let req = hyper::Request::builder()
+            .uri("http://www.example.com/slow")
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let mut send = send.clone();
+        tokio::spawn(async move {
+            let _ = send.send_request(req).await;
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let conns: std::collections::HashSet<usize> = origin.seen().iter().map(|s| s.conn).collect();
+    // At most one per stream in flight.
+    assert_eq!(conns.len(), crate::proxy::MAX_STREAMS as usize);
+}
+
+#[tokio::test]
+async fn a_receive_only_http1_websocket_client_that_half_closes_gets_its_feed() {
+    // A feed: the origin sends a tick after 6 s (more than the HTTP/2
+    // half-closed limit, well under the 300 s idle time), whatever the
+    // client does.
+    let (addr, _) = switching_origin(
+        b"",
+        Box::new(|mut s, _| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                if s.write_all(b"tick").await.is_ok() {
+                    let _ = s.shutdown().await;
+                }
+            })
+        }),
+    )
+    .await;
+    let e = edge(&[("a", addr, 1.0)]).await;
+    let (mut s, pending) = open_websocket(e.addr).await;
+    assert!(pending.is_empty());
+    // The client has nothing to say: it half-closes.
+    s.shutdown().await.expect("shutdown");
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "tick",
+        "{r:?}: the feed was cut"
+    );
 }

@@ -260,14 +260,16 @@ pub struct UpstreamConns {
 }
 
 /// WebSockets one HTTP/2 client connection may carry at once (each holds
-/// an origin connection of its own).
+/// an origin connection of its own), of its [`MAX_STREAMS`].
 pub const MAX_TUNNELS_PER_CONNECTION: usize = 32;
-/// The flow-control window of each HTTP/2 stream a client opens. Its
-/// connection's is twice what the tunnels could hold: an origin that stops
-/// reading stalls only its own tunnel's stream, never the connection's
-/// other streams.
+/// Streams one HTTP/2 client connection may have open at once.
+pub const MAX_STREAMS: u32 = 64;
+/// The flow-control window of each HTTP/2 stream a client opens, and of
+/// its connection: room for every stream's, so that streams whose origin
+/// stops reading (a tunnel, an upload) stall only themselves, never the
+/// connection's other streams.
 const STREAM_WINDOW: u32 = 256 * 1024;
-const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW * MAX_TUNNELS_PER_CONNECTION as u32;
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
 
 /// A tunnel's place on its client connection, given back when dropped.
 struct TunnelSlot(Arc<AtomicUsize>);
@@ -777,13 +779,20 @@ impl Proxy {
                         };
                         return self.switched(resp, handshake, origin, ep, started);
                     }
+                    origin.stats.answered(status.as_u16(), started.elapsed());
                     if status.is_success() {
                         // Not to be passed on: a 2xx would open the tunnel.
-                        let e = format!("answered a websocket handshake with {status}");
-                        self.upstream_failed(origin, ep, &e);
-                        return text(StatusCode::BAD_GATEWAY, about(origin, e));
+                        // Yet it is an answer (say, a page at that path),
+                        // not the endpoint's failure: any client could send
+                        // such handshakes.
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            about(
+                                origin,
+                                format_args!("answered a websocket handshake with {status}"),
+                            ),
+                        );
                     }
-                    origin.stats.answered(status.as_u16(), started.elapsed());
                     return self.pass_on(resp, origin, ep, started);
                 }
                 Ok(Err(e)) => e,
@@ -864,6 +873,10 @@ impl Proxy {
                     h2_tunnel(&stats, idle, client, upstream, noted).await
                 }
                 (c, u) => {
+                    if let (Err(_), Some(x)) = (&c, exchange.as_deref_mut()) {
+                        // The client went before its 200 did.
+                        x.status = 499;
+                    }
                     debug!(%addr, client = ?c.err(), origin = ?u.err(), "websocket not opened");
                     Some("websocket not opened".to_owned())
                 }
@@ -955,12 +968,17 @@ async fn h2_tunnel(
             buf: &mut obuf,
             first: &[],
         },
+        Some(crate::tunnel::HALF_CLOSED_IDLE),
         &stats.response_bytes,
         noted,
     )
     .await;
     let why = match ended {
         Tunnel::Done => return None,
+        Tunnel::ClientEnded => {
+            debug!("websocket client ended: closed");
+            return Some("websocket client ended: closed".to_owned());
+        }
         Tunnel::Idle => {
             debug!("websocket idle: closed");
             return Some("websocket idle: closed".to_owned());
@@ -1127,6 +1145,7 @@ where
     // WebSockets over HTTP/2 (RFC 8441).
     conn.http2()
         .enable_connect_protocol()
+        .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
     let conn = conn.serve_connection(TokioIo::new(io), svc);

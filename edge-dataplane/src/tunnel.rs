@@ -2,7 +2,8 @@
 //! HTTP/1.1 fast path and HTTP/2's extended CONNECT): each direction is
 //! copied on its own, so one side not reading never holds up the other,
 //! until both have ended, a side fails, or nothing has moved either way for
-//! the idle time ([`HALF_CLOSED_IDLE`] at most once one side has ended).
+//! the idle time (on HTTP/2, [`HALF_CLOSED_IDLE`] at most once the client's
+//! side has ended).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +38,9 @@ pub(crate) enum Tunnel {
     Idle,
     /// A write made no progress for the idle time.
     Stalled,
+    /// The client's side ended, and nothing moved for the half-closed
+    /// limit since.
+    ClientEnded,
     Failed(io::Error),
 }
 
@@ -50,14 +54,15 @@ pub(crate) struct Ends<'a, R, W> {
     pub first: &'a [u8],
 }
 
-/// How long a tunnel one side has ended may carry nothing before it is
-/// closed. A WebSocket is over once one side has ended (an HTTP/2 client's
-/// cancelled stream, too, reads as an end): the other has this long to
-/// finish, not the whole idle time.
+/// How long an HTTP/2 tunnel whose client's side has ended may carry
+/// nothing before it is closed. hyper reads a client's cancelled stream
+/// (`RST_STREAM CANCEL`, as a browser sends for a WebSocket it drops) as
+/// its end, which cannot be told from a half close: the origin has this
+/// long to finish, not the whole idle time.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(5);
 
 /// When bytes last moved through a tunnel, how many writes are under way,
-/// and whether one direction has ended.
+/// and whether the client's side has ended.
 struct Activity {
     start: tokio::time::Instant,
     last_ms: AtomicU64,
@@ -81,25 +86,26 @@ impl Activity {
         self.ended_one.notify_one();
     }
 
-    /// How long the tunnel may now carry nothing.
-    fn limit(&self, idle: Duration) -> Duration {
-        if self.half_closed.load(Ordering::Relaxed) {
-            idle.min(HALF_CLOSED_IDLE)
-        } else {
-            idle
+    /// How long the tunnel may now carry nothing, and whether that is the
+    /// half-closed limit.
+    fn limit(&self, idle: Duration, half_closed: Option<Duration>) -> (Duration, bool) {
+        match half_closed {
+            Some(h) if h < idle && self.half_closed.load(Ordering::Relaxed) => (h, true),
+            _ => (idle, false),
         }
     }
 }
 
 /// Tunnels `client` and `origin` until both directions have ended, one
 /// fails, or nothing has moved either way for `idle` (a write under way
-/// that long is a stall; [`HALF_CLOSED_IDLE`] at most once one direction
-/// has ended). The bytes sent to the client are added to
+/// that long is a stall), or for `half_closed` once the client's side has
+/// ended. The bytes sent to the client are added to
 /// `counted` (the edge's total) and `noted` (the exchange's) as they go.
 pub(crate) async fn splice<CR, CW, OR, OW>(
     idle: Duration,
     client: Ends<'_, CR, CW>,
     origin: Ends<'_, OR, OW>,
+    half_closed: Option<Duration>,
     counted: &AtomicU64,
     noted: Option<&mut u64>,
 ) -> Tunnel
@@ -120,12 +126,13 @@ where
         pass(client.tx, client.first, &activity).await?;
         pass(origin.tx, origin.first, &activity).await?;
         tokio::try_join!(
-            pump(client.rx, origin.tx, client.buf, &activity, None, None),
+            pump(client.rx, origin.tx, client.buf, &activity, true, None, None),
             pump(
                 origin.rx,
                 client.tx,
                 origin.buf,
                 &activity,
+                false,
                 Some(counted),
                 noted
             ),
@@ -138,12 +145,15 @@ where
                 Ok(_) => Tunnel::Done,
                 Err(e) => Tunnel::Failed(e),
             },
-            // The limit shortens when one direction ends.
+            // The limit shortens when the client's side ends.
             () = activity.ended_one.notified() => {}
-            () = tokio::time::sleep_until(activity.last() + activity.limit(idle)) => {
-                if activity.last() + activity.limit(idle) <= tokio::time::Instant::now() {
+            () = tokio::time::sleep_until(activity.last() + activity.limit(idle, half_closed).0) => {
+                let (limit, half) = activity.limit(idle, half_closed);
+                if activity.last() + limit <= tokio::time::Instant::now() {
                     break if activity.writing.load(Ordering::Relaxed) > 0 {
                         Tunnel::Stalled
+                    } else if half {
+                        Tunnel::ClientEnded
                     } else {
                         Tunnel::Idle
                     };
@@ -154,13 +164,14 @@ where
 }
 
 /// Copies one direction of a tunnel until its reader ends, then passes the
-/// end on (a half close). The bytes read are added to `counted` and
-/// `noted`.
+/// end on (a half close), noted in `activity` when it is the client's.
+/// The bytes read are added to `counted` and `noted`.
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rx: &mut R,
     tx: &mut W,
     buf: &mut [u8],
     activity: &Activity,
+    client_side: bool,
     counted: Option<&AtomicU64>,
     mut noted: Option<&mut u64>,
 ) -> io::Result<()> {
@@ -168,7 +179,9 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let n = rx.read(buf).await?;
         activity.moved();
         if n == 0 {
-            activity.end_one();
+            if client_side {
+                activity.end_one();
+            }
             return tx.shutdown().await;
         }
         if let Some(c) = counted {
