@@ -1286,28 +1286,39 @@ async fn recv<T>(heard: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
         .expect("origin alive")
 }
 
-#[tokio::test]
-async fn a_websocket_client_that_resets_resets_the_origin() {
-    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
+/// A [`switching_origin`] that reads all it gets, then reports how its
+/// connection ended (an end or an error's kind) and keeps it `hold` long.
+async fn reporting_origin(
+    hold: Duration,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<(), std::io::ErrorKind>>,
+) {
+    let (to_test, heard) = tokio::sync::mpsc::unbounded_channel();
     let (addr, _) = switching_origin(
         b"",
         Box::new(move |mut s, _| {
             let to_test = to_test.clone();
             Box::pin(async move {
                 let mut b = [0u8; 64];
-                loop {
+                let end = loop {
                     match s.read(&mut b).await {
                         Ok(n) if n > 0 => continue,
-                        end => {
-                            let _ = to_test.send(end.map_err(|e| e.kind()));
-                            return;
-                        }
+                        end => break end,
                     }
-                }
+                };
+                let _ = to_test.send(end.map(|_| ()).map_err(|e| e.kind()));
+                tokio::time::sleep(hold).await;
             })
         }),
     )
     .await;
+    (addr, heard)
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_resets_resets_the_origin() {
+    let (addr, mut heard) = reporting_origin(Duration::ZERO).await;
     let e = edge(&[("a", addr, 1.0)]).await;
     let (s, _) = open_websocket(e.addr).await;
     socket2::SockRef::from(&s)
@@ -1392,13 +1403,18 @@ async fn a_websocket_is_tunnelled_both_ways_and_each_side_closes_on_its_own() {
 }
 
 async fn eventually_zero(n: &std::sync::atomic::AtomicI64) {
+    eventually_at(n, 0).await;
+}
+
+/// Waits (2 s at most) for `n` to be `want`.
+async fn eventually_at(n: &std::sync::atomic::AtomicI64, want: i64) {
     for _ in 0..100 {
-        if n.load(Ordering::Relaxed) == 0 {
+        if n.load(Ordering::Relaxed) == want {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("still {}", n.load(Ordering::Relaxed));
+    panic!("still {}, not {want}", n.load(Ordering::Relaxed));
 }
 
 #[tokio::test]
@@ -2581,12 +2597,7 @@ async fn read_n(s: &mut (impl AsyncReadExt + Unpin), n: usize) -> Vec<u8> {
 async fn an_http2_websocket_the_origin_does_not_switch_for_gets_its_answer_or_a_502() {
     // A 101 with another handshake's accept key, a 200 (which would open
     // the tunnel were it passed on), and a 403 (passed on).
-    let wrong = spawn_origin(|mut s| async move {
-        let _ = read_head(&mut s, &mut Vec::new()).await;
-        let _ = s.write_all(SWITCH.as_bytes()).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    })
-    .await;
+    let wrong = wrong_accept_origin().await;
     let ok_origin = Origin::start(|_| ok("no websocket here")).await;
     let forbidden =
         Origin::start(|_| b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno".to_vec()).await;
@@ -2604,11 +2615,7 @@ async fn an_http2_websocket_the_origin_does_not_switch_for_gets_its_answer_or_a_
         (forbidden.addr, 403, "no"),
     ] {
         let e = edge(&[("a", addr, 1.0)]).await;
-        let resp = h2(e.addr)
-            .await
-            .send_request(extended_connect("websocket"))
-            .await
-            .expect("response");
+        let resp = h2_websocket(e.addr).await;
         assert_eq!(resp.status(), status, "{addr}");
         let got = http_body_util::BodyExt::collect(resp.into_body())
             .await
@@ -2643,26 +2650,7 @@ async fn a_connect_for_another_protocol_is_not_served() {
 
 #[tokio::test]
 async fn an_http2_websocket_whose_client_connection_breaks_resets_the_origin() {
-    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
-    let (addr, _) = switching_origin(
-        b"",
-        Box::new(move |mut s, _| {
-            let to_test = to_test.clone();
-            Box::pin(async move {
-                let mut b = [0u8; 64];
-                loop {
-                    match s.read(&mut b).await {
-                        Ok(n) if n > 0 => continue,
-                        end => {
-                            let _ = to_test.send(end.map_err(|e| e.kind()));
-                            return;
-                        }
-                    }
-                }
-            })
-        }),
-    )
-    .await;
+    let (addr, mut heard) = reporting_origin(Duration::ZERO).await;
     let e = edge(&[("a", addr, 1.0)]).await;
     // The client reaches the edge through a relay whose connection to the
     // edge can be reset.
@@ -2673,16 +2661,10 @@ async fn an_http2_websocket_whose_client_connection_breaks_resets_the_origin() {
         .await
         .expect("response");
     assert_eq!(resp.status(), 200);
-    let mut ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    let mut ws = tunnel_of(resp).await;
     ws.write_all(b"some").await.expect("write");
     ws.flush().await.expect("flush");
-    for _ in 0..100 {
-        if e.stats.websockets_open.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
+    eventually_at(&e.stats.websockets_open, 1).await;
     let _ = cut.send(());
     assert_eq!(
         recv(&mut heard).await,
@@ -2705,7 +2687,7 @@ async fn a_silent_http2_websocket_is_closed_after_its_idle_time() {
         .send_request(extended_connect("websocket"))
         .await
         .expect("response");
-    let mut ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    let mut ws = tunnel_of(resp).await;
     assert_eq!(read_n(&mut ws, 5).await, b"hello");
     // Nothing more moves: the stream ends cleanly after the idle time.
     let mut rest = Vec::new();
@@ -2759,7 +2741,7 @@ async fn an_http2_websocket_is_logged_when_its_tunnel_ends() {
         .await
         .expect("response");
     assert_eq!(resp.status(), 200);
-    let mut t = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    let mut t = tunnel_of(resp).await;
     assert_eq!(read_n(&mut t, 5).await, b"hello");
     t.write_all(b"abc").await.expect("write");
     assert_eq!(read_n(&mut t, 3).await, b"ABC");
@@ -2817,62 +2799,15 @@ async fn an_extended_connect_gets_the_authority_checks_a_get_gets() {
 
 #[tokio::test]
 async fn an_http2_websocket_client_that_cancels_its_stream_ends_its_tunnel_soon() {
-    // The origin reports how its connection ended, then keeps it open
-    // (as a quiet origin that waits for the client would).
-    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
-    let (addr, _) = switching_origin(
-        b"",
-        Box::new(move |mut s, _| {
-            let to_test = to_test.clone();
-            Box::pin(async move {
-                let mut b = [0u8; 64];
-                loop {
-                    match s.read(&mut b).await {
-                        Ok(n) if n > 0 => continue,
-                        end => {
-                            let _ = to_test.send(end.map(|_| ()).map_err(|e| e.kind()));
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                            return;
-                        }
-                    }
-                }
-            })
-        }),
-    )
-    .await;
+    // The origin keeps its connection open once told of its end (as a
+    // quiet origin that waits for the client would).
+    let (addr, mut heard) = reporting_origin(Duration::from_secs(10)).await;
     let e = edge(&[("a", addr, 1.0)]).await;
-    let tcp = TcpStream::connect(e.addr).await.expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    for _ in 0..100 {
-        if client.is_extended_connect_protocol_enabled() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        client = client.ready().await.expect("ready");
-    }
-    let mut req = hyper::Request::builder()
-        .method(hyper::Method::CONNECT)
-        .uri("http://www.example.com/chat")
-        .header("sec-websocket-version", "13")
-        .body(())
-        .expect("request");
-    req.extensions_mut()
-        .insert(h2::ext::Protocol::from_static("websocket"));
-    let (resp, mut stream) = client.send_request(req, false).expect("send");
-    let resp = resp.await.expect("response");
-    assert_eq!(resp.status(), 200);
+    let (_client, mut stream, _) = raw_h2_websocket(e.addr).await;
     stream
         .send_data(hyper::body::Bytes::from_static(b"some"), false)
         .expect("data");
-    for _ in 0..100 {
-        if e.stats.websockets_open.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(e.stats.websockets_open.load(Ordering::Relaxed), 1);
+    eventually_at(&e.stats.websockets_open, 1).await;
     // What a browser does to a WebSocket it drops: RST_STREAM(CANCEL),
     // which hyper reads as the stream's end. The origin sees its end, and
     // the tunnel, the origin silent, ends once HALF_CLOSED_IDLE has passed
@@ -2923,12 +2858,7 @@ async fn a_stopping_worker_opens_no_new_http2_websocket() {
 #[tokio::test]
 async fn http2_websocket_answers_the_edge_refuses_count_as_on_the_other_paths() {
     // An origin answering a 101 with another handshake's accept key.
-    let wrong = spawn_origin(|mut s| async move {
-        let _ = read_head(&mut s, &mut Vec::new()).await;
-        let _ = s.write_all(SWITCH.as_bytes()).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    })
-    .await;
+    let wrong = wrong_accept_origin().await;
     let e = edge(&[("a", wrong, 1.0)]).await;
     let o = e.endpoints.origin_stats("a");
     let counts = || {
@@ -2943,11 +2873,7 @@ async fn http2_websocket_answers_the_edge_refuses_count_as_on_the_other_paths() 
     let (status, _, _) = once(e.addr, h1_handshake.as_bytes()).await;
     assert_eq!(status, 502);
     let h1 = counts();
-    let resp = h2(e.addr)
-        .await
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = h2_websocket(e.addr).await;
     assert_eq!(resp.status(), 502);
     let after = counts();
     let h2_delta = (after.0 - h1.0, after.1 - h1.1);
@@ -2958,11 +2884,7 @@ async fn http2_websocket_answers_the_edge_refuses_count_as_on_the_other_paths() 
     let ok_origin = Origin::start(|_| ok("no websocket here")).await;
     let e2 = edge(&[("b", ok_origin.addr, 1.0)]).await;
     for _ in 0..EJECT_AFTER {
-        let resp = h2(e2.addr)
-            .await
-            .send_request(extended_connect("websocket"))
-            .await
-            .expect("response");
+        let resp = h2_websocket(e2.addr).await;
         assert_eq!(resp.status(), 502);
     }
     let ob = e2.endpoints.origin_stats("b");
@@ -3013,7 +2935,7 @@ async fn one_http2_websocket_whose_origin_stops_reading_holds_up_no_other_stream
         async move {
             let resp = resp.await.expect("response");
             assert_eq!(resp.status(), 200);
-            hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"))
+            tunnel_of(resp).await
         }
     };
     let mut stalled = open("/stall").await;
@@ -3044,26 +2966,7 @@ async fn one_http2_websocket_whose_origin_stops_reading_holds_up_no_other_stream
 
 #[tokio::test]
 async fn the_grace_cuts_an_open_http2_websocket_and_resets_its_origin() {
-    let (to_test, mut heard) = tokio::sync::mpsc::unbounded_channel();
-    let (addr, _) = switching_origin(
-        b"",
-        Box::new(move |mut s, _| {
-            let to_test = to_test.clone();
-            Box::pin(async move {
-                let mut b = [0u8; 64];
-                loop {
-                    match s.read(&mut b).await {
-                        Ok(n) if n > 0 => continue,
-                        end => {
-                            let _ = to_test.send(end.map(|_| ()).map_err(|e| e.kind()));
-                            return;
-                        }
-                    }
-                }
-            })
-        }),
-    )
-    .await;
+    let (addr, mut heard) = reporting_origin(Duration::ZERO).await;
     let e = edge_with(&[("a", addr, 1.0)], |p| {
         p.shutdown_grace = Duration::from_millis(300);
     })
@@ -3073,13 +2976,8 @@ async fn the_grace_cuts_an_open_http2_websocket_and_resets_its_origin() {
         .send_request(extended_connect("websocket"))
         .await
         .expect("response");
-    let _ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
-    for _ in 0..100 {
-        if e.stats.websockets_open.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _ws = tunnel_of(resp).await;
+    eventually_at(&e.stats.websockets_open, 1).await;
     e.stop.send(true).expect("worker listening");
     assert_eq!(
         recv(&mut heard).await,
@@ -3095,11 +2993,7 @@ async fn http2_websockets_retry_a_refused_connect_and_time_out_once() {
     let (alive, _) = websocket_origin().await;
     let e = edge(&[("dead", dead, 0.5), ("alive", alive, 0.5)]).await;
     for _ in 0..20 {
-        let resp = h2(e.addr)
-            .await
-            .send_request(extended_connect("websocket"))
-            .await
-            .expect("response");
+        let resp = h2_websocket(e.addr).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(
             resp.headers().get("x-sextant-origin").map(|v| v.as_bytes()),
@@ -3117,11 +3011,7 @@ async fn http2_websockets_retry_a_refused_connect_and_time_out_once() {
         p.upstream_timeout = Duration::from_millis(200);
     })
     .await;
-    let resp = h2(e.addr)
-        .await
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = h2_websocket(e.addr).await;
     assert_eq!(resp.status(), 504);
     let o = e.endpoints.origin_stats("a");
     assert_eq!(o.failures.load(Ordering::Relaxed), 1);
@@ -3152,7 +3042,7 @@ async fn an_http2_websocket_broken_by_its_origin_is_logged_as_broken() {
         .send_request(extended_connect("websocket"))
         .await
         .expect("response");
-    let mut ws = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    let mut ws = tunnel_of(resp).await;
     assert_eq!(read_n(&mut ws, 5).await, b"hello");
     let mut rest = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(10), ws.read_to_end(&mut rest)).await;
@@ -3196,11 +3086,7 @@ async fn an_http2_connection_carries_a_bounded_number_of_websockets() {
     );
     // Another connection has room of its own, and so has this one once a
     // tunnel has ended.
-    let resp = h2(e.addr)
-        .await
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = h2_websocket(e.addr).await;
     assert_eq!(resp.status(), 200);
     let mut one = hyper_util::rt::TokioIo::new(open.pop().expect("a tunnel"));
     one.shutdown().await.expect("shutdown");
@@ -3301,29 +3187,7 @@ async fn uploads_whose_origin_is_slow_hold_up_no_websocket_on_the_same_connectio
         p.upstream_timeout = Duration::from_secs(60);
     })
     .await;
-    let tcp = TcpStream::connect(e.addr).await.expect("connect");
-    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    for _ in 0..100 {
-        if client.is_extended_connect_protocol_enabled() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        client = client.ready().await.expect("ready");
-    }
-    let mut req = hyper::Request::builder()
-        .method(hyper::Method::CONNECT)
-        .uri("http://www.example.com/chat")
-        .header("sec-websocket-version", "13")
-        .body(())
-        .expect("request");
-    req.extensions_mut()
-        .insert(h2::ext::Protocol::from_static("websocket"));
-    let (resp, mut ws_tx) = client.send_request(req, false).expect("send");
-    let resp = resp.await.expect("response");
-    assert_eq!(resp.status(), 200);
-    let mut ws_rx = resp.into_body();
+    let (mut client, mut ws_tx, mut ws_rx) = raw_h2_websocket(e.addr).await;
     async fn echo(
         tx: &mut h2::SendStream<Bytes>,
         rx: &mut h2::RecvStream,
@@ -3422,4 +3286,67 @@ async fn a_receive_only_http1_websocket_client_that_half_closes_gets_its_feed() 
         "tick",
         "{r:?}: the feed was cut"
     );
+}
+
+/// A WebSocket (an extended CONNECT) on a new HTTP/2 connection to `addr`
+/// made with h2 itself, which can reset a stream (hyper's client cannot):
+/// the connection, and the stream's two halves.
+async fn raw_h2_websocket(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<hyper::body::Bytes>,
+    h2::SendStream<hyper::body::Bytes>,
+    h2::RecvStream,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    for _ in 0..100 {
+        if client.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client = client.ready().await.expect("ready");
+    }
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("http://www.example.com/chat")
+        .header("sec-websocket-version", "13")
+        .body(())
+        .expect("request");
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, tx) = client.send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), 200);
+    (client, tx, resp.into_body())
+}
+
+/// An origin that answers every handshake with [`SWITCH`], whose accept
+/// key answers only [`HANDSHAKE`]'s key, never the edge's own.
+async fn wrong_accept_origin() -> SocketAddr {
+    spawn_origin(|mut s| async move {
+        let _ = read_head(&mut s, &mut Vec::new()).await;
+        let _ = s.write_all(SWITCH.as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    })
+    .await
+}
+
+/// The edge's answer to a WebSocket's extended CONNECT, on a new HTTP/2
+/// connection to `addr`.
+async fn h2_websocket(addr: SocketAddr) -> hyper::Response<hyper::body::Incoming> {
+    h2(addr)
+        .await
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response")
+}
+
+/// The tunnel a 200 to an extended CONNECT opened.
+async fn tunnel_of(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
+    hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"))
 }
