@@ -464,7 +464,7 @@ pub async fn serve_connection(
                 // serves a request that has already arrived (its last).
                 tokio::select! {
                     biased;
-                    r = timeout(CLIENT_IDLE, c.cbuf.fill(&mut c.client)) => r,
+                    r = timeout(proxy.client_idle, c.cbuf.fill(&mut c.client)) => r,
                     // Asked of the socket itself: the event loop may not
                     // have seen those bytes yet.
                     () = c.stop.cancelled() => match c.cbuf.fill_now(&c.client) {

@@ -3350,3 +3350,118 @@ async fn tunnel_of(
 ) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
     hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"))
 }
+
+/// Waits (5 s at most) for `s` to be closed by the edge; how long it took.
+async fn closed_within(s: &mut TcpStream) -> Duration {
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => return started.elapsed(),
+            Err(_) => panic!("still open after 5 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_client_idle_time() {
+    let origin = Origin::start(|_| ok("x")).await;
+    let e = edge_with(&[("a", origin.addr, 1.0)], |p| {
+        p.client_idle = Duration::from_millis(300);
+    })
+    .await;
+    let mut send = h2(e.addr).await;
+    let get = || {
+        hyper::Request::get("http://www.example.com/")
+            .body(http_body_util::Empty::new())
+            .expect("request")
+    };
+    // Requests at shorter intervals keep it open.
+    for _ in 0..4 {
+        let resp = send.send_request(get()).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Then, idle, it is closed (a GOAWAY, then the end).
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        if send.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        send.is_closed(),
+        "open {:?} after its last answer",
+        started.elapsed()
+    );
+    eventually_zero(&e.stats.active_connections).await;
+}
+
+#[tokio::test]
+async fn an_http2_connection_with_an_answer_or_a_tunnel_under_way_is_not_idle() {
+    let slow = Origin::start(|_| [&b"SLOW"[..], &ok("slow")].concat()).await;
+    let e = edge_with(&[("a", slow.addr, 1.0)], |p| {
+        p.client_idle = Duration::from_millis(100);
+    })
+    .await;
+    // An answer that takes 300 ms, three times the idle time.
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(
+            hyper::Request::get("http://www.example.com/")
+                .body(http_body_util::Empty::new())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    // A tunnel with nothing to say for 500 ms.
+    let (ws, _) = websocket_origin().await;
+    let e = edge_with(&[("w", ws, 1.0)], |p| {
+        p.client_idle = Duration::from_millis(100);
+    })
+    .await;
+    let mut send = h2(e.addr).await;
+    let resp = send
+        .send_request(extended_connect("websocket"))
+        .await
+        .expect("response");
+    let mut t = tunnel_of(resp).await;
+    assert_eq!(read_n(&mut t, 5).await, b"hello");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t.write_all(b"abc").await.expect("write");
+    assert_eq!(read_n(&mut t, 3).await, b"ABC");
+    assert!(!send.is_closed());
+    // Once it has ended, the connection is idle.
+    t.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest)).await;
+    eventually_zero(&e.stats.active_connections).await;
+}
+
+#[tokio::test]
+async fn a_connection_served_by_hyper_over_http1_gets_a_head_in_time_or_is_closed() {
+    let origin = Origin::start(|r| ok(&format!("{} bytes", r.body.len()))).await;
+    let e = edge_with(&[("a", origin.addr, 1.0)], |p| {
+        p.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // A chunked upload: the connection goes on in hyper.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (status, _, body) = read_response(&mut s, &mut Vec::new(), false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"13 bytes"[..]));
+    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 1);
+    // Half of the next head, and no more: closed after the request timeout.
+    s.write_all(b"GET /y HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let took = closed_within(&mut s).await;
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+}

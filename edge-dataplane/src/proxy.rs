@@ -17,7 +17,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -88,8 +88,12 @@ pub struct Proxy {
     /// How long a stopping worker lets open connections finish.
     pub shutdown_grace: Duration,
     /// How long a request's head and body may take to arrive, from its
-    /// first byte, on the HTTP/1.1 fast path.
+    /// first byte, on the HTTP/1.1 fast path (and a head, or the wait for
+    /// one, on connections hyper serves over HTTP/1.x).
     pub request_timeout: Duration,
+    /// How long a client connection may carry nothing (no request, answer
+    /// or tunnel under way) before the edge closes it.
+    pub client_idle: Duration,
     /// Client connections one worker keeps open at once (0: no limit);
     /// past it, new ones wait in the listen backlog.
     pub connection_limit: usize,
@@ -257,6 +261,8 @@ pub struct UpstreamConns {
     stopping: CancellationToken,
     /// WebSocket tunnels on this client connection (HTTP/2 streams).
     tunnels: Arc<AtomicUsize>,
+    /// What is under way on it (requests, answers, tunnels).
+    activity: Arc<Activity>,
 }
 
 /// WebSockets one HTTP/2 client connection may carry at once (each holds
@@ -271,12 +277,16 @@ pub const MAX_STREAMS: u32 = 64;
 const STREAM_WINDOW: u32 = 256 * 1024;
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * MAX_STREAMS;
 
-/// A tunnel's place on its client connection, given back when dropped.
-struct TunnelSlot(Arc<AtomicUsize>);
+/// A tunnel's place on its client connection, given back when dropped;
+/// the connection is not idle meanwhile.
+struct TunnelSlot {
+    count: Arc<AtomicUsize>,
+    _busy: Busy,
+}
 
 impl Drop for TunnelSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -309,13 +319,17 @@ impl UpstreamConns {
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             stopping,
             tunnels: Arc::default(),
+            activity: Arc::default(),
         }
     }
 
     /// A place for one more tunnel, if the connection has one.
     fn tunnel_slot(&self) -> Option<TunnelSlot> {
         let n = self.tunnels.fetch_add(1, Ordering::Relaxed);
-        let slot = TunnelSlot(self.tunnels.clone());
+        let slot = TunnelSlot {
+            count: self.tunnels.clone(),
+            _busy: Busy::new(&self.activity),
+        };
         (n < MAX_TUNNELS_PER_CONNECTION).then_some(slot)
     }
 
@@ -411,6 +425,7 @@ impl Proxy {
             websocket_idle: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
             request_timeout: crate::h1proxy::CLIENT_IO,
+            client_idle: crate::h1proxy::CLIENT_IDLE,
             connection_limit: 0,
             access_log: None,
         }
@@ -505,6 +520,7 @@ impl Proxy {
             idle,
             waiting: false,
             ended: false,
+            stream: None,
         })
     }
 
@@ -1136,33 +1152,117 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conns = Arc::new(UpstreamConns::new(peer, stop.clone()));
+    let activity = conns.activity.clone();
+    let idle_limit = proxy.client_idle;
+    let head_limit = proxy.request_timeout;
+    let (svc_conns, svc_activity) = (conns.clone(), activity.clone());
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
-        let conns = conns.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(&conns, req).await) }
+        let conns = svc_conns.clone();
+        // Busy from the request's arrival to its answer's end.
+        let busy = Busy::new(&svc_activity);
+        async move {
+            let resp = proxy.handle(&conns, req).await;
+            Ok::<_, Infallible>(resp.map(|mut body| {
+                body.stream = Some(busy);
+                body
+            }))
+        }
     });
     let mut conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // WebSockets over HTTP/2 (RFC 8441).
+    // A head (or the wait for the next one) within the request timeout.
+    conn.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_limit);
+    // WebSockets over HTTP/2 (RFC 8441); pings find a client gone silent
+    // with streams open.
     conn.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING)
+        .keep_alive_timeout(H2_PING)
         .enable_connect_protocol()
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
     let conn = conn.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let ended = tokio::select! {
-        // The connection first: a request whose bytes are already here
-        // (handed off by the fast path) is read before the stop is heeded.
-        biased;
-        r = conn.as_mut() => r,
-        () = stop.cancelled() => {
-            // Finish what is under way, take nothing new.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut closing = false;
+    let ended = loop {
+        let at = activity.idle_until(idle_limit);
+        tokio::select! {
+            // The connection first: a request whose bytes are already here
+            // (handed off by the fast path) is read before the stop is
+            // heeded.
+            biased;
+            r = conn.as_mut() => break r,
+            () = stop.cancelled(), if !closing => {
+                // Finish what is under way, take nothing new.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep_until(at), if !closing => {
+                if activity.idle_until(idle_limit) <= tokio::time::Instant::now() {
+                    debug!(%peer, "client connection idle: closed");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
         }
     };
     if let Err(e) = ended {
         debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// How often a quiet HTTP/2 client is pinged, and how long it has to answer.
+const H2_PING: Duration = Duration::from_secs(20);
+
+/// Requests (and their answers) under way on a client connection served by
+/// hyper, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    start: tokio::time::Instant,
+    busy: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            busy: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    /// When the connection will have been idle for `limit`, if nothing
+    /// starts meanwhile (`limit` from now while something is under way).
+    fn idle_until(&self, limit: Duration) -> tokio::time::Instant {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            return tokio::time::Instant::now() + limit;
+        }
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit
+    }
+}
+
+/// One request under way, from its head to its answer's end (or drop).
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(a: &Arc<Activity>) -> Self {
+        a.busy.fetch_add(1, Ordering::Relaxed);
+        Self(a.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(ms, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1199,6 +1299,8 @@ pub struct Logged {
     waiting: bool,
     /// The body ended (hyper may drop it without reading on).
     ended: bool,
+    /// Keeps its connection from being idle while it lives.
+    stream: Option<Busy>,
 }
 
 impl Body for Logged {
