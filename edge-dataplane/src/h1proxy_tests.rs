@@ -3465,3 +3465,33 @@ async fn a_connection_served_by_hyper_over_http1_gets_a_head_in_time_or_is_close
     let took = closed_within(&mut s).await;
     assert!(took >= Duration::from_millis(250), "{took:?}");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_on_a_connection_hyper_serves_is_cut_after_the_write_timeout() {
+    const LEN: usize = 32 << 20;
+    let origin = big_origin(LEN).await;
+    let e = edge_with(&[("a", origin, 1.0)], |p| {
+        p.client_write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // HTTP/1.0: hyper serves it. The client then reads nothing.
+    let mut s = TcpStream::connect(e.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    eventually_at(&e.stats.active_connections, 1).await;
+    while e.stats.active_connections.load(Ordering::Relaxed) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a client that reads nothing still holds its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(e.stats.handoffs.load(Ordering::Relaxed), 1);
+    // What it reads now is short of the answer, and ends.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(got.len() < LEN, "{}", got.len());
+}

@@ -94,6 +94,9 @@ pub struct Proxy {
     /// How long a client connection may carry nothing (no request, answer
     /// or tunnel under way) before the edge closes it.
     pub client_idle: Duration,
+    /// How long a write to a client may make no progress, on connections
+    /// hyper serves (the fast path has the same limit, `CLIENT_IO`).
+    pub client_write_timeout: Duration,
     /// Client connections one worker keeps open at once (0: no limit);
     /// past it, new ones wait in the listen backlog.
     pub connection_limit: usize,
@@ -426,6 +429,7 @@ impl Proxy {
             shutdown_grace: Duration::from_secs(10),
             request_timeout: crate::h1proxy::CLIENT_IO,
             client_idle: crate::h1proxy::CLIENT_IDLE,
+            client_write_timeout: crate::h1proxy::CLIENT_IO,
             connection_limit: 0,
             access_log: None,
         }
@@ -1154,6 +1158,11 @@ where
     let conns = Arc::new(UpstreamConns::new(peer, stop.clone()));
     let activity = conns.activity.clone();
     let idle_limit = proxy.client_idle;
+    let io = WriteLimited {
+        io,
+        limit: proxy.client_write_timeout,
+        stalled: None,
+    };
     let head_limit = proxy.request_timeout;
     let (svc_conns, svc_activity) = (conns.clone(), activity.clone());
     let svc = service_fn(move |req| {
@@ -1211,6 +1220,90 @@ where
     };
     if let Err(e) = ended {
         debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A client connection whose writes fail once one has made no progress for
+/// `limit` (a client that stops reading its answer), as the fast path's do.
+struct WriteLimited<I> {
+    io: I,
+    limit: Duration,
+    /// Since when a write has been waiting.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteLimited<I> {
+    /// After a write that made no progress: an error once that has lasted
+    /// `limit`.
+    fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match std::future::Future::poll(timer.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a write to the client made no progress",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn done<T>(&mut self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        self.stalled = None;
+        r
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteLimited<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteLimited<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Pending => self.waiting(cx),
+            r => self.done(r),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.waiting(cx),
+            r => self.done(r),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Pending => self.waiting(cx),
+            r => self.done(r),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.io).poll_shutdown(cx) {
+            Poll::Pending => self.waiting(cx),
+            r => self.done(r),
+        }
     }
 }
 
