@@ -2536,10 +2536,7 @@ async fn a_websocket_over_http2_is_tunnelled_to_an_http1_origin() {
     let (addr, heads) = websocket_origin().await;
     let e = edge(&[("a", addr, 1.0)]).await;
     let mut send = h2(e.addr).await;
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
     assert_eq!(
@@ -2656,10 +2653,7 @@ async fn an_http2_websocket_whose_client_connection_breaks_resets_the_origin() {
     // edge can be reset.
     let (relay, cut) = cuttable_relay(e.addr).await;
     let mut send = h2(relay).await;
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     assert_eq!(resp.status(), 200);
     let mut ws = tunnel_of(resp).await;
     ws.write_all(b"some").await.expect("write");
@@ -2683,10 +2677,7 @@ async fn a_silent_http2_websocket_is_closed_after_its_idle_time() {
     .await;
     let mut send = h2(e.addr).await;
     let started = std::time::Instant::now();
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     let mut ws = tunnel_of(resp).await;
     assert_eq!(read_n(&mut ws, 5).await, b"hello");
     // Nothing more moves: the stream ends cleanly after the idle time.
@@ -2736,10 +2727,7 @@ async fn an_http2_websocket_is_logged_when_its_tunnel_ends() {
     })
     .await;
     let mut send = h2(e.addr).await;
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     assert_eq!(resp.status(), 200);
     let mut t = tunnel_of(resp).await;
     assert_eq!(read_n(&mut t, 5).await, b"hello");
@@ -2972,10 +2960,7 @@ async fn the_grace_cuts_an_open_http2_websocket_and_resets_its_origin() {
     })
     .await;
     let mut send = h2(e.addr).await;
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     let _ws = tunnel_of(resp).await;
     eventually_at(&e.stats.websockets_open, 1).await;
     e.stop.send(true).expect("worker listening");
@@ -3038,10 +3023,7 @@ async fn an_http2_websocket_broken_by_its_origin_is_logged_as_broken() {
     .await;
     let e = edge_with(&[("a", addr, 1.0)], |p| p.access_log = Some(log.clone())).await;
     let mut send = h2(e.addr).await;
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     let mut ws = tunnel_of(resp).await;
     assert_eq!(read_n(&mut ws, 5).await, b"hello");
     let mut rest = Vec::new();
@@ -3067,18 +3049,12 @@ async fn an_http2_connection_carries_a_bounded_number_of_websockets() {
     let mut send = h2(e.addr).await;
     let mut open = Vec::new();
     for _ in 0..MAX_TUNNELS_PER_CONNECTION {
-        let resp = send
-            .send_request(extended_connect("websocket"))
-            .await
-            .expect("response");
+        let resp = open_ws(&mut send).await;
         assert_eq!(resp.status(), 200);
         open.push(hyper::upgrade::on(resp).await.expect("upgraded"));
     }
     // One more on this connection is refused, before any origin is asked.
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     assert_eq!(resp.status(), 503);
     assert_eq!(
         heads.lock().expect("lock").len(),
@@ -3097,10 +3073,7 @@ async fn an_http2_connection_carries_a_bounded_number_of_websockets() {
         .expect("cleanly");
     let mut status = 0;
     for _ in 0..100 {
-        let resp = send
-            .send_request(extended_connect("websocket"))
-            .await
-            .expect("response");
+        let resp = open_ws(&mut send).await;
         status = resp.status().as_u16();
         if status == 200 {
             break;
@@ -3129,10 +3102,7 @@ async fn http2_websocket_handshakes_to_a_page_do_not_eject_its_origin() {
     let mut send = h2(e.addr).await;
     let mut statuses = Vec::new();
     for _ in 0..EJECT_AFTER {
-        let resp = send
-            .send_request(extended_connect("websocket"))
-            .await
-            .expect("response");
+        let resp = open_ws(&mut send).await;
         statuses.push(resp.status().as_u16());
     }
     let h2 = (
@@ -3337,11 +3307,7 @@ async fn wrong_accept_origin() -> SocketAddr {
 /// The edge's answer to a WebSocket's extended CONNECT, on a new HTTP/2
 /// connection to `addr`.
 async fn h2_websocket(addr: SocketAddr) -> hyper::Response<hyper::body::Incoming> {
-    h2(addr)
-        .await
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response")
+    open_ws(&mut h2(addr).await).await
 }
 
 /// The tunnel a 200 to an extended CONNECT opened.
@@ -3424,10 +3390,7 @@ async fn an_http2_connection_with_an_answer_or_a_tunnel_under_way_is_not_idle() 
     })
     .await;
     let mut send = h2(e.addr).await;
-    let resp = send
-        .send_request(extended_connect("websocket"))
-        .await
-        .expect("response");
+    let resp = open_ws(&mut send).await;
     let mut t = tunnel_of(resp).await;
     assert_eq!(read_n(&mut t, 5).await, b"hello");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -3494,4 +3457,14 @@ async fn a_client_that_stops_reading_on_a_connection_hyper_serves_is_cut_after_t
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
     assert!(got.len() < LEN, "{}", got.len());
+}
+
+/// The edge's answer to a WebSocket's extended CONNECT on the HTTP/2
+/// connection `send`.
+async fn open_ws(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>,
+) -> hyper::Response<hyper::body::Incoming> {
+    send.send_request(extended_connect("websocket"))
+        .await
+        .expect("response")
 }

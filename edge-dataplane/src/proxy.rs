@@ -356,16 +356,23 @@ impl UpstreamConns {
         }
     }
 
-    async fn connect(
+    /// A new HTTP/1.1 connection to `addr`, driven by a task of its own
+    /// (one a 101 hands to an upgrade, for a WebSocket).
+    async fn connect<B>(
         addr: SocketAddr,
         timeout: Duration,
-    ) -> Result<SendRequest<ClientBody>, UpstreamError> {
+    ) -> Result<SendRequest<B>, UpstreamError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = dial(addr, timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 debug!(%addr, error = %e, "upstream connection ended");
             }
         });
@@ -771,17 +778,8 @@ impl Proxy {
             *req.headers_mut() = headers.clone();
             let started = Instant::now();
             let sent = tokio::time::timeout(self.upstream_timeout, async {
-                let stream = dial(ep.addr, self.connect_timeout).await?;
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(UpstreamError::Handshake)?;
-                let addr = ep.addr;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(%addr, error = %e, "websocket origin connection ended");
-                    }
-                });
+                let mut sender =
+                    UpstreamConns::connect::<Empty<Bytes>>(ep.addr, self.connect_timeout).await?;
                 sender
                     .send_request(req)
                     .await
